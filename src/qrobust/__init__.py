@@ -1,0 +1,3 @@
+"""qrobust: small, fast and provably robust neural networks."""
+
+__version__ = "0.1.0"

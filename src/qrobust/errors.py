@@ -1,0 +1,13 @@
+"""Errors a user can cause and fix; the CLI prints them as one line and exits with code 2."""
+
+
+class QRobustError(Exception):
+    """Base class for errors caused by user input (arguments, files, data)."""
+
+
+class DatasetNotFoundError(QRobustError, FileNotFoundError):
+    """The files of a dataset are not where we looked; the message names them and where to put them."""
+
+
+class CheckpointError(QRobustError):
+    """A checkpoint is missing, truncated, corrupt, or not written by qrobust."""
