@@ -1,0 +1,118 @@
+"""Model checkpoints: a state_dict plus JSON metadata, written atomically and read without unpickling code.
+
+A checkpoint is a ``torch.save`` file holding only tensors, strings and numbers:
+``{"format": "qrobust-checkpoint", "format_version": 1, "metadata": <JSON string>,
+"state_dict": {...}, "training_state": {...} or absent}``. It is loaded with ``weights_only=True``, so a
+file carrying pickled code is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import qrobust
+from qrobust.data.base import DatasetInfo
+from qrobust.errors import CheckpointError
+from qrobust.models.registry import build_model
+
+FORMAT = "qrobust-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds. ``metadata`` always has ``model``, ``model_options`` and ``dataset``."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    training_state: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """The model described by the metadata, with the saved weights, in eval mode."""
+        model = build_model(self.metadata["model"], self.dataset_info, **self.metadata["model_options"])
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint weights do not fit model {self.metadata['model']!r}: {first_line}") from None
+        return model.eval()
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        info = self.metadata["dataset"]
+        return DatasetInfo(
+            name=info["name"],
+            shape=tuple(info["shape"]),
+            classes=tuple(info["classes"]),
+            mean=tuple(info["mean"]),
+            std=tuple(info["std"]),
+        )
+
+
+def model_metadata(model_name: str, model_options: dict[str, Any], info: DatasetInfo, **extra: Any) -> dict[str, Any]:
+    """Metadata describing how to rebuild a model, with library versions; ``extra`` adds run facts."""
+    return {
+        "model": model_name,
+        "model_options": dict(model_options),
+        "dataset": asdict(info),
+        "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: a crash leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": json.dumps(checkpoint.metadata),
+        "state_dict": checkpoint.state_dict,
+    }
+    if checkpoint.training_state:
+        payload["training_state"] = checkpoint.training_state
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; anything missing, truncated, foreign or carrying pickled code raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error):  # the weights-only unpickler met a reference to code
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled Python objects, which qrobust checkpoints never do"
+            ) from None
+        raise CheckpointError(f"{path} is truncated or corrupt: not a tensor archive") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt: {reason}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a qrobust checkpoint (no '{FORMAT}' format marker)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {payload.get('format_version')!r}; this qrobust reads {FORMAT_VERSION}"
+        )
+    try:
+        metadata = json.loads(payload["metadata"])
+        missing = {"model", "model_options", "dataset"} - set(metadata)
+        if missing:
+            raise ValueError(f"metadata lacks {sorted(missing)}")
+        return Checkpoint(payload["state_dict"], metadata, payload.get("training_state", {}))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} has corrupt metadata: {error}") from None
