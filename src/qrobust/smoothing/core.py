@@ -67,11 +67,11 @@ class SmoothedClassifier:
         base: maps inputs of shape (B, *x.shape) to logits (B, num_classes); put in eval mode here.
         num_classes: number of classes of ``base``.
         noise: the smoothing distribution; its ``sigma`` sets the radius scale.
-        batch_size: noisy samples per forward pass (memory vs. speed; results do not depend on it
-            beyond floating-point noise in the base model).
+        batch_size: noisy samples per forward pass (memory vs. speed); the noise stream of a seeded
+            generator is drawn in batches of this size, so keep it fixed to reproduce a run.
     """
 
-    def __init__(self, base: nn.Module, num_classes: int, noise: GaussianNoise, batch_size: int = 1000):
+    def __init__(self, base: nn.Module, num_classes: int, noise: GaussianNoise, batch_size: int = 256):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if batch_size < 1:

@@ -1,0 +1,5 @@
+"""``python -m qrobust`` runs the command line."""
+
+from qrobust.cli import main
+
+main()

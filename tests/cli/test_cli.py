@@ -1,0 +1,172 @@
+"""End-to-end runs of the command line on a tiny digits model, and its error paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qrobust.cli import main
+from qrobust.data import dataset_info
+from qrobust.models import build_model
+from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.smoothing import HEADER, read_certify_tsv
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """Run ``qrobust ARGS`` in-process; returns (exit code, stdout, stderr)."""
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["qrobust", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "mlp.pt"
+    command = [sys.executable, "-m", "qrobust", "train", "--dataset", "digits", "--model", "mlp",
+               "--model-option", "depth=2", "--model-option", "width=32", "--sigma", "0.25", "--epochs", "2",
+               "--batch-size", "64", "--lr", "0.05", "--output", str(path)]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert finished.returncode == 0, finished.stderr
+    assert "test accuracy: clean" in finished.stdout
+    return path
+
+
+def test_train_writes_metadata(checkpoint):
+    payload = torch.load(checkpoint, weights_only=True)
+    metadata = json.loads(payload["metadata"])
+    assert metadata["model"] == "mlp" and metadata["model_options"] == {"depth": 2, "width": 32}
+    assert metadata["sigma"] == 0.25 and metadata["epochs_done"] == 2 and metadata["seed"] == 0
+    assert metadata["dataset"]["name"] == "digits" and 0.5 < metadata["accuracy"]["clean"] <= 1
+    assert {"qrobust", "torch", "python"} <= set(metadata["versions"])
+
+
+def test_certify_predict_analyze(run, checkpoint, tmp_path):
+    tsv = tmp_path / "certify.tsv"
+    code, out, _ = run("certify", checkpoint, "--sigma", 0.25, "--n0", 20, "--n", 200, "--alpha", 0.01,
+                       "--num-examples", 12, "--output", tsv)  # fmt: skip
+    assert code == 0, out
+    lines = tsv.read_text().splitlines()
+    assert lines[0] == HEADER and len(lines) == 13
+    rows = read_certify_tsv(tsv)
+    assert [row.idx for row in rows] == [i * 450 // 12 for i in range(12)]
+    assert all(row.radius > 0 for row in rows if row.predict != -1)
+    assert sum(row.correct for row in rows) >= 6
+    config = json.loads(tsv.with_suffix(".json").read_text())
+    assert config["n"] == 200 and config["sigma"] == 0.25 and config["model"]["model"] == "mlp"
+
+    again = tmp_path / "again.tsv"
+    run("certify", checkpoint, "--sigma", 0.25, "--n0", 20, "--n", 200, "--alpha", 0.01, "--num-examples", 12, "--output", again)
+    assert [line.split("\t")[:4] for line in again.read_text().splitlines()] == [line.split("\t")[:4] for line in lines]
+
+    predictions = tmp_path / "predict.tsv"
+    code, out, _ = run("predict", checkpoint, "--sigma", 0.25, "--n", 200, "--alpha", 0.01, "--num-examples", 5, "--output", predictions)
+    assert code == 0 and predictions.read_text().splitlines()[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    assert len(predictions.read_text().splitlines()) == 6
+
+    plot = tmp_path / "plot.png"
+    code, out, _ = run("analyze", tsv, again, "--label", "first", "--label", "second", "--plot", plot)
+    assert code == 0 and "ACR" in out and "first" in out and "second" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+BAD_CERTIFY_ARGUMENTS = [
+    (["--sigma", "0"], "sigma must be"),
+    (["--sigma", "-0.5"], "sigma must be"),
+    (["--sigma", "0.25", "--alpha", "0"], "alpha must be in (0, 1)"),
+    (["--sigma", "0.25", "--alpha", "1.5"], "alpha must be in (0, 1)"),
+    (["--sigma", "0.25", "--n0", "0"], "n0 must be"),
+    (["--sigma", "0.25", "--n", "0"], "n must be"),
+    (["--sigma", "0.25", "--num-examples", "100000"], "number of examples"),
+    (["--sigma", "not-a-number"], "Invalid value for '--sigma'"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_CERTIFY_ARGUMENTS)
+def test_bad_certify_arguments_give_one_line_and_exit_2(run, checkpoint, tmp_path, arguments, message):
+    output = tmp_path / "out.tsv"
+    code, _, err = run("certify", checkpoint, "--output", output, *arguments)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not output.exists()
+
+
+def test_missing_data_root(run, tmp_path):
+    info = dataset_info("mnist")
+    path = tmp_path / "mnist.pt"
+    save_checkpoint(path, Checkpoint(build_model("mlp", info).state_dict(), model_metadata("mlp", {}, info)))
+    code, _, err = run("certify", path, "--sigma", 0.25, "--data-root", tmp_path / "nowhere", "--output", tmp_path / "o.tsv")
+    assert code == 2 and err.count("\n") == 1 and "MNIST not found" in err and "t10k-images-idx3-ubyte" in err
+    assert not (tmp_path / "o.tsv").exists()
+
+
+def test_bad_checkpoints(run, tmp_path, checkpoint):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "qrobust-checkpoint", "code": _Payload(tmp_path / "pwned")}, evil)
+    for path, message in [(truncated, "truncated or corrupt"), (evil, "pickled Python objects"), (tmp_path / "absent.pt", "not found")]:
+        code, _, err = run("certify", path, "--sigma", 0.25, "--output", tmp_path / "out.tsv")
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_existing_results_are_never_overwritten_by_accident(run, checkpoint, tmp_path):
+    output = tmp_path / "kept.tsv"
+    output.write_text("precious\n")
+    code, _, err = run("certify", checkpoint, "--sigma", 0.25, "--output", output)
+    assert code == 2 and "--overwrite" in err and output.read_text() == "precious\n"
+    code, _, err = run("train", "--dataset", "digits", "--output", checkpoint)
+    assert code == 2 and "--resume" in err
+
+
+def test_train_errors(run, tmp_path):
+    code, _, err = run("train", "--dataset", "cifar10", "--data-root", tmp_path, "--output", tmp_path / "m.pt")
+    assert code == 2 and "cifar-10-binary.tar.gz" in err and err.count("\n") == 1
+    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=1", "--output", tmp_path / "m.pt")
+    assert code == 2 and "depth" in err
+    code, _, err = run("train", "--dataset", "imagenet", "--output", tmp_path / "m.pt")
+    assert code == 2 and "fashion-mnist" in err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_analyze_errors(run, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("hello\n")
+    code, _, err = run("analyze", bad)
+    assert code == 2 and "not a certification TSV" in err
+    code, _, err = run("analyze", tmp_path / "absent.tsv")
+    assert code == 2 and "cannot read" in err
+
+
+def test_certify_help_documents_every_option_with_units(run):
+    code, out, _ = run("certify", "--help")
+    assert code == 0
+    for option in ["--sigma", "--n0", "--n ", "--alpha", "--num-examples", "--split", "--data-root", "--batch-size", "--seed", "--output", "--overwrite"]:
+        assert option in out
+    assert "pixel units" in out and "(0, 1)" in out
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-m", "qrobust", "certify", str(tmp_path / "absent.pt"), "--sigma", "-1", "--output", str(tmp_path / "o.tsv")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert finished.returncode == 2
+    assert finished.stderr.strip() == "error: sigma must be a finite number > 0, got -1.0"
+
+
+class _Payload:
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))

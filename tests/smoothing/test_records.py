@@ -1,0 +1,39 @@
+import pytest
+
+from qrobust.errors import QRobustError
+from qrobust.smoothing import ABSTAIN, HEADER, CertifyRow, read_certify_tsv, summarize_rows
+
+
+def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
+    rows = [CertifyRow(0, 3, 3, 0.512345, 1.5), CertifyRow(20, 1, ABSTAIN, 0.0, 3725.25), CertifyRow(40, 2, 5, 0.1, 0.01)]
+    path = tmp_path / "run.tsv"
+    path.write_text("\n".join([HEADER, *(row.to_line() for row in rows)]) + "\n")
+    assert path.read_text().splitlines()[2] == "20\t1\t-1\t0.000000\t0\t1:02:05.250000"
+    back = read_certify_tsv(path)
+    assert [(r.idx, r.label, r.predict, r.correct) for r in back] == [(0, 3, 3, True), (20, 1, -1, False), (40, 2, 5, False)]
+    assert back[0].radius == pytest.approx(0.512345) and back[1].seconds == pytest.approx(3725.25)
+    summary = summarize_rows(back, radii=(0.0, 0.5))
+    assert summary.certified_accuracy == pytest.approx((1 / 3, 1 / 3))
+    assert summary.certified_percentage == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a certification TSV"),
+        ("idx\tlabel\n", "not a certification TSV"),
+        (HEADER + "\n", "no examples"),
+        (HEADER + "\n0\t1\t1\t0.5\t1\n", "line 2: expected 6"),
+        (HEADER + "\n0\t1\tx\t0.5\t1\t0:00:01\n", "line 2"),
+    ],
+)
+def test_malformed_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(text)
+    with pytest.raises(QRobustError, match=message):
+        read_certify_tsv(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(QRobustError, match="cannot read"):
+        read_certify_tsv(tmp_path / "absent.tsv")

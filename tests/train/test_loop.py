@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from qrobust.data import load_dataset
+from qrobust.errors import CheckpointError
+from qrobust.models import build_model
+from qrobust.models.checkpoint import load_checkpoint, model_metadata
+from qrobust.train import TrainConfig, accuracy, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def _model(info):
+    torch.manual_seed(0)
+    return build_model("mlp", info, depth=2, width=64)
+
+
+def test_noise_training_learns_digits(digits):
+    train_set, test_set = digits
+    model = _model(train_set.info)
+    config = TrainConfig(epochs=4, batch_size=32, lr=0.05, sigma=0.1, seed=0)
+    history = train(model, train_set, config, test_set=test_set, progress=False)
+    assert [stats.epoch for stats in history] == [1, 2, 3, 4]
+    assert history[-1].loss < history[0].loss
+    assert history[-1].test_accuracy == pytest.approx(accuracy(model, test_set))
+    assert accuracy(model, test_set) > 0.85
+
+
+def test_learning_rate_steps(digits):
+    train_set, _ = digits
+    config = TrainConfig(epochs=3, batch_size=128, lr=0.1, lr_step=2, lr_gamma=0.5)
+    history = train(_model(train_set.info), train_set, config, progress=False)
+    assert [stats.lr for stats in history] == pytest.approx([0.1, 0.1, 0.05])
+
+
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    train_set, test_set = digits
+    metadata = model_metadata("mlp", {"depth": 2, "width": 64}, train_set.info)
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.05, lr_step=2, sigma=0.25, seed=3)
+    straight = _model(train_set.info)
+    expected = train(straight, train_set, config, test_set=test_set, checkpoint_path=tmp_path / "a.pt", metadata=metadata, progress=False)
+
+    interrupted = _model(train_set.info)
+    train(interrupted, train_set, TrainConfig(**{**config.__dict__, "epochs": 1}), checkpoint_path=tmp_path / "b.pt",
+          test_set=test_set, metadata=metadata, progress=False)  # fmt: skip
+    resumed = _model(train_set.info)
+    history = train(resumed, train_set, config, test_set=test_set, checkpoint_path=tmp_path / "b.pt", metadata=metadata, resume=True, progress=False)
+
+    assert [(s.epoch, s.loss, s.test_accuracy) for s in history] == [(s.epoch, s.loss, s.test_accuracy) for s in expected]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert load_checkpoint(tmp_path / "b.pt").metadata["epochs_done"] == 3
+
+
+def test_resume_refuses_a_different_config(digits, tmp_path):
+    train_set, _ = digits
+    metadata = model_metadata("mlp", {"depth": 2, "width": 64}, train_set.info)
+    train(_model(train_set.info), train_set, TrainConfig(epochs=1, sigma=0.25), checkpoint_path=tmp_path / "c.pt", metadata=metadata, progress=False)
+    with pytest.raises(CheckpointError, match="different sigma"):
+        train(_model(train_set.info), train_set, TrainConfig(epochs=2, sigma=0.5), checkpoint_path=tmp_path / "c.pt", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("sigma", -0.1), ("momentum", float("nan")), ("lr_step", 1.5)],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
