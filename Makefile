@@ -30,7 +30,7 @@ setup: $(INSTALLED) data
 # Noise-train a CNN at sigma = 0.25 on Fashion-MNIST, certify 500 test images by randomized smoothing,
 # print the certified-accuracy table and save the plot. Re-running resumes instead of starting over.
 demo: setup
-	$(BIN)/qrobust train --dataset fashion-mnist --model cnn --sigma 0.25 --epochs 6 --lr-step 4 \
+	$(BIN)/qrobust train --dataset fashion-mnist --model cnn --sigma 0.25 --epochs 5 --lr 0.05 --lr-step 3 \
 		--batch-size 128 --seed 0 --resume --output $(DEMO)/cnn.pt
 	$(BIN)/qrobust certify $(DEMO)/cnn.pt --sigma 0.25 --n0 100 --n 1000 --alpha 0.001 \
 		--num-examples 500 --seed 0 --overwrite --output $(DEMO)/certify.tsv

@@ -109,8 +109,8 @@ def test_resnet_parameter_counts(name: str, expected: int) -> None:
 
 
 def test_cnn_parameter_count() -> None:
-    # conv 1->32 (288) + BN (64) + conv 32->64 (18,432) + BN (128) + fc 3136->128 + fc 128->10
-    expected = 288 + 64 + 18_432 + 128 + (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10)
+    # conv 1->32 (288 + 32 bias) + conv 32->64 (18,432 + 64 bias) + fc 3136->128 + fc 128->10
+    expected = 288 + 32 + 18_432 + 64 + (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10)
     assert count_parameters(build_model("cnn", GRAY28)) == expected
 
 
