@@ -34,7 +34,7 @@ demo: setup
 		--batch-size 128 --seed 0 --resume --output $(DEMO)/cnn.pt
 	$(BIN)/qrobust certify $(DEMO)/cnn.pt --sigma 0.25 --n0 100 --n 1000 --alpha 0.001 \
 		--num-examples 500 --seed 0 --overwrite --output $(DEMO)/certify.tsv
-	$(BIN)/qrobust analyze $(DEMO)/certify.tsv --label "cnn sigma=0.25" --plot $(DEMO)/certified_accuracy.png
+	$(BIN)/qrobust analyze $(DEMO)/certify.tsv --label "sigma=0.25" --plot $(DEMO)/certified_accuracy.png
 
 test: setup
 	$(BIN)/python -m pytest
