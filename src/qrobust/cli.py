@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,23 +17,24 @@ import torch
 import typer
 from rich.console import Console
 
-from qrobust.data import dataset_info, load_dataset, to_unit_interval
+from qrobust.data import dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
 from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
-from qrobust.noise import GaussianNoise
 from qrobust.progress import progress_bar
 from qrobust.smoothing import (
+    CERTIFY_HEADER,
     DEFAULT_RADII,
-    HEADER,
+    PREDICT_HEADER,
+    FloatRS,
     SmoothedClassifier,
     certify_examples,
     evenly_spaced,
-    example_generator,
+    predict_examples,
     read_certify_tsv,
     summarize_rows,
 )
-from qrobust.smoothing.core import check_alpha, check_count
+from qrobust.smoothing.confidence import check_alpha, check_count
 from qrobust.train import TrainConfig, accuracy, train
 
 app = typer.Typer(
@@ -96,45 +97,43 @@ def train_command(
     train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
 
     clean = accuracy(network, test_set)
-    noisy = accuracy(network, test_set, noise=GaussianNoise(sigma), generator=torch.Generator().manual_seed(seed)) if sigma > 0 else clean
+    noisy = accuracy(network, test_set, noise=FloatRS(sigma), generator=torch.Generator().manual_seed(seed)) if sigma > 0 else clean
     checkpoint = load_checkpoint(output)
     checkpoint.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
     save_checkpoint(output, checkpoint)
     console.print(f"test accuracy: clean {100 * clean:.2f}%, with noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
 
 
+CheckpointPath = Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train`.")]
+Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
+
+
 @app.command("certify")
 def certify_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train`.")],
+    checkpoint: CheckpointPath,
     sigma: Sigma,
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict radius correct time); the run config goes to OUTPUT with suffix .json.")],
     n0: Annotated[int, typer.Option(help="Noisy samples to guess the top class (>= 1).")] = 100,
     n: Annotated[int, typer.Option(help="Noisy samples to bound its probability (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
     num_examples: NumExamples = 500,
-    split: Annotated[str, typer.Option(help="Dataset split: train or test.")] = "test",
+    split: Split = "test",
     data_root: DataRoot = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
     """Certify l2 robustness of the Gaussian-smoothed model (Cohen et al. 2019); radii are in [0, 1] pixel units."""
-    noise = GaussianNoise(sigma)
+    method = FloatRS(sigma)
     check_count("n0", n0)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, noise, num_examples, split, data_root, batch_size, output, overwrite)
-    run_config = {"command": "certify", "checkpoint": str(checkpoint), "sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "split": split}
-    _write_config(output, run_config | {"indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata})
-    with output.open("w") as table, progress_bar() as bar:
-        print(HEADER, file=table, flush=True)
-        task = bar.add_task("certify", total=len(indices), status="")
-        correct = 0
-        rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
-        for done, row in enumerate(rows, start=1):
-            print(row.to_line(), file=table, flush=True)
-            correct += row.correct
-            bar.update(task, advance=1, status=f"certified correct {correct}/{done}")
+    smoothed, data, indices, metadata = _prepare(checkpoint, method, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method.name, "sigma": sigma,
+                           "n0": n0, "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
+                           "batch_size": batch_size, "model": metadata})  # fmt: skip
+    rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
+    _write_rows(output, CERTIFY_HEADER, rows, len(indices), "certify")
     summary = summarize_rows(read_certify_tsv(output))
     console.print(f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
                   f"ACR {summary.average_certified_radius:.3f}  -> {output}")  # fmt: skip
@@ -142,38 +141,28 @@ def certify_command(
 
 @app.command("predict")
 def predict_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train`.")],
+    checkpoint: CheckpointPath,
     sigma: Sigma,
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict correct time); the run config goes to OUTPUT with suffix .json.")],
     n: Annotated[int, typer.Option(help="Noisy samples per example (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
     num_examples: NumExamples = 500,
-    split: Annotated[str, typer.Option(help="Dataset split: train or test.")] = "test",
+    split: Split = "test",
     data_root: DataRoot = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
-    noise = GaussianNoise(sigma)
+    method = FloatRS(sigma)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, noise, num_examples, split, data_root, batch_size, output, overwrite)
-    run_config = {"command": "predict", "checkpoint": str(checkpoint), "sigma": sigma, "n": n, "alpha": alpha, "split": split}
-    _write_config(output, run_config | {"indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata})
-    with output.open("w") as table, progress_bar() as bar:
-        print("idx\tlabel\tpredict\tcorrect\ttime", file=table, flush=True)
-        task = bar.add_task("predict", total=len(indices), status="")
-        correct = 0
-        for done, index in enumerate(indices, start=1):
-            started = time.perf_counter()
-            x = to_unit_interval(data.images[index])
-            prediction = smoothed.predict(x, n=n, alpha=alpha, generator=example_generator(seed, index))
-            label = int(data.labels[index])
-            predicted = -1 if prediction.abstained else prediction.label
-            correct += predicted == label
-            print(f"{index}\t{label}\t{predicted}\t{int(predicted == label)}\t{time.perf_counter() - started:.4f}", file=table, flush=True)
-            bar.update(task, advance=1, status=f"correct {correct}/{done}")
+    smoothed, data, indices, metadata = _prepare(checkpoint, method, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method.name, "sigma": sigma,
+                           "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
+                           "batch_size": batch_size, "model": metadata})  # fmt: skip
+    rows = predict_examples(smoothed, data, indices, n=n, alpha=alpha, seed=seed)
+    correct = _write_rows(output, PREDICT_HEADER, rows, len(indices), "predict")
     console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
 
 
@@ -197,25 +186,34 @@ def analyze_command(
         console.print(f"plot -> {plot_certified_accuracy(runs, plot)}")
 
 
-def _prepare(checkpoint: Path, noise, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
-    """Everything a smoothing command needs, checked before any output file is touched."""
+def _prepare(checkpoint: Path, method, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
+    """The smoothed model, the data and the example indices, checked before any output file is touched."""
     if output.exists() and not overwrite:
         raise QRobustError(f"{output} exists; pass --overwrite to replace it")
     saved = load_checkpoint(checkpoint)
-    model = saved.build()
     data = load_dataset(saved.dataset_info.name, split, data_root)
     indices = evenly_spaced(len(data), num_examples)
-    smoothed = SmoothedClassifier(model, saved.dataset_info.num_classes, noise, batch_size)
+    smoothed = SmoothedClassifier(saved.build(), saved.dataset_info.num_classes, method, batch_size)
     return smoothed, data, indices, saved.metadata
 
 
+def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str) -> int:
+    """Write rows to the TSV ``output`` as they come (flushed each), with a progress bar; returns the number correct."""
+    correct = 0
+    with output.open("w") as table, progress_bar() as bar:
+        print(header, file=table, flush=True)
+        progress = bar.add_task(task, total=total, status="")
+        for done, row in enumerate(rows, start=1):
+            print(row.to_line(), file=table, flush=True)
+            correct += row.correct
+            bar.update(progress, advance=1, status=f"correct {correct}/{done}")
+    return correct
+
+
 def _write_config(output: Path, run_config: dict[str, Any]) -> None:
-    """The full run config next to the results, so a run can be reproduced."""
+    """The full run config (with the model's metadata) next to the results, so a run can be reproduced."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    config = run_config | {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
-    }
+    config = run_config | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
     output.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
 
 

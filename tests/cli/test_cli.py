@@ -11,7 +11,7 @@ from qrobust.cli import main
 from qrobust.data import dataset_info
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
-from qrobust.smoothing import HEADER, read_certify_tsv
+from qrobust.smoothing import CERTIFY_HEADER, PREDICT_HEADER, read_certify_tsv
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_certify_predict_analyze(run, checkpoint, tmp_path):
                        "--num-examples", 12, "--output", tsv)  # fmt: skip
     assert code == 0, out
     lines = tsv.read_text().splitlines()
-    assert lines[0] == HEADER and len(lines) == 13
+    assert lines[0] == CERTIFY_HEADER and len(lines) == 13
     rows = read_certify_tsv(tsv)
     assert [row.idx for row in rows] == [i * 450 // 12 for i in range(12)]
     assert all(row.radius > 0 for row in rows if row.predict != -1)
@@ -69,7 +69,7 @@ def test_certify_predict_analyze(run, checkpoint, tmp_path):
 
     predictions = tmp_path / "predict.tsv"
     code, out, _ = run("predict", checkpoint, "--sigma", 0.25, "--n", 200, "--alpha", 0.01, "--num-examples", 5, "--output", predictions)
-    assert code == 0 and predictions.read_text().splitlines()[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    assert code == 0 and predictions.read_text().splitlines()[0] == PREDICT_HEADER
     assert len(predictions.read_text().splitlines()) == 6
 
     plot = tmp_path / "plot.png"

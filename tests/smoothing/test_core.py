@@ -3,8 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from qrobust.noise import GaussianNoise
-from qrobust.smoothing import SmoothedClassifier, clopper_pearson_lower
+from qrobust.smoothing import FloatRS, FloatRSQuant, SmoothedClassifier, clopper_pearson_lower
 
 
 @pytest.mark.parametrize(("successes", "trials"), [(1, 10), (50, 100), (99, 100), (100, 100), (997, 1000), (3, 100_000)])
@@ -36,7 +35,7 @@ def test_certified_radius_is_close_to_and_rarely_above_the_true_radius(linear_bi
     sigma, alpha, trials = 0.5, 0.1, 300
     x = _point(0.3)
     true_radius = linear_binary.margin(x)  # ||w|| = 1
-    smoothed = SmoothedClassifier(linear_binary, num_classes=2, noise=GaussianNoise(sigma))
+    smoothed = SmoothedClassifier(linear_binary, num_classes=2, method=FloatRS(sigma))
     radii = []
     for seed in range(trials):
         certificate = smoothed.certify(x, n0=50, n=2000, alpha=alpha, generator=torch.Generator().manual_seed(seed))
@@ -52,7 +51,7 @@ def test_probability_bound_covers_the_true_probability(linear_binary):
     sigma, alpha = 0.25, 0.05
     x = _point(0.2)
     true_p = stats.norm.cdf(linear_binary.margin(x) / sigma)  # 0.79 for class 1
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(sigma), batch_size=500)
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(sigma), batch_size=500)
     certificates = [
         smoothed.certify(x, n0=100, n=1000, alpha=alpha, generator=torch.Generator().manual_seed(s)) for s in range(200)
     ]
@@ -63,7 +62,7 @@ def test_probability_bound_covers_the_true_probability(linear_binary):
 
 
 def test_certify_abstains_on_the_decision_boundary(linear_binary):
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.25))
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
     x = _point(0.0)
     abstained = [
         smoothed.certify(x, n0=100, n=1000, alpha=0.01, generator=torch.Generator().manual_seed(s)).abstained
@@ -73,7 +72,7 @@ def test_certify_abstains_on_the_decision_boundary(linear_binary):
 
 
 def test_predict_returns_the_smoothed_class_and_rarely_errs_on_a_tie(linear_binary):
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.25))
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
     clear = smoothed.predict(_point(0.4), n=500, alpha=0.01, generator=torch.Generator().manual_seed(0))
     assert clear.label == 1 and clear.counts.sum() == 500
     far = smoothed.predict(_point(-0.4), n=500, alpha=0.01, generator=torch.Generator().manual_seed(0))
@@ -89,7 +88,7 @@ def test_predict_returns_the_smoothed_class_and_rarely_errs_on_a_tie(linear_bina
 
 
 def test_counts_cover_every_sample_across_batches(linear_binary):
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.5), batch_size=7)
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.5), batch_size=7)
     counts = smoothed.sample_counts(_point(0.2), 100, torch.Generator().manual_seed(0))
     assert counts.dtype == np.int64 and counts.sum() == 100 and counts.shape == (2,)
 
@@ -99,17 +98,44 @@ def test_counts_cover_every_sample_across_batches(linear_binary):
     [
         (torch.full((1, 2, 2), float("nan")), "NaN"),
         (torch.full((1, 2, 2), 1.5), r"\[0, 1\]"),
-        (torch.zeros((1, 2, 2), dtype=torch.uint8), "floating-point"),
+        (torch.zeros((1, 2, 2), dtype=torch.int32), "uint8 lattice image or a float"),
     ],
 )
 def test_rejects_bad_inputs(linear_binary, x, message):
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.25))
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
     with pytest.raises(ValueError, match=message):
         smoothed.certify(x, n0=10, n=10, alpha=0.01)
 
 
 @pytest.mark.parametrize(("n0", "n", "alpha", "message"), [(0, 10, 0.01, "n0"), (10, 0, 0.01, "n must"), (10, 10, 0.0, "alpha"), (10, 10, 1.5, "alpha")])
 def test_rejects_bad_sampling_arguments(linear_binary, n0, n, alpha, message):
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.25))
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
     with pytest.raises(ValueError, match=message):
         smoothed.certify(_point(0.1), n0=n0, n=n, alpha=alpha)
+
+
+def test_lattice_and_float_images_give_the_same_certificate(linear_binary):
+    image = torch.tensor([[[255, 40], [128, 128]]], dtype=torch.uint8)
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
+    from_lattice = smoothed.certify(image, n0=50, n=500, alpha=0.01, generator=torch.Generator().manual_seed(3))
+    from_float = smoothed.certify(image / 255, n0=50, n=500, alpha=0.01, generator=torch.Generator().manual_seed(3))
+    assert from_lattice.radius == from_float.radius and np.array_equal(from_lattice.counts, from_float.counts)
+
+
+def test_float_quant_feeds_the_rounded_clipped_noisy_image_on_the_lattice():
+    x = torch.tensor([[[0.0, 0.5], [1.0, 0.2]]])
+    batch = x.expand(1000, 1, 2, 2)
+    inputs = FloatRSQuant(0.25).perturb(batch, torch.Generator().manual_seed(0))
+    noise = FloatRS(0.25).perturb(batch, torch.Generator().manual_seed(0))
+    assert inputs.dtype == torch.uint8 and inputs.shape == (1000, 1, 2, 2)
+    assert torch.equal(inputs, (noise * 255).round().clamp(0, 255).to(torch.uint8))
+    assert (inputs == 0).any() and (inputs == 255).any()
+
+
+def test_method_radius_rule():
+    method = FloatRS(0.5)
+    assert method.radius(500, 1000, 0.001) is None  # pA_lower < 1/2
+    p_lower = clopper_pearson_lower(990, 1000, 0.001)
+    assert method.radius(990, 1000, 0.001) == pytest.approx(0.5 * stats.norm.ppf(p_lower))
+    with pytest.raises(ValueError, match="sigma"):
+        FloatRSQuant(0.0)

@@ -1,13 +1,13 @@
 import pytest
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing import ABSTAIN, HEADER, CertifyRow, read_certify_tsv, summarize_rows
+from qrobust.smoothing import ABSTAIN, CERTIFY_HEADER, CertifyRow, read_certify_tsv, summarize_rows
 
 
 def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
     rows = [CertifyRow(0, 3, 3, 0.512345, 1.5), CertifyRow(20, 1, ABSTAIN, 0.0, 3725.25), CertifyRow(40, 2, 5, 0.1, 0.01)]
     path = tmp_path / "run.tsv"
-    path.write_text("\n".join([HEADER, *(row.to_line() for row in rows)]) + "\n")
+    path.write_text("\n".join([CERTIFY_HEADER, *(row.to_line() for row in rows)]) + "\n")
     assert path.read_text().splitlines()[2] == "20\t1\t-1\t0.000000\t0\t1:02:05.250000"
     back = read_certify_tsv(path)
     assert [(r.idx, r.label, r.predict, r.correct) for r in back] == [(0, 3, 3, True), (20, 1, -1, False), (40, 2, 5, False)]
@@ -22,9 +22,9 @@ def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
     [
         ("", "not a certification TSV"),
         ("idx\tlabel\n", "not a certification TSV"),
-        (HEADER + "\n", "no examples"),
-        (HEADER + "\n0\t1\t1\t0.5\t1\n", "line 2: expected 6"),
-        (HEADER + "\n0\t1\tx\t0.5\t1\t0:00:01\n", "line 2"),
+        (CERTIFY_HEADER + "\n", "no examples"),
+        (CERTIFY_HEADER + "\n0\t1\t1\t0.5\t1\n", "line 2: expected 6"),
+        (CERTIFY_HEADER + "\n0\t1\tx\t0.5\t1\t0:00:01\n", "line 2"),
     ],
 )
 def test_malformed_files_name_the_problem(tmp_path, text, message):

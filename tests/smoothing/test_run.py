@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qrobust.data import LatticeDataset
-from qrobust.noise import GaussianNoise
+from qrobust.smoothing import FloatRS
 from qrobust.smoothing import SmoothedClassifier, certify_examples, evenly_spaced, example_generator
 
 
@@ -17,7 +17,7 @@ def test_rows_do_not_depend_on_which_examples_ran_before(linear_binary, tiny_inf
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 1, 2, 2), dtype=torch.uint8, generator=generator)
     data = LatticeDataset(images, torch.tensor([0, 1, 0, 1, 1, 0]), tiny_info)
-    smoothed = SmoothedClassifier(linear_binary, 2, GaussianNoise(0.25), batch_size=64)
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25), batch_size=64)
     options = dict(n0=20, n=200, alpha=0.01, seed=5)
     everything = {row.idx: row for row in certify_examples(smoothed, data, range(6), **options)}
     shard = list(certify_examples(smoothed, data, [4, 1], **options))

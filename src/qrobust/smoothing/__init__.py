@@ -1,24 +1,40 @@
 """Randomized smoothing: predict and certify with a noisy base classifier, and summarise the results."""
 
-from qrobust.smoothing.core import Certificate, Prediction, SmoothedClassifier, clopper_pearson_lower
+from qrobust.smoothing.confidence import clopper_pearson_lower
+from qrobust.smoothing.core import Certificate, Prediction, SmoothedClassifier
+from qrobust.smoothing.methods import FloatRS, FloatRSQuant, SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified_accuracy_curve, summarize
-from qrobust.smoothing.records import ABSTAIN, HEADER, CertifyRow, read_certify_tsv, summarize_rows
-from qrobust.smoothing.run import certify_examples, evenly_spaced, example_generator
+from qrobust.smoothing.records import (
+    ABSTAIN,
+    CERTIFY_HEADER,
+    PREDICT_HEADER,
+    CertifyRow,
+    PredictRow,
+    read_certify_tsv,
+    summarize_rows,
+)
+from qrobust.smoothing.run import certify_examples, evenly_spaced, example_generator, predict_examples
 
 __all__ = [
     "ABSTAIN",
+    "CERTIFY_HEADER",
     "DEFAULT_RADII",
-    "HEADER",
+    "PREDICT_HEADER",
     "Certificate",
     "CertifiedSummary",
     "CertifyRow",
+    "FloatRS",
+    "FloatRSQuant",
+    "PredictRow",
     "Prediction",
     "SmoothedClassifier",
+    "SmoothingMethod",
     "certified_accuracy_curve",
     "certify_examples",
     "clopper_pearson_lower",
     "evenly_spaced",
     "example_generator",
+    "predict_examples",
     "read_certify_tsv",
     "summarize",
     "summarize_rows",

@@ -1,7 +1,8 @@
-"""The per-example TSV of a certification run, in the format of Cohen et al.'s reference code.
+"""The per-example TSVs of certify and predict runs, in the format of Cohen et al.'s reference code.
 
-Columns: ``idx label predict radius correct time``; ``predict`` is -1 when the certificate abstained,
-``correct`` is 0/1, ``time`` is the wall time of the example as ``H:MM:SS.ffffff``.
+Certify columns: ``idx label predict radius correct time``; predict columns: ``idx label predict correct
+time``. ``predict`` is -1 when the test abstained, ``correct`` is 0/1, ``time`` is the wall time of the
+example as ``H:MM:SS.ffffff``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from qrobust.errors import QRobustError
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, summarize
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
 ABSTAIN = -1
 
 
@@ -38,6 +40,23 @@ class CertifyRow:
         return f"{self.idx}\t{self.label}\t{self.predict}\t{self.radius:.6f}\t{int(self.correct)}\t{elapsed}"
 
 
+@dataclass(frozen=True)
+class PredictRow:
+    """One example of a prediction run."""
+
+    idx: int
+    label: int
+    predict: int  # ABSTAIN (-1) when the test abstained
+    seconds: float
+
+    @property
+    def correct(self) -> bool:
+        return self.predict == self.label
+
+    def to_line(self) -> str:
+        return f"{self.idx}\t{self.label}\t{self.predict}\t{int(self.correct)}\t{datetime.timedelta(seconds=self.seconds)}"
+
+
 def read_certify_tsv(path: str | Path) -> list[CertifyRow]:
     """Rows of a certification TSV; a malformed file raises QRobustError naming the line."""
     path = Path(path)
@@ -45,8 +64,8 @@ def read_certify_tsv(path: str | Path) -> list[CertifyRow]:
         lines = path.read_text().splitlines()
     except OSError as error:
         raise QRobustError(f"cannot read certification results {path}: {error.strerror or error}") from None
-    if not lines or lines[0].strip() != HEADER:
-        raise QRobustError(f"{path} is not a certification TSV: the first line must be '{HEADER.expandtabs(1)}'")
+    if not lines or lines[0].strip() != CERTIFY_HEADER:
+        raise QRobustError(f"{path} is not a certification TSV: the first line must be '{CERTIFY_HEADER.expandtabs(1)}'")
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")

@@ -1,4 +1,4 @@
-"""Certify many examples of a dataset, one reproducible generator per example."""
+"""Certify or predict many examples of a dataset, one reproducible generator per example."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from qrobust.data import LatticeDataset, to_unit_interval
+from qrobust.data import LatticeDataset
 from qrobust.smoothing.core import SmoothedClassifier
-from qrobust.smoothing.records import ABSTAIN, CertifyRow
+from qrobust.smoothing.records import ABSTAIN, CertifyRow, PredictRow
 
 
 def example_generator(seed: int, index: int) -> torch.Generator:
@@ -36,10 +36,27 @@ def certify_examples(
     """Certify ``dataset`` at ``indices`` in order, yielding one row per example as it finishes."""
     for index in indices:
         started = time.perf_counter()
-        x = to_unit_interval(dataset.images[index])  # (C, H, W) in [0, 1]
+        x = dataset.images[index]  # (C, H, W) uint8
         certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=example_generator(seed, index))
         label = ABSTAIN if certificate.abstained else certificate.label
         yield CertifyRow(index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started)
+
+
+def predict_examples(
+    smoothed: SmoothedClassifier,
+    dataset: LatticeDataset,
+    indices: Iterable[int],
+    *,
+    n: int,
+    alpha: float,
+    seed: int = 0,
+) -> Iterator[PredictRow]:
+    """Predict ``dataset`` at ``indices`` in order, yielding one row per example as it finishes."""
+    for index in indices:
+        started = time.perf_counter()
+        prediction = smoothed.predict(dataset.images[index], n=n, alpha=alpha, generator=example_generator(seed, index))
+        label = ABSTAIN if prediction.abstained else prediction.label
+        yield PredictRow(index, int(dataset.labels[index]), label, time.perf_counter() - started)
 
 
 def evenly_spaced(total: int, count: int) -> list[int]:

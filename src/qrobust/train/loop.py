@@ -20,8 +20,8 @@ from torch import nn
 from qrobust.data import LatticeDataset, augmentation_for, to_unit_interval
 from qrobust.errors import CheckpointError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from qrobust.noise import GaussianNoise
 from qrobust.progress import progress_bar
+from qrobust.smoothing import FloatRS, SmoothingMethod
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def train(
             raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
     augmentation = augmentation_for(train_set.info) if config.augment else None
-    noise = GaussianNoise(config.sigma) if config.sigma > 0 else None
+    noise = FloatRS(config.sigma) if config.sigma > 0 else None
     batches = math.ceil(len(train_set) / config.batch_size)
     with progress_bar(progress) as bar:
         task = bar.add_task("train", total=(config.epochs - len(history)) * batches, status="")
@@ -106,10 +106,7 @@ def train(
                 images, labels = train_set.images[index], train_set.labels[index]  # (B, C, H, W) uint8, (B,)
                 if augmentation is not None:
                     images = augmentation(images, generator)
-                inputs = to_unit_interval(images)
-                if noise is not None:
-                    inputs = noise.perturb(inputs, generator)
-                logits = model(inputs)
+                logits = model(model_inputs(images, noise, generator))
                 loss = nn.functional.cross_entropy(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -147,7 +144,7 @@ def accuracy(
     model: nn.Module,
     dataset: LatticeDataset,
     *,
-    noise: GaussianNoise | None = None,
+    noise: SmoothingMethod | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
 ) -> float:
@@ -155,11 +152,19 @@ def accuracy(
     model.eval()
     correct = 0
     for start in range(0, len(dataset), batch_size):
-        inputs = to_unit_interval(dataset.images[start : start + batch_size])
-        if noise is not None:
-            inputs = noise.perturb(inputs, generator)
+        inputs = model_inputs(dataset.images[start : start + batch_size], noise, generator)
         correct += (model(inputs).argmax(1) == dataset.labels[start : start + batch_size]).sum().item()
     return correct / len(dataset)
+
+
+def model_inputs(images: torch.Tensor, noise: SmoothingMethod | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Float [0, 1] model inputs from uint8 images, with the smoothing method's noise if one is given.
+
+    Methods that feed int8 models return noisy lattice images; their float view is what a
+    quantization-aware model trains on.
+    """
+    inputs = images if noise is None else noise.perturb(images, generator)
+    return to_unit_interval(inputs) if inputs.dtype == torch.uint8 else inputs
 
 
 def _restore(checkpoint: Checkpoint, model, optimizer, scheduler, generator, config: TrainConfig) -> list[EpochStats]:

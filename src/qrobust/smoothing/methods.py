@@ -1,0 +1,78 @@
+"""Smoothing methods: how a clean image becomes the noisy inputs of the base model, and which radius a
+vote count certifies.
+
+Each method defines its base classifier's view of x + noise (float for an fp32 model, the uint8 lattice
+for an int8 model) and the certified l2 radius, in [0, 1] pixel units, for ``count`` votes of the top
+class out of ``n`` at confidence 1 - alpha.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from scipy.stats import norm
+
+from qrobust.data import to_unit_interval
+from qrobust.noise import GaussianNoise
+from qrobust.smoothing.confidence import check_unit_image, clopper_pearson_lower
+
+
+class SmoothingMethod(Protocol):
+    """What ``SmoothedClassifier`` needs from a method."""
+
+    name: str
+    sigma: float  # noise std in [0, 1] pixel units
+
+    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noisy versions of clean images (B, C, H, W), as the base model takes them."""
+        ...
+
+    def radius(self, count: int, n: int, alpha: float) -> float | None:
+        """The certified radius for ``count`` of ``n`` votes at level ``alpha``; None to abstain."""
+        ...
+
+
+@dataclass(frozen=True)
+class FloatRS:
+    """FloatRS-fp: Gaussian noise on the float [0, 1] image of an fp32 model (Cohen et al., ICML 2019).
+
+    Radius sigma * Phi^-1(pA) with pA the one-sided (1 - alpha) Clopper-Pearson lower bound; with
+    probability >= 1 - alpha the smoothed classifier is constant within that l2 ball.
+    """
+
+    sigma: float
+    name = "float-fp"
+
+    def __post_init__(self) -> None:
+        GaussianNoise(self.sigma)  # validates sigma
+
+    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return GaussianNoise(self.sigma).perturb(_unit_interval(images), generator)
+
+    def radius(self, count: int, n: int, alpha: float) -> float | None:
+        p_lower = clopper_pearson_lower(count, n, alpha)
+        return self.sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else None
+
+
+@dataclass(frozen=True)
+class FloatRSQuant(FloatRS):
+    """FloatRS-quant: Gaussian noise added in float, the noisy image rounded to the uint8 lattice (clipped
+    to [0, 255]) and classified by an int8 model.
+
+    Rounding and clipping are part of the base classifier, so Cohen et al.'s radius stays sound.
+    """
+
+    name = "float-quant"
+
+    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return super().perturb(images, generator).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """Clean images as float in [0, 1]: uint8 lattice images are divided by 255, floats are checked."""
+    if x.dtype == torch.uint8:
+        return to_unit_interval(x)
+    check_unit_image(x)
+    return x
