@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from qrobust.smoothing import FloatRS, FloatRSQuant, SmoothedClassifier, clopper_pearson_lower
+from qrobust.smoothing import FloatRS, SmoothedClassifier, clopper_pearson_lower
 
 
 @pytest.mark.parametrize(("successes", "trials"), [(1, 10), (50, 100), (99, 100), (100, 100), (997, 1000), (3, 100_000)])
@@ -120,22 +120,3 @@ def test_lattice_and_float_images_give_the_same_certificate(linear_binary):
     from_lattice = smoothed.certify(image, n0=50, n=500, alpha=0.01, generator=torch.Generator().manual_seed(3))
     from_float = smoothed.certify(image / 255, n0=50, n=500, alpha=0.01, generator=torch.Generator().manual_seed(3))
     assert from_lattice.radius == from_float.radius and np.array_equal(from_lattice.counts, from_float.counts)
-
-
-def test_float_quant_feeds_the_rounded_clipped_noisy_image_on_the_lattice():
-    x = torch.tensor([[[0.0, 0.5], [1.0, 0.2]]])
-    batch = x.expand(1000, 1, 2, 2)
-    inputs = FloatRSQuant(0.25).perturb(batch, torch.Generator().manual_seed(0))
-    noise = FloatRS(0.25).perturb(batch, torch.Generator().manual_seed(0))
-    assert inputs.dtype == torch.uint8 and inputs.shape == (1000, 1, 2, 2)
-    assert torch.equal(inputs, (noise * 255).round().clamp(0, 255).to(torch.uint8))
-    assert (inputs == 0).any() and (inputs == 255).any()
-
-
-def test_method_radius_rule():
-    method = FloatRS(0.5)
-    assert method.radius(500, 1000, 0.001) is None  # pA_lower < 1/2
-    p_lower = clopper_pearson_lower(990, 1000, 0.001)
-    assert method.radius(990, 1000, 0.001) == pytest.approx(0.5 * stats.norm.ppf(p_lower))
-    with pytest.raises(ValueError, match="sigma"):
-        FloatRSQuant(0.0)

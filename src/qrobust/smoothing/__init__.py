@@ -2,7 +2,7 @@
 
 from qrobust.smoothing.confidence import clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, Prediction, SmoothedClassifier
-from qrobust.smoothing.methods import FloatRS, FloatRSQuant, SmoothingMethod
+from qrobust.smoothing.methods import FloatRS, FloatRSQuant, IntRS, SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified_accuracy_curve, summarize
 from qrobust.smoothing.records import (
     ABSTAIN,
@@ -25,6 +25,7 @@ __all__ = [
     "CertifyRow",
     "FloatRS",
     "FloatRSQuant",
+    "IntRS",
     "PredictRow",
     "Prediction",
     "SmoothedClassifier",

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.stats import beta
 
 
-def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
+def clopper_pearson_lower(successes, trials: int, alpha: float):
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion.
 
-    The exact bound is the alpha quantile of Beta(k, n - k + 1), and 0 when k = 0.
+    The exact bound is the alpha quantile of Beta(k, n - k + 1), and 0 when k = 0. ``successes`` may be
+    an int (returns a float) or an integer array (returns a float64 array, evaluated at once).
     """
     check_alpha(alpha)
-    if not 0 <= successes <= trials:
+    k = np.asarray(successes)
+    if k.size and (k.min() < 0 or k.max() > trials):
         raise ValueError(f"successes must be in [0, trials={trials}], got {successes}")
-    if successes == 0:
-        return 0.0
-    return float(beta.ppf(alpha, successes, trials - successes + 1))
+    bound = np.where(k == 0, 0.0, beta.ppf(alpha, np.maximum(k, 1), trials - k + 1))
+    return float(bound) if bound.ndim == 0 else bound
 
 
 def check_count(name: str, value: int) -> None:
