@@ -6,8 +6,10 @@ already written stay as they are.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+from dataclasses import asdict
 from datetime import datetime, timezone
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +19,21 @@ import torch
 import typer
 from rich.console import Console
 
-from qrobust.data import dataset_info, load_dataset
+from qrobust.data import DatasetInfo, dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
 from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
+from qrobust.models.inference import freeze_for_inference
 from qrobust.progress import progress_bar
 from qrobust.smoothing import (
     CERTIFY_HEADER,
     DEFAULT_RADII,
     PREDICT_HEADER,
     FloatRS,
+    FloatRSQuant,
+    IntRS,
     SmoothedClassifier,
+    SmoothingMethod,
     certify_examples,
     evenly_spaced,
     predict_examples,
@@ -35,7 +41,9 @@ from qrobust.smoothing import (
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_alpha, check_count
-from qrobust.train import TrainConfig, accuracy, train
+from qrobust.quant import QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8
+from qrobust.train import TrainConfig, accuracy, load_model, train
+from qrobust.train.loop import model_inputs
 
 app = typer.Typer(
     help="Small, fast and provably robust neural networks: train, certify and analyze.",
@@ -64,7 +72,10 @@ def train_command(
     data_root: DataRoot = None,
     model: Annotated[str, typer.Option(help="Model name: mlp, cnn, resnet20, resnet32, resnet44, resnet56, resnet110.")] = "cnn",
     model_option: Annotated[list[str] | None, typer.Option(help="Model option KEY=VALUE, repeatable (e.g. depth=4 for mlp).")] = None,
-    sigma: Annotated[float, typer.Option(help="Std of Gaussian noise augmentation, in [0, 1] pixel units (0: none).")] = 0.0,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and weights (replaces --model, --model-option, --dataset).")] = None,
+    qat: Annotated[bool, typer.Option(help="Quantization-aware training (int8 weights, uint8 activations); convert with `qrobust quantize`.")] = False,
+    sigma: Annotated[float, typer.Option(help="Std of the noise augmentation, in [0, 1] pixel units (0: none).")] = 0.0,
+    noise: Annotated[str, typer.Option(help="Noise kind: gaussian (for FloatRS) or discrete (uint8 lattice, for IntRS).")] = "gaussian",
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 90,
     batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
     lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.1,
@@ -79,33 +90,86 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train a classifier with Gaussian noise augmentation and save a checkpoint."""
+    """Train a classifier with noise augmentation (optionally quantization-aware) and save a checkpoint."""
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        lr_step=lr_step, lr_gamma=lr_gamma, sigma=sigma, augment=augment, seed=seed,
+        lr_step=lr_step, lr_gamma=lr_gamma, sigma=sigma, noise=noise, augment=augment, seed=seed,
     )  # fmt: skip
     if output.exists() and not (resume or overwrite):
         raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
-    options = _parse_options(model_option or [])
-    info = dataset_info(dataset)
     torch.manual_seed(seed)
-    network = build_model(model, info, **options)
-    train_set = _subset(load_dataset(dataset, "train", data_root), train_subset, seed)
-    test_set = _subset(load_dataset(dataset, "test", data_root), test_subset, seed)
-    console.print(f"{model} ({count_parameters(network):,} parameters) on {dataset}: {len(train_set)} training images, sigma {sigma}")
-    metadata = model_metadata(model, options, info, sigma=sigma, seed=seed)
+    if init is None:
+        options = _parse_options(model_option or [])
+        info = dataset_info(dataset)
+        network, quant_config = build_model(model, info, **options), None
+    else:
+        network, start = load_model(init)
+        model, options, info = start.metadata["model"], start.metadata["model_options"], start.dataset_info
+        quant_config = start.metadata.get("qat")
+    if qat and quant_config is None:
+        quant_config = asdict(QuantConfig())
+        network = prepare_qat(network.train(), QuantConfig(**quant_config))
+    train_set = _subset(load_dataset(info.name, "train", data_root), train_subset, seed)
+    test_set = _subset(load_dataset(info.name, "test", data_root), test_subset, seed)
+    kind = "quantization-aware " if quant_config else ""
+    console.print(f"{kind}{model} ({count_parameters(network):,} parameters) on {info.name}: "
+                  f"{len(train_set)} training images, {noise} noise sigma {sigma}")  # fmt: skip
+    metadata = model_metadata(model, options, info, sigma=sigma, noise=noise, seed=seed, qat=quant_config,
+                              init=None if init is None else str(init))  # fmt: skip
     train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
 
     clean = accuracy(network, test_set)
-    noisy = accuracy(network, test_set, noise=FloatRS(sigma), generator=torch.Generator().manual_seed(seed)) if sigma > 0 else clean
+    method = config.noise_method()
+    noisy = clean if method is None else accuracy(network, test_set, noise=method, generator=torch.Generator().manual_seed(seed))
     checkpoint = load_checkpoint(output)
     checkpoint.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
     save_checkpoint(output, checkpoint)
-    console.print(f"test accuracy: clean {100 * clean:.2f}%, with noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
+    console.print(f"test accuracy: clean {100 * clean:.2f}%, with {noise} noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
 
 
-CheckpointPath = Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train`.")]
+@app.command("quantize")
+def quantize_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train` (float, or --qat).")],
+    output: Annotated[Path, typer.Option(help="int8 model file to write (.int8.pt).")],
+    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate a float model's activation ranges (post-training quantization; ignored for QAT checkpoints).")] = 512,
+    data_root: DataRoot = None,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration subset and its noise.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a checkpoint to an integer-only int8 model (Jacob et al. 2018): QAT checkpoints directly,
+    float ones after calibration on noisy training images (PTQ)."""
+    if output.exists() and not overwrite:
+        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    model, saved = load_model(checkpoint)
+    info = saved.dataset_info
+    noise = TrainConfig(sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")).noise_method()
+    if saved.metadata.get("qat") is None:
+        check_count("calibration images", calibration_images)
+        images = load_dataset(info.name, "train", data_root).subset(calibration_images, seed).images
+        model = calibrate(prepare_qat(model), model_inputs(images, noise, torch.Generator().manual_seed(seed)))
+    int8 = convert(model)
+    test_set = load_dataset(info.name, "test", data_root)
+    test_set = test_set.subset(min(1000, len(test_set)), seed)
+    with torch.no_grad():
+        predictions, float_predictions = int8(test_set.images).argmax(1), model(test_set.floats()).argmax(1)
+    accuracy_int8 = float((predictions == test_set.labels).float().mean())
+    agreement = float((predictions == float_predictions).float().mean())
+    quantization = "qat" if saved.metadata.get("qat") else "ptq"
+    metadata = saved.metadata | {"quantization": quantization, "source": str(checkpoint), "int8_accuracy": accuracy_int8}
+    size = save_int8(output, int8, metadata)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)  # the fp32 weights alone, without the optimizer state of the checkpoint
+    fp32_size = buffer.getbuffer().nbytes
+    console.print(f"int8 model ({quantization}): {size / 1024:.1f} KiB, {100 * size / fp32_size:.0f}% of the "
+                  f"{fp32_size / 1024:.1f} KiB of fp32 weights; clean accuracy {100 * accuracy_int8:.2f}%, "
+                  f"top-1 agreement with the float model {100 * agreement:.2f}% ({len(test_set)} test images)  -> {output}")  # fmt: skip
+
+
+CheckpointPath = Annotated[Path, typer.Argument(help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int.")]
 Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
+Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to uint8, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
+Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
+METHODS = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}
 
 
 @app.command("certify")
@@ -113,6 +177,8 @@ def certify_command(
     checkpoint: CheckpointPath,
     sigma: Sigma,
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict radius correct time); the run config goes to OUTPUT with suffix .json.")],
+    method: Method = "float-fp",
+    fast: Fast = True,
     n0: Annotated[int, typer.Option(help="Noisy samples to guess the top class (>= 1).")] = 100,
     n: Annotated[int, typer.Option(help="Noisy samples to bound its probability (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
@@ -123,13 +189,13 @@ def certify_command(
     seed: Seed = 0,
     overwrite: Overwrite = False,
 ) -> None:
-    """Certify l2 robustness of the Gaussian-smoothed model (Cohen et al. 2019); radii are in [0, 1] pixel units."""
-    method = FloatRS(sigma)
+    """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
+    smoothing = _method(method, sigma)
     check_count("n0", n0)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, method, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method.name, "sigma": sigma,
+    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method, "fast": fast, "sigma": sigma,
                            "n0": n0, "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
                            "batch_size": batch_size, "model": metadata})  # fmt: skip
     rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
@@ -144,6 +210,8 @@ def predict_command(
     checkpoint: CheckpointPath,
     sigma: Sigma,
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict correct time); the run config goes to OUTPUT with suffix .json.")],
+    method: Method = "float-fp",
+    fast: Fast = True,
     n: Annotated[int, typer.Option(help="Noisy samples per example (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
     num_examples: NumExamples = 500,
@@ -154,11 +222,11 @@ def predict_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
-    method = FloatRS(sigma)
+    smoothing = _method(method, sigma)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, method, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method.name, "sigma": sigma,
+    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method, "fast": fast, "sigma": sigma,
                            "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
                            "batch_size": batch_size, "model": metadata})  # fmt: skip
     rows = predict_examples(smoothed, data, indices, n=n, alpha=alpha, seed=seed)
@@ -174,27 +242,42 @@ def analyze_command(
     label: Annotated[list[str] | None, typer.Option(help="Name of each run in table and plot (default: file stem), repeatable.")] = None,
 ) -> None:
     """Certified accuracy at radii, average certified radius (ACR) and certified percentage of one or more runs."""
-    from qrobust.report import plot_certified_accuracy, summary_table  # matplotlib is slow to import
+    from qrobust.report import plot_certified_accuracy, summary_tables  # matplotlib is slow to import
 
     at = _parse_radii(radii)
     names = label or [path.stem for path in results]
     if len(names) != len(results):
         raise QRobustError(f"got {len(names)} --label values for {len(results)} result files")
     runs = {name: read_certify_tsv(path) for name, path in zip(names, results, strict=True)}
-    console.print(summary_table({name: summarize_rows(rows, at) for name, rows in runs.items()}))
+    wide = Console(width=max(console.width, 132))  # tables of several runs do not fit 80 columns
+    for table in summary_tables(runs, at):
+        wide.print(table)
     if plot is not None:
         console.print(f"plot -> {plot_certified_accuracy(runs, plot)}")
 
 
-def _prepare(checkpoint: Path, method, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
-    """The smoothed model, the data and the example indices, checked before any output file is touched."""
+def _method(name: str, sigma: float) -> SmoothingMethod:
+    if name not in METHODS:
+        raise QRobustError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name](sigma)
+
+
+def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
+    """The smoothed model, the data, the example indices and the model's metadata, checked before any
+    output file is touched."""
     if output.exists() and not overwrite:
         raise QRobustError(f"{output} exists; pass --overwrite to replace it")
-    saved = load_checkpoint(checkpoint)
-    data = load_dataset(saved.dataset_info.name, split, data_root)
+    if isinstance(method, FloatRSQuant | IntRS):
+        saved = load_int8(checkpoint)
+        info, metadata = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata
+        base = fast_backend(saved.model) if fast else saved.model
+    else:
+        model, saved = load_model(checkpoint)
+        info, metadata = saved.dataset_info, saved.metadata
+        base = freeze_for_inference(model, torch.rand(batch_size, *info.shape)) if fast else model
+    data = load_dataset(info.name, split, data_root)
     indices = evenly_spaced(len(data), num_examples)
-    smoothed = SmoothedClassifier(saved.build(), saved.dataset_info.num_classes, method, batch_size)
-    return smoothed, data, indices, saved.metadata
+    return SmoothedClassifier(base, info.num_classes, method, batch_size), data, indices, metadata
 
 
 def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str) -> int:

@@ -8,27 +8,40 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display needed
 from rich.table import Table
 
-from qrobust.smoothing import ABSTAIN, CertifiedSummary, CertifyRow, certified_accuracy_curve
+from qrobust.smoothing import ABSTAIN, DEFAULT_RADII, CertifyRow, certified_accuracy_curve, summarize_rows
 
 
-def summary_table(summaries: dict[str, CertifiedSummary], title: str = "Certified accuracy") -> Table:
-    """A rich table: one row per run, certified accuracy (%) at each radius, ACR and certified percentage."""
-    radii = next(iter(summaries.values())).radii
-    table = Table(title=title)
-    table.add_column("run")
-    table.add_column("N", justify="right")
-    for radius in radii:
-        table.add_column(f"r={radius:g}", justify="right")
-    table.add_column("ACR", justify="right")
-    table.add_column("certified %", justify="right")
+def summary_tables(runs: dict[str, list[CertifyRow]], radii=DEFAULT_RADII) -> tuple[Table, Table]:
+    """Two rich tables, one row per run: certified accuracy (%) at each radius as Cohen et al. define it
+    (over all examples) with ACR, certified percentage, seconds per example and speed relative to the
+    first run; and as the IntRS paper's eq. 10 defines it (over the examples not abstained)."""
+    summaries = {name: summarize_rows(rows, radii) for name, rows in runs.items()}
+    seconds = {name: float(np.mean([row.seconds for row in rows])) for name, rows in runs.items()}
+    first = next(iter(seconds.values()))
+    cohen = _table("Certified accuracy (%), over all examples (Cohen et al.)", radii)
+    for column in ("ACR", "certified %", "s/example", "speed vs first"):
+        cohen.add_column(column, justify="right")
+    paper = _table("Certified accuracy (%), over non-abstained examples (IntRS eq. 10)", radii)
     for name, summary in summaries.items():
-        table.add_row(
+        cohen.add_row(
             name,
             str(summary.num_examples),
             *(f"{100 * value:.1f}" for value in summary.certified_accuracy),
             f"{summary.average_certified_radius:.3f}",
             f"{100 * summary.certified_percentage:.1f}",
+            f"{seconds[name]:.3f}",
+            f"{first / seconds[name]:.2f}x",
         )
+        paper.add_row(name, str(summary.num_examples), *(f"{100 * v:.1f}" for v in summary.certified_accuracy_non_abstained))
+    return cohen, paper
+
+
+def _table(title: str, radii) -> Table:
+    table = Table(title=title)
+    table.add_column("run", no_wrap=True)
+    table.add_column("N", justify="right")
+    for radius in radii:
+        table.add_column(f"r={radius:g}", justify="right")
     return table
 
 

@@ -10,6 +10,7 @@ def test_summary_by_hand():
     abstained = np.array([True, False, False, False, True])
     summary = summarize(radius, correct, abstained, radii=(0.0, 0.25, 0.5, 1.0))
     assert summary.certified_accuracy == pytest.approx((0.4, 0.4, 0.2, 0.0))
+    assert summary.certified_accuracy_non_abstained == pytest.approx((2 / 3, 2 / 3, 1 / 3, 0.0))
     assert summary.certified_percentage == pytest.approx(0.6)
     assert summary.average_certified_radius == pytest.approx((0.3 + 0.8) / 5)
     assert summary.num_examples == 5
@@ -18,6 +19,7 @@ def test_summary_by_hand():
 def test_abstained_examples_never_count_as_certified():
     summary = summarize(np.zeros(3), np.ones(3, dtype=bool), np.ones(3, dtype=bool))
     assert summary.certified_accuracy[0] == 0.0 and summary.certified_percentage == 0.0
+    assert np.isnan(summary.certified_accuracy_non_abstained[0])
 
 
 def test_rejects_mismatched_or_empty_inputs():

@@ -25,6 +25,17 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> DatasetInfo:
+        """The inverse of ``dataclasses.asdict`` (JSON turns tuples into lists)."""
+        return cls(
+            name=fields["name"],
+            shape=tuple(fields["shape"]),
+            classes=tuple(fields["classes"]),
+            mean=tuple(fields["mean"]),
+            std=tuple(fields["std"]),
+        )
+
 
 @dataclass(frozen=True)
 class LatticeDataset:

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,15 @@ class Checkpoint:
     metadata: dict[str, Any]
     training_state: dict[str, Any] = field(default_factory=dict)
 
-    def build(self) -> nn.Module:
-        """The model described by the metadata, with the saved weights, in eval mode."""
+    def build(self, wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """The model described by the metadata, with the saved weights, in eval mode.
+
+        ``wrap`` transforms the freshly built model before the weights are loaded, for checkpoints of
+        wrapped models (e.g. ``qrobust.quant.prepare_qat`` for quantization-aware training).
+        """
         model = build_model(self.metadata["model"], self.dataset_info, **self.metadata["model_options"])
+        if wrap is not None:
+            model = wrap(model)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as error:
@@ -48,14 +55,7 @@ class Checkpoint:
 
     @property
     def dataset_info(self) -> DatasetInfo:
-        info = self.metadata["dataset"]
-        return DatasetInfo(
-            name=info["name"],
-            shape=tuple(info["shape"]),
-            classes=tuple(info["classes"]),
-            mean=tuple(info["mean"]),
-            std=tuple(info["std"]),
-        )
+        return DatasetInfo.from_dict(self.metadata["dataset"])
 
 
 def model_metadata(model_name: str, model_options: dict[str, Any], info: DatasetInfo, **extra: Any) -> dict[str, Any]:

@@ -13,13 +13,16 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 class CertifiedSummary:
     """Metrics of one run over N examples.
 
-    certified_accuracy[i]: fraction of examples certified correct with radius >= radii[i] (Cohen et al.).
+    certified_accuracy[i]: fraction of all examples certified correct with radius >= radii[i] (Cohen et al.).
+    certified_accuracy_non_abstained[i]: the same count divided by the number of examples not abstained
+        (IntRS paper, eq. 10); NaN when every example abstained.
     certified_percentage: fraction of examples not abstained (IntRS paper, eq. 9).
     average_certified_radius: sum of radii of correct certified examples divided by N.
     """
 
     radii: tuple[float, ...]
     certified_accuracy: tuple[float, ...]
+    certified_accuracy_non_abstained: tuple[float, ...]
     certified_percentage: float
     average_certified_radius: float
     num_examples: int
@@ -38,9 +41,12 @@ def summarize(radius: np.ndarray, correct: np.ndarray, abstained: np.ndarray, ra
     if radius.size == 0:
         raise ValueError("cannot summarize an empty run")
     certified_correct = correct & ~abstained
+    counts = [int(np.sum(certified_correct & (radius >= r))) for r in radii]
+    answered = int(np.sum(~abstained))
     return CertifiedSummary(
         radii=tuple(float(r) for r in radii),
-        certified_accuracy=tuple(float(np.mean(certified_correct & (radius >= r))) for r in radii),
+        certified_accuracy=tuple(count / radius.size for count in counts),
+        certified_accuracy_non_abstained=tuple(count / answered if answered else float("nan") for count in counts),
         certified_percentage=float(np.mean(~abstained)),
         average_certified_radius=float(np.sum(np.where(certified_correct, radius, 0.0)) / radius.size),
         num_examples=int(radius.size),

@@ -21,12 +21,19 @@ from qrobust.data import LatticeDataset, augmentation_for, to_unit_interval
 from qrobust.errors import CheckpointError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qrobust.progress import progress_bar
-from qrobust.smoothing import FloatRS, SmoothingMethod
+from qrobust.smoothing import FloatRS, IntRS, SmoothingMethod
+
+NOISE_METHODS = {"gaussian": FloatRS, "discrete": IntRS}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one training run; ``sigma`` is the Gaussian augmentation std in [0, 1] units (0: none)."""
+    """Hyperparameters of one training run.
+
+    ``sigma`` is the std of the noise augmentation in [0, 1] units (0: none); ``noise`` picks its kind:
+    "gaussian" (continuous, for FloatRS) or "discrete" (N_Z(0, (255 sigma)^2) on the uint8 lattice,
+    clipped to [0, 255], exactly what IntRS certifies with).
+    """
 
     epochs: int = 90
     batch_size: int = 256
@@ -36,6 +43,7 @@ class TrainConfig:
     lr_step: int = 30  # epochs between learning-rate drops
     lr_gamma: float = 0.1  # factor of each drop
     sigma: float = 0.0
+    noise: str = "gaussian"
     augment: bool = True  # the dataset's standard augmentation, if it has one (crop + flip for CIFAR)
     seed: int = 0
 
@@ -49,6 +57,12 @@ class TrainConfig:
         for name in ("momentum", "weight_decay", "sigma"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.noise not in NOISE_METHODS:
+            raise ValueError(f"noise must be one of {', '.join(NOISE_METHODS)}, got {self.noise!r}")
+
+    def noise_method(self) -> SmoothingMethod | None:
+        """The smoothing method whose noise augments training, or None when sigma is 0."""
+        return NOISE_METHODS[self.noise](self.sigma) if self.sigma > 0 else None
 
 
 @dataclass(frozen=True)
@@ -92,7 +106,7 @@ def train(
             raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
     augmentation = augmentation_for(train_set.info) if config.augment else None
-    noise = FloatRS(config.sigma) if config.sigma > 0 else None
+    noise = config.noise_method()
     batches = math.ceil(len(train_set) / config.batch_size)
     with progress_bar(progress) as bar:
         task = bar.add_task("train", total=(config.epochs - len(history)) * batches, status="")
