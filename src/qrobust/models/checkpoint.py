@@ -71,8 +71,6 @@ def model_metadata(model_name: str, model_options: dict[str, Any], info: Dataset
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically: a crash leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,33 +79,21 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     }
     if checkpoint.training_state:
         payload["training_state"] = checkpoint.training_state
+    write_archive(Path(path), payload)
+
+
+def write_archive(path: Path, payload: dict[str, Any]) -> int:
+    """``torch.save`` ``payload`` to ``path`` atomically (a temporary file, then a rename); returns its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
+    return path.stat().st_size
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint; anything missing, truncated, foreign or carrying pickled code raises CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "GLOBAL" in str(error):  # the weights-only unpickler met a reference to code
-            raise CheckpointError(
-                f"refusing to load {path}: it contains pickled Python objects, which qrobust checkpoints never do"
-            ) from None
-        raise CheckpointError(f"{path} is truncated or corrupt: not a tensor archive") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is truncated or corrupt: {reason}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a qrobust checkpoint (no '{FORMAT}' format marker)")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {payload.get('format_version')!r}; this qrobust reads {FORMAT_VERSION}"
-        )
+    payload = read_archive(path, FORMAT, FORMAT_VERSION, "checkpoint")
     try:
         metadata = json.loads(payload["metadata"])
         missing = {"model", "model_options", "dataset"} - set(metadata)
@@ -116,3 +102,33 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(payload["state_dict"], metadata, payload.get("training_state", {}))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} has corrupt metadata: {error}") from None
+
+
+def read_archive(path: str | Path, format_name: str, format_version: int, kind: str) -> dict[str, Any]:
+    """The payload dict of a qrobust ``torch.save`` file, read with ``weights_only=True``.
+
+    Shared by every qrobust file type (``kind`` names it in messages). A missing file, a truncated or
+    corrupt archive, pickled code, a foreign file (no ``format_name`` marker) or another format
+    version raises CheckpointError with one line that says which.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{kind} not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error):  # the weights-only unpickler met a reference to code
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled Python objects, which qrobust files never do"
+            ) from None
+        raise CheckpointError(f"{path} is truncated or corrupt: not a tensor archive") from None
+    except Exception as error:  # torch's archive reader raises many types on damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt: {reason}") from None
+    if not isinstance(payload, dict) or payload.get("format") != format_name:
+        raise CheckpointError(f"{path} is not a qrobust {kind} (no '{format_name}' format marker)")
+    if payload.get("format_version") != format_version:
+        raise CheckpointError(
+            f"{path} has {kind} format version {payload.get('format_version')!r}; this qrobust reads {format_version}"
+        )
+    return payload

@@ -1,0 +1,33 @@
+"""int8 quantization: fake-quant training (QAT) or calibration (PTQ), integer-only inference, fast backend.
+
+Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference" (CVPR 2018). The flow::
+
+    qat = prepare_qat(model)                 # fake-quantized copy; train it with qrobust.train.train ...
+    calibrate(qat, images)                   # ... or only calibrate its ranges (post-training quantization)
+    int8 = convert(qat)                      # integer reference engine: uint8 images -> int32 logits
+    fast = fast_backend(int8)                # the same parameters on torch's x86 int8 kernels
+    save_int8("model.int8.pt", int8, metadata)
+    int8 = load_int8("model.int8.pt").model
+"""
+
+from qrobust.quant.backend import Int8Backend, QuantizedBackend, fast_backend
+from qrobust.quant.engine import Int8Model
+from qrobust.quant.prepare import prepare_qat
+from qrobust.quant.qat import QATModel, QuantConfig, calibrate, convert
+from qrobust.quant.serialization import Int8Checkpoint, load_int8, save_int8
+
+__all__ = [
+    "Int8Backend",
+    "Int8Checkpoint",
+    "Int8Model",
+    "QATModel",
+    "QuantConfig",
+    "QuantizedBackend",
+    "calibrate",
+    "convert",
+    "fast_backend",
+    "load_int8",
+    "prepare_qat",
+    "save_int8",
+]

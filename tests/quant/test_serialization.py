@@ -1,0 +1,88 @@
+"""Tests for qrobust.quant.serialization: int8 files round-trip, stay small and refuse foreign data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrobust.errors import CheckpointError
+from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.quant import load_int8, save_int8
+from qrobust.quant.serialization import FORMAT
+
+from .conftest import SHAPES, make_info
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20"])
+def test_round_trip_and_size(name: str, quantized, tmp_path: Path) -> None:
+    q = quantized(name)
+    metadata = model_metadata(name, {}, make_info(SHAPES[name]), sigma=0.25)
+    size = save_int8(tmp_path / "model.int8.pt", q.int8, metadata)
+    loaded = load_int8(tmp_path / "model.int8.pt")
+    assert loaded.metadata == json.loads(json.dumps(metadata))
+    assert loaded.model.spec() == q.int8.spec()
+    assert torch.equal(loaded.model(q.images), q.int8(q.images))
+    save_checkpoint(tmp_path / "model.pt", Checkpoint(q.model.state_dict(), metadata))
+    assert size == (tmp_path / "model.int8.pt").stat().st_size
+    assert size <= 0.3 * (tmp_path / "model.pt").stat().st_size
+
+
+class Payload:
+    """Not a tensor: unpickling it would run code, which weights_only refuses."""
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ({"format": "something-else"}, "not a qrobust int8 model"),
+        ({"format": FORMAT, "format_version": 99}, "format version 99"),
+        (
+            {"format": FORMAT, "format_version": 1, "program": "{}", "layout": "{}", "metadata": "{}", "tensors": {}},
+            "corrupt int8 model",
+        ),
+        (Payload(), "pickled Python objects"),
+    ],
+)
+def test_foreign_files_raise_checkpoint_error(content, message, tmp_path: Path) -> None:
+    path = tmp_path / "model.int8.pt"
+    if content is not None:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_int8(path)
+
+
+def test_truncated_and_tampered_files_raise_checkpoint_error(quantized, tmp_path: Path) -> None:
+    path = tmp_path / "model.int8.pt"
+    save_int8(path, quantized("mlp").int8)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_int8(path)
+    save_int8(path, quantized("mlp").int8)
+    payload = torch.load(path, weights_only=True)
+    layout = json.loads(payload["layout"])
+    layout["ops.1.weight"][1] = 10**9  # points past the packed int8 data
+    payload["layout"] = json.dumps(layout)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="outside its packed"):
+        load_int8(path)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bytes_raise_checkpoint_error(seed: int, tmp_path: Path) -> None:
+    path = tmp_path / "noise.pt"
+    path.write_bytes(random.Random(seed).randbytes(2048))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_int8(path)
+
+
+def test_save_checks_its_arguments(quantized, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        save_int8(tmp_path / "m.pt", quantized("mlp").int8, {"bad": object()})
+    with pytest.raises(ValueError, match="takes an Int8Model"):
+        save_int8(tmp_path / "m.pt", quantized("mlp").qat)
