@@ -168,6 +168,7 @@ def quantize_command(
 CheckpointPath = Annotated[Path, typer.Argument(help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int.")]
 Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
 Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to uint8, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
+NoiseBank = Annotated[bool, typer.Option(help="Draw the noise once (from --seed) and reuse it for every example: faster with int8 models, memory (n0 + n) images.")]
 Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
 METHODS = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}
 
@@ -179,6 +180,7 @@ def certify_command(
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict radius correct time); the run config goes to OUTPUT with suffix .json.")],
     method: Method = "float-fp",
     fast: Fast = True,
+    noise_bank: NoiseBank = False,
     n0: Annotated[int, typer.Option(help="Noisy samples to guess the top class (>= 1).")] = 100,
     n: Annotated[int, typer.Option(help="Noisy samples to bound its probability (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
@@ -194,8 +196,9 @@ def certify_command(
     check_count("n0", n0)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method, "fast": fast, "sigma": sigma,
+    bank_seed = seed if noise_bank else None
+    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, bank_seed, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method, "fast": fast, "noise_bank": noise_bank, "sigma": sigma,
                            "n0": n0, "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
                            "batch_size": batch_size, "model": metadata})  # fmt: skip
     rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
@@ -212,6 +215,7 @@ def predict_command(
     output: Annotated[Path, typer.Option(help="TSV to write (idx label predict correct time); the run config goes to OUTPUT with suffix .json.")],
     method: Method = "float-fp",
     fast: Fast = True,
+    noise_bank: NoiseBank = False,
     n: Annotated[int, typer.Option(help="Noisy samples per example (>= 1).")] = 100_000,
     alpha: Alpha = 0.001,
     num_examples: NumExamples = 500,
@@ -225,8 +229,9 @@ def predict_command(
     smoothing = _method(method, sigma)
     check_count("n", n)
     check_alpha(alpha)
-    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method, "fast": fast, "sigma": sigma,
+    bank_seed = seed if noise_bank else None
+    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, bank_seed, num_examples, split, data_root, batch_size, output, overwrite)
+    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method, "fast": fast, "noise_bank": noise_bank, "sigma": sigma,
                            "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
                            "batch_size": batch_size, "model": metadata})  # fmt: skip
     rows = predict_examples(smoothed, data, indices, n=n, alpha=alpha, seed=seed)
@@ -262,7 +267,7 @@ def _method(name: str, sigma: float) -> SmoothingMethod:
     return METHODS[name](sigma)
 
 
-def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
+def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, bank_seed: int | None, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
     """The smoothed model, the data, the example indices and the model's metadata, checked before any
     output file is touched."""
     if output.exists() and not overwrite:
@@ -277,7 +282,7 @@ def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, num_examples
         base = freeze_for_inference(model, torch.rand(batch_size, *info.shape)) if fast else model
     data = load_dataset(info.name, split, data_root)
     indices = evenly_spaced(len(data), num_examples)
-    return SmoothedClassifier(base, info.num_classes, method, batch_size), data, indices, metadata
+    return SmoothedClassifier(base, info.num_classes, method, batch_size, bank_seed), data, indices, metadata
 
 
 def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str) -> int:

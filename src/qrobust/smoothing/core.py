@@ -57,9 +57,21 @@ class SmoothedClassifier:
         method: the smoothing method (``FloatRS``, ``FloatRSQuant``, ...): noise and radius rule.
         batch_size: noisy samples per forward pass (memory vs. speed); the noise stream of a seeded
             generator is drawn in batches of this size, so keep it fixed to reproduce a run.
+        noise_bank_seed: if set, noise is drawn once from a generator with this seed and reused for
+            every input (rows 0..n0-1 select the class, rows n0.. estimate it, so the two stay
+            independent); per-call generators are then unused. Each certificate keeps its guarantee,
+            since the bank does not depend on the input, and sampling cost leaves the loop, which
+            matters when the base model is fast (int8). The bank holds (n0 + n) noisy images.
     """
 
-    def __init__(self, base: nn.Module, num_classes: int, method: SmoothingMethod, batch_size: int = 256):
+    def __init__(
+        self,
+        base: nn.Module,
+        num_classes: int,
+        method: SmoothingMethod,
+        batch_size: int = 256,
+        noise_bank_seed: int | None = None,
+    ):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if batch_size < 1:
@@ -68,13 +80,15 @@ class SmoothedClassifier:
         self.num_classes = num_classes
         self.method = method
         self.batch_size = batch_size
+        self.noise_bank_seed = noise_bank_seed
+        self._bank: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, generator: torch.Generator | None = None) -> Prediction:
         """Predict g(x) from ``n`` noisy samples, abstaining unless a two-sided binomial test on the
         top-two counts rejects a tie at level ``alpha``; then P[label != g(x)] <= alpha."""
         check_count("n", n)
         check_alpha(alpha)
-        counts = self.sample_counts(x, n, generator)
+        counts = self.sample_counts(x, n, generator, self._noise_bank(x, n))
         second, top = np.argsort(counts, kind="stable")[-2:]
         test = binomtest(int(counts[top]), int(counts[top] + counts[second]), p=0.5)
         label = int(top) if test.pvalue <= alpha else None
@@ -89,8 +103,9 @@ class SmoothedClassifier:
         check_count("n0", n0)
         check_count("n", n)
         check_alpha(alpha)
-        guess = int(np.argmax(self.sample_counts(x, n0, generator)))
-        counts = self.sample_counts(x, n, generator)
+        bank = self._noise_bank(x, n0 + n)
+        guess = int(np.argmax(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
+        counts = self.sample_counts(x, n, generator, None if bank is None else bank[n0:])
         radius = self.method.radius(int(counts[guess]), n, alpha)
         p_lower = clopper_pearson_lower(int(counts[guess]), n, alpha)
         if radius is None:
@@ -98,14 +113,30 @@ class SmoothedClassifier:
         return Certificate(guess, radius, p_lower, counts)
 
     @torch.inference_mode()
-    def sample_counts(self, x: torch.Tensor, num: int, generator: torch.Generator | None = None) -> np.ndarray:
-        """Votes of the base classifier on ``num`` noisy copies of ``x``: an int64 array (num_classes,)."""
+    def sample_counts(
+        self, x: torch.Tensor, num: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Votes of the base classifier on ``num`` noisy copies of ``x``: an int64 array (num_classes,).
+
+        The noise is fresh from ``generator``, or the first ``num`` rows of ``noise`` (num, *x.shape).
+        """
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
-        remaining = num
-        while remaining > 0:
-            size = min(self.batch_size, remaining)
+        for start in range(0, num, self.batch_size):
+            size = min(self.batch_size, num - start)
             batch = x.unsqueeze(0).expand(size, *x.shape)  # (size, C, H, W), a view until noise is added
-            labels = self.base(self.method.perturb(batch, generator)).argmax(dim=1)  # (size,)
-            counts += torch.bincount(labels, minlength=self.num_classes)
-            remaining -= size
+            if noise is None:
+                inputs = self.method.perturb(batch, generator)
+            else:
+                inputs = self.method.apply(batch, noise[start : start + size])
+            counts += torch.bincount(self.base(inputs).argmax(dim=1), minlength=self.num_classes)
         return counts.cpu().numpy()
+
+    def _noise_bank(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The shared noise of ``rows`` samples shaped like ``x``, drawn once per (rows, shape)."""
+        if self.noise_bank_seed is None:
+            return None
+        key = (rows, *x.shape)
+        if self._bank is None or self._bank[0] != key:
+            generator = torch.Generator().manual_seed(self.noise_bank_seed)
+            self._bank = (key, self.method.sample_noise(key, generator))
+        return self._bank[1]

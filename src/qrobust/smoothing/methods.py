@@ -16,7 +16,7 @@ import torch
 from scipy.stats import norm
 
 from qrobust.data import to_unit_interval
-from qrobust.noise import DiscreteGaussianNoise, GaussianNoise
+from qrobust.noise import DiscreteGaussianNoise, GaussianNoise, sample_discrete_gaussian
 from qrobust.smoothing.confidence import check_unit_image, clopper_pearson_lower
 from qrobust.smoothing.lattice import LatticeRadiusTable
 
@@ -27,8 +27,16 @@ class SmoothingMethod(Protocol):
     name: str
     sigma: float  # noise std in [0, 1] pixel units
 
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """Fresh noise of ``shape`` (float for Gaussian, int16 lattice steps for discrete noise)."""
+        ...
+
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Clean images (B, C, H, W) with ``noise`` of the same shape added, as the base model takes them."""
+        ...
+
     def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Noisy versions of clean images (B, C, H, W), as the base model takes them."""
+        """``apply`` with fresh noise."""
         ...
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
@@ -36,8 +44,15 @@ class SmoothingMethod(Protocol):
         ...
 
 
+class _Additive:
+    """``perturb`` for methods that add independent noise: sample it, then apply it."""
+
+    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.apply(images, self.sample_noise(tuple(images.shape), generator))
+
+
 @dataclass(frozen=True)
-class FloatRS:
+class FloatRS(_Additive):
     """FloatRS-fp: Gaussian noise on the float [0, 1] image of an fp32 model (Cohen et al., ICML 2019).
 
     Radius sigma * Phi^-1(pA) with pA the one-sided (1 - alpha) Clopper-Pearson lower bound; with
@@ -50,8 +65,11 @@ class FloatRS:
     def __post_init__(self) -> None:
         GaussianNoise(self.sigma)  # validates sigma
 
-    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return GaussianNoise(self.sigma).perturb(_unit_interval(images), generator)
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        return GaussianNoise(self.sigma).sample(torch.empty(shape, device=_device(generator)), generator)
+
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return _unit_interval(images) + noise
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         p_lower = clopper_pearson_lower(count, n, alpha)
@@ -68,12 +86,12 @@ class FloatRSQuant(FloatRS):
 
     name = "float-quant"
 
-    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return super().perturb(images, generator).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return super().apply(images, noise).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass(frozen=True)
-class IntRS:
+class IntRS(_Additive):
     """IntRS-quant: discrete Gaussian noise N_Z(0, (sigma * 255)^2 I) added to the uint8 lattice image, the
     sum clipped to [0, 255] and classified by an int8 model (Lin et al., ICCV 2021).
 
@@ -92,11 +110,13 @@ class IntRS:
     def __post_init__(self) -> None:
         DiscreteGaussianNoise(self.sigma, self.scale)  # validates sigma and scale
 
-    def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        return sample_discrete_gaussian(self.sigma * self.scale, shape, generator, device=_device(generator))  # int16
+
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise ValueError(f"IntRS takes uint8 lattice images, got dtype {images.dtype}")
-        noisy = DiscreteGaussianNoise(self.sigma, self.scale).perturb(images, generator)  # int16
-        return noisy.clamp_(0, 255).to(torch.uint8)
+        return (noise + images).clamp_(0, 255).to(torch.uint8)
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         return self.table(n, alpha).radius(count)
@@ -109,6 +129,11 @@ class IntRS:
 @functools.lru_cache(maxsize=16)
 def _radius_table(sigma_int: float, n: int, alpha: float, scale: int) -> LatticeRadiusTable:
     return LatticeRadiusTable(sigma_int, n, alpha, scale=float(scale))
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    """Noise is drawn where its generator lives (the CPU without one)."""
+    return torch.device("cpu") if generator is None else generator.device
 
 
 def _unit_interval(x: torch.Tensor) -> torch.Tensor:
