@@ -192,15 +192,11 @@ def certify_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
-    smoothing = _method(method, sigma)
-    check_count("n0", n0)
-    check_count("n", n)
-    check_alpha(alpha)
-    bank_seed = seed if noise_bank else None
-    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, bank_seed, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "certify", "checkpoint": str(checkpoint), "method": method, "fast": fast, "noise_bank": noise_bank, "sigma": sigma,
-                           "n0": n0, "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
-                           "batch_size": batch_size, "model": metadata})  # fmt: skip
+    smoothed, data, indices = _start_run(
+        "certify", checkpoint, output, overwrite, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
+        alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
+        n0=n0, n=n,
+    )  # fmt: skip
     rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
     _write_rows(output, CERTIFY_HEADER, rows, len(indices), "certify")
     summary = summarize_rows(read_certify_tsv(output))
@@ -226,14 +222,11 @@ def predict_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
-    smoothing = _method(method, sigma)
-    check_count("n", n)
-    check_alpha(alpha)
-    bank_seed = seed if noise_bank else None
-    smoothed, data, indices, metadata = _prepare(checkpoint, smoothing, fast, bank_seed, num_examples, split, data_root, batch_size, output, overwrite)
-    _write_config(output, {"command": "predict", "checkpoint": str(checkpoint), "method": method, "fast": fast, "noise_bank": noise_bank, "sigma": sigma,
-                           "n": n, "alpha": alpha, "split": split, "indices": indices, "seed": seed,
-                           "batch_size": batch_size, "model": metadata})  # fmt: skip
+    smoothed, data, indices = _start_run(
+        "predict", checkpoint, output, overwrite, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
+        alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
+        n=n,
+    )  # fmt: skip
     rows = predict_examples(smoothed, data, indices, n=n, alpha=alpha, seed=seed)
     correct = _write_rows(output, PREDICT_HEADER, rows, len(indices), "predict")
     console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
@@ -267,12 +260,18 @@ def _method(name: str, sigma: float) -> SmoothingMethod:
     return METHODS[name](sigma)
 
 
-def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, bank_seed: int | None, num_examples, split, data_root, batch_size, output: Path, overwrite: bool):
-    """The smoothed model, the data, the example indices and the model's metadata, checked before any
-    output file is touched."""
+def _start_run(command: str, checkpoint: Path, output: Path, overwrite: bool, *, method: str, sigma: float, fast: bool,
+               noise_bank: bool, alpha: float, num_examples: int, split: str, data_root: Path | None, batch_size: int,
+               seed: int, **sample_counts: int):  # fmt: skip
+    """Check every argument and file, build the smoothed model and write the run config, before any result
+    is written; returns the smoothed model, the dataset split and the example indices."""
+    smoothing = _method(method, sigma)
+    for name, value in sample_counts.items():
+        check_count(name, value)
+    check_alpha(alpha)
     if output.exists() and not overwrite:
         raise QRobustError(f"{output} exists; pass --overwrite to replace it")
-    if isinstance(method, FloatRSQuant | IntRS):
+    if isinstance(smoothing, FloatRSQuant | IntRS):
         saved = load_int8(checkpoint)
         info, metadata = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata
         base = fast_backend(saved.model) if fast else saved.model
@@ -282,7 +281,11 @@ def _prepare(checkpoint: Path, method: SmoothingMethod, fast: bool, bank_seed: i
         base = freeze_for_inference(model, torch.rand(batch_size, *info.shape)) if fast else model
     data = load_dataset(info.name, split, data_root)
     indices = evenly_spaced(len(data), num_examples)
-    return SmoothedClassifier(base, info.num_classes, method, batch_size, bank_seed), data, indices, metadata
+    smoothed = SmoothedClassifier(base, info.num_classes, smoothing, batch_size, seed if noise_bank else None)
+    _write_config(output, {"command": command, "checkpoint": str(checkpoint), "method": method, "fast": fast,
+                           "noise_bank": noise_bank, "sigma": sigma, **sample_counts, "alpha": alpha, "split": split,
+                           "indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata})  # fmt: skip
+    return smoothed, data, indices
 
 
 def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str) -> int:

@@ -170,3 +170,40 @@ class _Payload:
 
     def __reduce__(self):
         return (open, (self.target, "w"))
+
+
+def test_quantization_aware_flow_to_integer_certification(run, checkpoint, tmp_path):
+    qat = tmp_path / "qat.pt"
+    code, out, err = run("train", "--init", checkpoint, "--qat", "--noise", "discrete", "--sigma", 0.25, "--epochs", 1,
+                         "--batch-size", 64, "--lr", 0.01, "--output", qat)  # fmt: skip
+    assert code == 0, err
+    assert "quantization-aware mlp" in out
+    int8 = tmp_path / "model.int8.pt"
+    code, out, err = run("quantize", qat, "--output", int8)
+    assert code == 0, err
+    assert "int8 model (qat)" in out and "agreement with the float model" in out
+    results = {}
+    for method, fast in [("int", "--fast"), ("int", "--no-fast"), ("float-quant", "--fast")]:
+        tsv = tmp_path / f"{method}{fast}.tsv"
+        code, _, err = run("certify", int8, "--method", method, fast, "--noise-bank", "--sigma", 0.25, "--n0", 20,
+                           "--n", 200, "--alpha", 0.01, "--num-examples", 6, "--output", tsv)  # fmt: skip
+        assert code == 0, err
+        results[method, fast] = [(row.predict, row.radius) for row in read_certify_tsv(tsv)]
+        assert json.loads(tsv.with_suffix(".json").read_text())["method"] == method
+    assert sum(predict != -1 for predict, _ in results["int", "--fast"]) >= 3
+    # the fast int8 backend and the integer reference engine certify alike on this model
+    assert results["int", "--fast"] == results["int", "--no-fast"]
+
+
+def test_method_and_model_file_must_match(run, checkpoint, tmp_path):
+    code, _, err = run("certify", checkpoint, "--method", "int", "--sigma", 0.25, "--output", tmp_path / "o.tsv")
+    assert code == 2 and "not a qrobust int8 model" in err
+    code, _, err = run("certify", checkpoint, "--method", "integer", "--sigma", 0.25, "--output", tmp_path / "o.tsv")
+    assert code == 2 and "method must be one of float-fp, float-quant, int" in err
+    assert not (tmp_path / "o.tsv").exists() and not (tmp_path / "o.json").exists()
+
+
+def test_float_checkpoint_is_calibrated_for_post_training_quantization(run, checkpoint, tmp_path):
+    code, out, err = run("quantize", checkpoint, "--calibration-images", 64, "--output", tmp_path / "ptq.int8.pt")
+    assert code == 0, err
+    assert "int8 model (ptq)" in out
