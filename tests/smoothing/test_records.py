@@ -1,7 +1,16 @@
 import pytest
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing import ABSTAIN, CERTIFY_HEADER, CertifyRow, read_certify_tsv, summarize_rows
+from qrobust.smoothing import (
+    ABSTAIN,
+    CERTIFY_HEADER,
+    PREDICT_HEADER,
+    CertifyRow,
+    PredictRow,
+    read_certify_tsv,
+    read_predict_tsv,
+    summarize_rows,
+)
 
 
 def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
@@ -37,3 +46,18 @@ def test_malformed_files_name_the_problem(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(QRobustError, match="cannot read"):
         read_certify_tsv(tmp_path / "absent.tsv")
+
+
+def test_prediction_rows_round_trip(tmp_path):
+    rows = [PredictRow(3, 1, 1, 0.25), PredictRow(7, 2, ABSTAIN, 1.0)]
+    path = tmp_path / "predict.tsv"
+    path.write_text("\n".join([PREDICT_HEADER, *(row.to_line() for row in rows)]) + "\n")
+    back = read_predict_tsv(path)
+    assert [(r.idx, r.label, r.predict, r.correct, r.seconds) for r in back] == [(3, 1, 1, True, 0.25), (7, 2, -1, False, 1.0)]
+    with pytest.raises(QRobustError, match="not a prediction TSV"):
+        read_predict_tsv(_write(tmp_path / "bad.tsv", CERTIFY_HEADER + "\n"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

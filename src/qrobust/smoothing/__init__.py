@@ -11,6 +11,7 @@ from qrobust.smoothing.records import (
     CertifyRow,
     PredictRow,
     read_certify_tsv,
+    read_predict_tsv,
     summarize_rows,
 )
 from qrobust.smoothing.run import certify_examples, evenly_spaced, example_generator, predict_examples
@@ -37,6 +38,7 @@ __all__ = [
     "example_generator",
     "predict_examples",
     "read_certify_tsv",
+    "read_predict_tsv",
     "summarize",
     "summarize_rows",
 ]

@@ -8,8 +8,10 @@ example as ``H:MM:SS.ffffff``.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,22 +61,33 @@ class PredictRow:
 
 def read_certify_tsv(path: str | Path) -> list[CertifyRow]:
     """Rows of a certification TSV; a malformed file raises QRobustError naming the line."""
+    return _read_rows(
+        path, "certification", CERTIFY_HEADER,
+        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])),
+    )  # fmt: skip
+
+
+def read_predict_tsv(path: str | Path) -> list[PredictRow]:
+    """Rows of a prediction TSV; a malformed file raises QRobustError naming the line."""
+    return _read_rows(path, "prediction", PREDICT_HEADER, lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])))
+
+
+def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any]) -> list:
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except OSError as error:
-        raise QRobustError(f"cannot read certification results {path}: {error.strerror or error}") from None
-    if not lines or lines[0].strip() != CERTIFY_HEADER:
-        raise QRobustError(f"{path} is not a certification TSV: the first line must be '{CERTIFY_HEADER.expandtabs(1)}'")
+        raise QRobustError(f"cannot read {kind} results {path}: {error.strerror or error}") from None
+    if not lines or lines[0].strip() != header:
+        raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{header.expandtabs(1)}'")
+    width = header.count("\t") + 1
     rows = []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         try:
-            if len(fields) != 6:
-                raise ValueError(f"expected 6 tab-separated fields, got {len(fields)}")
-            rows.append(
-                CertifyRow(int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), _parse_seconds(fields[5]))
-            )
+            if len(fields) != width:
+                raise ValueError(f"expected {width} tab-separated fields, got {len(fields)}")
+            rows.append(parse(fields))
         except ValueError as error:
             raise QRobustError(f"{path}, line {number}: {error}") from None
     if not rows:
