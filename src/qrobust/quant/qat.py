@@ -14,6 +14,8 @@ model see only the straight-through surrogate; attack the float model or use gra
 
 from __future__ import annotations
 
+import abc
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,7 +131,7 @@ def _qparams(quant: InputQuant | ActQuant) -> QParams:
     return float(scale), int(zero_point)
 
 
-class _QAffine(nn.Module):
+class _QAffine(nn.Module, abc.ABC):
     """Shared by QConv2d and QLinear: folding, fake quantization of the folded weight and bias, conversion.
 
     ``input_quant`` is the quantizer of the value this layer reads (shared with the layer that makes
@@ -166,9 +168,9 @@ class _QAffine(nn.Module):
         scaled = weight / self.input_std.view(view)
         return scaled, bias - (scaled * self.input_mean.view(view)).flatten(1).sum(1)
 
+    @abc.abstractmethod
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real weight and bias the integer layer implements (all folding done, before rounding)."""
-        raise NotImplementedError
 
     def _fake_quantized(
         self, weight: torch.Tensor, bias: torch.Tensor | None
@@ -213,8 +215,9 @@ class _QAffine(nn.Module):
         op.weight_scale.copy_(weight_scale)
         return op, (out_scale, out_zero_point)
 
+    @abc.abstractmethod
     def _integer_op(self, weight_shape: tuple[int, ...], **affine: object) -> IntOp:
-        raise NotImplementedError
+        """The empty integer op (conv or linear) this layer converts to."""
 
 
 class QConv2d(_QAffine):
