@@ -321,7 +321,7 @@ def _load_svhn(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
         mat = loadmat(path, variable_names=("X", "y"))
     except (ValueError, TypeError, IndexError, OSError, zlib.error, NotImplementedError) as error:
         # scipy's MatReadError is a ValueError, truncation gives OSError or IndexError,
-        # and MATLAB v7.3 (HDF5) files raise NotImplementedError.
+        # and scipy refuses MATLAB v7.3 (HDF5) files with its "not implemented" error.
         raise QRobustError(f"{path} is not a valid SVHN MATLAB file: {error}") from error
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
