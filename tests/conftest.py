@@ -6,6 +6,11 @@ from torch import nn
 
 from qrobust.data import DatasetInfo
 
+# One thread for the whole suite: float reductions then do not depend on the core count (trained models
+# and thresholds are the same on every machine), and many small ops do not pay for waking a second
+# OpenMP thread each (on a loaded 2-core machine that made some files 10x slower).
+torch.set_num_threads(1)
+
 
 class LinearBinary(nn.Module):
     """Base classifier with logits (0, w.x + b): class 1 iff w.x + b > 0.

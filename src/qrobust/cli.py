@@ -1,4 +1,4 @@
-"""The ``qrobust`` command line: train, certify, predict, analyze.
+"""The ``qrobust`` command line: train, quantize, attack, certify, predict, analyze.
 
 User errors (bad values, missing or corrupt files) end in one ``error:`` line and exit code 2; results
 already written stay as they are.
@@ -18,7 +18,9 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, LatticeInputs, evaluate_attacks
 from qrobust.data import DatasetInfo, dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
@@ -41,7 +43,7 @@ from qrobust.smoothing import (
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_alpha, check_count
-from qrobust.quant import QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8
+from qrobust.quant import QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8, sparsity_report
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -76,6 +78,16 @@ def train_command(
     qat: Annotated[bool, typer.Option(help="Quantization-aware training (int8 weights, uint8 activations); convert with `qrobust quantize`.")] = False,
     sigma: Annotated[float, typer.Option(help="Std of the noise augmentation, in [0, 1] pixel units (0: none).")] = 0.0,
     noise: Annotated[str, typer.Option(help="Noise kind: gaussian (for FloatRS) or discrete (uint8 lattice, for IntRS).")] = "gaussian",
+    loss: Annotated[str | None, typer.Option(help="Loss: natural, gaussian (natural on noisy inputs), pgd (Madry), trades, tradeoff (alpha * natural + beta * PGD). Default: gaussian if --sigma > 0, else natural.")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the natural loss in the trade-off loss.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Weight of the robust term in trades and tradeoff.")] = 1.0,
+    eps: Annotated[float, typer.Option(help="l_inf radius of the training adversaries, in [0, 1] pixel units.")] = 0.031,
+    step_size: Annotated[float, typer.Option(help="PGD step size of the training adversaries.")] = 0.007,
+    attack_steps: Annotated[int, typer.Option(help="PGD steps of the training adversaries.")] = 10,
+    quant: Annotated[str, typer.Option(help="Low-bit weights: none, bc (BinaryConnect) or br (Binary-Relax).")] = "none",
+    bits: Annotated[int, typer.Option(help="Weight bits with --quant: 1 binary, 2 ternary, 4 (15 levels).")] = 1,
+    rho: Annotated[float, typer.Option(help="Binary-Relax: growth factor of lambda per epoch (> 1).")] = 1.5,
+    cutoff_epoch: Annotated[int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection.")] = 0,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 90,
     batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
     lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.1,
@@ -90,10 +102,12 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Train a classifier with noise augmentation (optionally quantization-aware) and save a checkpoint."""
+    """Train a classifier (noise augmentation, adversarial losses, low-bit or int8 quantization-aware weights) and save a checkpoint."""
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         lr_step=lr_step, lr_gamma=lr_gamma, sigma=sigma, noise=noise, augment=augment, seed=seed,
+        loss=loss, alpha=alpha, beta=beta, eps=eps, step_size=step_size,
+        attack_steps=attack_steps, quant=quant, bits=bits, rho=rho, cutoff_epoch=cutoff_epoch,
     )  # fmt: skip
     if output.exists() and not (resume or overwrite):
         raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
@@ -106,6 +120,8 @@ def train_command(
         network, start = load_model(init)
         model, options, info = start.metadata["model"], start.metadata["model_options"], start.dataset_info
         quant_config = start.metadata.get("qat")
+    if quant != "none" and (qat or quant_config is not None):
+        raise QRobustError("--quant (low-bit weights) and --qat (int8) cannot be combined")
     if qat and quant_config is None:
         quant_config = asdict(QuantConfig())
         network = prepare_qat(network.train(), QuantConfig(**quant_config))
@@ -113,7 +129,8 @@ def train_command(
     test_set = _subset(load_dataset(info.name, "test", data_root), test_subset, seed)
     kind = "quantization-aware " if quant_config else ""
     console.print(f"{kind}{model} ({count_parameters(network):,} parameters) on {info.name}: "
-                  f"{len(train_set)} training images, {noise} noise sigma {sigma}")  # fmt: skip
+                  f"{len(train_set)} training images, {config.loss} loss, {noise} noise sigma {sigma}"
+                  + ("" if quant == "none" else f", {bits}-bit weights by {quant}"))  # fmt: skip
     metadata = model_metadata(model, options, info, sigma=sigma, noise=noise, seed=seed, qat=quant_config,
                               init=None if init is None else str(init))  # fmt: skip
     train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
@@ -123,8 +140,14 @@ def train_command(
     noisy = clean if method is None else accuracy(network, test_set, noise=method, generator=torch.Generator().manual_seed(seed))
     checkpoint = load_checkpoint(output)
     checkpoint.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
+    if quant != "none":
+        report = sparsity_report(network)
+        checkpoint.metadata["sparsity"] = asdict(report)
+        console.print(f"{bits}-bit weights: {100 * report.weight_sparsity:.2f}% of conv weights and "
+                      f"{100 * report.channel_sparsity:.2f}% of conv channels ({report.zero_channels}/{report.total_channels}) are zero")  # fmt: skip
     save_checkpoint(output, checkpoint)
-    console.print(f"test accuracy: clean {100 * clean:.2f}%, with {noise} noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
+    console.print(f"test accuracy: clean {100 * clean:.2f}%" + (f", with {noise} noise sigma={sigma}: {100 * noisy:.2f}%" if method else "")
+                  + f"  -> {output}")  # fmt: skip
 
 
 @app.command("quantize")
@@ -163,6 +186,74 @@ def quantize_command(
     console.print(f"int8 model ({quantization}): {size / 1024:.1f} KiB, {100 * size / fp32_size:.0f}% of the "
                   f"{fp32_size / 1024:.1f} KiB of fp32 weights; clean accuracy {100 * accuracy_int8:.2f}%, "
                   f"top-1 agreement with the float model {100 * agreement:.2f}% ({len(test_set)} test images)  -> {output}")  # fmt: skip
+
+
+ATTACKS = ("fgsm", "ifgsm", "pgd", "pgd-l2", "cw")
+
+
+@app.command("attack")
+def attack_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train` (float, quantization-aware or low-bit): the model attacked.")],
+    attack: Annotated[list[str] | None, typer.Option(help=f"Attack, repeatable: {', '.join(ATTACKS)} (default: fgsm, ifgsm, cw, the paper's A1-A3).")] = None,
+    int8: Annotated[Path | None, typer.Option(help="Also evaluate this `qrobust quantize` int8 model on the same adversarial examples, crafted on CHECKPOINT (its fake-quant twin): a transfer attack.")] = None,
+    eps: Annotated[float, typer.Option(help="l_inf radius of fgsm, ifgsm and pgd, in [0, 1] pixel units.")] = 0.031,
+    eps_l2: Annotated[float, typer.Option(help="l2 radius of pgd-l2, in [0, 1] pixel units.")] = 0.5,
+    steps: Annotated[int, typer.Option(help="Steps of ifgsm, pgd and pgd-l2.")] = 20,
+    step_size: Annotated[float | None, typer.Option(help="Step of ifgsm/pgd (default 1/255) and pgd-l2 (default eps-l2 / 8).")] = None,
+    cw_lr: Annotated[float, typer.Option(help="Adam learning rate of C&W.")] = 0.01,
+    cw_steps: Annotated[int, typer.Option(help="Adam steps of C&W per search round over c.")] = 100,
+    cw_search_steps: Annotated[int, typer.Option(help="Rounds of C&W's binary search over c.")] = 5,
+    sigma: Annotated[float, typer.Option(help="Attack the Gaussian-smoothed model instead: expectation of the base model over this much noise (0: attack the base model).")] = 0.0,
+    samples: Annotated[int, typer.Option(help="Noise draws per image with --sigma.")] = 8,
+    num_examples: NumExamples = 1000,
+    split: Annotated[str, typer.Option(help="Dataset split: train or test.")] = "test",
+    data_root: DataRoot = None,
+    batch_size: Annotated[int, typer.Option(help="Images per attacked batch.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the random starts and the noise.")] = 0,
+    output: Annotated[Path | None, typer.Option(help="JSON file for the accuracies and the run config.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Natural accuracy and accuracy under FGSM, IFGSM/PGD (l_inf, l2) and Carlini-Wagner l2 attacks."""
+    names = attack or ["fgsm", "ifgsm", "cw"]
+    unknown = sorted(set(names) - set(ATTACKS))
+    if unknown:
+        raise QRobustError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    if output is not None and output.exists() and not overwrite:
+        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    model, saved = load_model(checkpoint)
+    models = {checkpoint.name: model}
+    if int8 is not None:
+        models[int8.name] = LatticeInputs(load_int8(int8).model)
+    source = model if sigma == 0 else ExpectationOverNoise(model, sigma, samples, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    step = 1 / 255 if step_size is None else step_size
+    builders = {
+        "fgsm": lambda: FGSM(source, eps),
+        "ifgsm": lambda: PGD(source, norm="inf", eps=eps, step_size=step, steps=steps, random_start=False),
+        "pgd": lambda: PGD(source, norm="inf", eps=eps, step_size=step, steps=steps, generator=generator),
+        "pgd-l2": lambda: PGD(source, norm="2", eps=eps_l2, step_size=eps_l2 / 8 if step_size is None else step_size,
+                              steps=steps, generator=generator),
+        "cw": lambda: CarliniWagnerL2(source, lr=cw_lr, steps=cw_steps, search_steps=cw_search_steps),
+    }  # fmt: skip
+    attacks = {"natural": None} | {name: builders[name]() for name in dict.fromkeys(names)}
+    data = load_dataset(saved.dataset_info.name, split, data_root)
+    data = data.select(evenly_spaced(len(data), num_examples))
+    accuracies = evaluate_attacks(models, attacks, data.images, data.labels, batch_size=batch_size, progress=True)
+    table = Table(title=f"accuracy (%) on {len(data)} {split} images" + (f", smoothed sigma {sigma}" if sigma else ""))
+    table.add_column("model")
+    for name in attacks:
+        table.add_column(name, justify="right")
+    for model_name, row in accuracies.items():
+        table.add_row(model_name, *(f"{100 * row[name]:.2f}" for name in attacks))
+    console.print(table)
+    for name, value in attacks.items():
+        console.print(f"{name}: {value!r}" if value is not None else "natural: clean images", highlight=False)
+    if output is not None:
+        _write_json(output, {"command": "attack", "checkpoint": str(checkpoint), "int8": None if int8 is None else str(int8),
+                             "attacks": {name: repr(value) for name, value in attacks.items()}, "sigma": sigma,
+                             "samples": samples, "split": split, "examples": len(data), "seed": seed,
+                             "accuracy": accuracies, "model": saved.metadata})  # fmt: skip
+        console.print(f"-> {output}")
 
 
 CheckpointPath = Annotated[Path, typer.Argument(help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int.")]
@@ -303,9 +394,14 @@ def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str
 
 def _write_config(output: Path, run_config: dict[str, Any]) -> None:
     """The full run config (with the model's metadata) next to the results, so a run can be reproduced."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    config = run_config | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
-    output.with_suffix(".json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_json(output.with_suffix(".json"), run_config)
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """``record`` with the time and command line, as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = record | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _subset(data, size: int | None, seed: int):

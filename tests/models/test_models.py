@@ -29,7 +29,10 @@ NAMES = model_names()
 
 
 def test_registered_names() -> None:
-    assert NAMES == ["mlp", "cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+    assert NAMES == [
+        "mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+        "enresnet8", "enresnet20", "enresnet56", "enresnet110",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("info", INFOS, ids=lambda i: f"{i.shape}-{i.num_classes}")
@@ -47,12 +50,13 @@ def test_output_shape(name: str, info: DatasetInfo) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_first_layer_is_normalize_with_buffers(name: str) -> None:
     model = build_model(name, CIFAR10)
-    first = next(iter(model.children()))
-    assert isinstance(first, Normalize)
-    state = model.state_dict()
-    assert torch.equal(state["normalize.mean"], torch.tensor(CIFAR10.mean))
-    assert torch.equal(state["normalize.std"], torch.tensor(CIFAR10.std))
-    assert "normalize.mean" not in dict(model.named_parameters())
+    for network in getattr(model, "members", [model]):  # an ensemble: every member normalises its input
+        first = next(iter(network.children()))
+        assert isinstance(first, Normalize)
+        state = network.state_dict()
+        assert torch.equal(state["normalize.mean"], torch.tensor(CIFAR10.mean))
+        assert torch.equal(state["normalize.std"], torch.tensor(CIFAR10.std))
+        assert "normalize.mean" not in dict(network.named_parameters())
 
 
 def test_normalize_math() -> None:

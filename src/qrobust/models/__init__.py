@@ -1,6 +1,7 @@
 """Plain PyTorch classifiers that take [0, 1] images and normalise them in their first layer."""
 
 from qrobust.models.cnn import CNN
+from qrobust.models.enresnet import EnResNet, NoisyBasicBlock
 from qrobust.models.layers import Normalize
 from qrobust.models.mlp import MLP
 from qrobust.models.registry import build_model, count_parameters, model_names
@@ -11,6 +12,8 @@ __all__ = [
     "MLP",
     "BasicBlock",
     "CifarResNet",
+    "EnResNet",
+    "NoisyBasicBlock",
     "Normalize",
     "build_model",
     "count_parameters",

@@ -9,39 +9,38 @@ from torch import nn
 
 from qrobust.data.base import DatasetInfo
 from qrobust.models.cnn import CNN
+from qrobust.models.enresnet import DEFAULT_NOISE_COEF, EnResNet
 from qrobust.models.mlp import MLP
 from qrobust.models.resnet import CifarResNet
 
 
-def _resnet20(info: DatasetInfo) -> CifarResNet:
-    return CifarResNet(info, depth=20)
+def _resnet(depth: int) -> Callable[[DatasetInfo], CifarResNet]:
+    """The builder of the CIFAR ResNet of this depth; it takes no options."""
+
+    def build(info: DatasetInfo) -> CifarResNet:
+        return CifarResNet(info, depth=depth)
+
+    return build
 
 
-def _resnet32(info: DatasetInfo) -> CifarResNet:
-    return CifarResNet(info, depth=32)
+def _enresnet(depth: int) -> Callable[..., EnResNet]:
+    """The builder of En_n ResNets of this depth; ``members`` and ``noise_coef`` are its options."""
 
+    def build(
+        info: DatasetInfo, members: int = 1, noise_coef: float = DEFAULT_NOISE_COEF
+    ) -> EnResNet:
+        return EnResNet(info, depth=depth, members=members, noise_coef=noise_coef)
 
-def _resnet44(info: DatasetInfo) -> CifarResNet:
-    return CifarResNet(info, depth=44)
-
-
-def _resnet56(info: DatasetInfo) -> CifarResNet:
-    return CifarResNet(info, depth=56)
-
-
-def _resnet110(info: DatasetInfo) -> CifarResNet:
-    return CifarResNet(info, depth=110)
+    return build
 
 
 # Each builder takes ``info`` first; its other keyword arguments are the model's options.
+# resnet8 / enresnet8 (one block per stage) are the small variants, quick to train on a CPU.
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
-    "resnet20": _resnet20,
-    "resnet32": _resnet32,
-    "resnet44": _resnet44,
-    "resnet56": _resnet56,
-    "resnet110": _resnet110,
+    **{f"resnet{depth}": _resnet(depth) for depth in (8, 20, 32, 44, 56, 110)},
+    **{f"enresnet{depth}": _enresnet(depth) for depth in (8, 20, 56, 110)},
 }
 
 
@@ -56,7 +55,8 @@ def build_model(name: str, info: DatasetInfo, **options: object) -> nn.Module:
     Args:
         name: one of ``model_names()``.
         info: the dataset the model reads (input shape, statistics, number of classes).
-        **options: the model's own options, e.g. ``depth`` and ``width`` for ``"mlp"``.
+        **options: the model's own options, e.g. ``depth`` and ``width`` for ``"mlp"``,
+            ``members`` and ``noise_coef`` for ``"enresnet20"``.
 
     Returns a model mapping (N, C, H, W) floats in [0, 1] to logits (N, num_classes).
     Raises ValueError for an unknown name, an unknown option, or an invalid option value.

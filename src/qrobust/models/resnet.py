@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,7 +39,15 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))  # (N, planes, H/stride, W/stride)
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        return self.relu2(self.perturb(out + self.shortcut(x)))
+
+    def perturb(self, out: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the last ReLU, unchanged; subclasses inject noise here."""
+        return out
+
+
+# (in_planes, planes, stride) -> a residual block, e.g. ``BasicBlock`` itself.
+BlockFactory = Callable[[int, int, int], nn.Module]
 
 
 class CifarResNet(nn.Module):
@@ -49,12 +59,13 @@ class CifarResNet(nn.Module):
 
     Args:
         info: the dataset the model reads (input shape, statistics, number of classes).
-        depth: 6n+2 for some n >= 1, e.g. 20, 32, 44, 56, 110.
+        depth: 6n+2 for some n >= 1, e.g. 8, 20, 32, 44, 56, 110.
+        block: builds each residual block from (in_planes, planes, stride); default ``BasicBlock``.
 
     Shapes: input (N, C, H, W) in [0, 1] -> logits (N, num_classes).
     """
 
-    def __init__(self, info: DatasetInfo, depth: int) -> None:
+    def __init__(self, info: DatasetInfo, depth: int, block: BlockFactory = BasicBlock) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth!r}")
@@ -63,9 +74,9 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(info.shape[0], 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu1 = nn.ReLU()
-        self.layer1 = _stage(16, 16, blocks, stride=1)
-        self.layer2 = _stage(16, 32, blocks, stride=2)
-        self.layer3 = _stage(32, 64, blocks, stride=2)
+        self.layer1 = _stage(block, 16, 16, blocks, stride=1)
+        self.layer2 = _stage(block, 16, 32, blocks, stride=2)
+        self.layer3 = _stage(block, 32, 64, blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(64, info.num_classes)
@@ -81,8 +92,10 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (N, num_classes)
 
 
-def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-    """``blocks`` BasicBlocks; only the first one changes channels and stride."""
-    layers = [BasicBlock(in_planes, planes, stride)]
-    layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+def _stage(
+    block: BlockFactory, in_planes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
+    """``blocks`` residual blocks; only the first one changes channels and stride."""
+    layers = [block(in_planes, planes, stride)]
+    layers += [block(planes, planes, 1) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)

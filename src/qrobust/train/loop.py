@@ -1,8 +1,10 @@
-"""Training with SGD and step learning rate, Gaussian noise augmentation, checkpoints and resume.
+"""One training loop: SGD with step learning rate, noise augmentation, pluggable losses, low-bit weights.
 
 Noise augmentation at the smoothing sigma is what makes a base classifier useful for randomized
-smoothing (Cohen et al., ICML 2019). The defaults are the papers': lr 0.1, momentum 0.9, divided by
-10 every 30 epochs.
+smoothing (Cohen et al., ICML 2019); the adversarial losses (PGD, TRADES, the trade-off loss) live in
+``qrobust.train.losses``; BinaryConnect / Binary-Relax low-bit weights hook in through
+``qrobust.quant.WeightQuantizer``. Every epoch ends in an atomic checkpoint that resumes exactly. The
+defaults are the papers': lr 0.1, momentum 0.9, divided by 10 every 30 epochs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,10 @@ from qrobust.data import LatticeDataset, augmentation_for, to_unit_interval
 from qrobust.errors import CheckpointError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qrobust.progress import progress_bar
+from qrobust.quant.lowbit import METHODS as QUANT_METHODS
+from qrobust.quant.lowbit import LowBitConfig, WeightQuantizer
 from qrobust.smoothing import FloatRS, IntRS, SmoothingMethod
+from qrobust.train.losses import LOSSES, AttackConfig, Objective, make_objective
 
 NOISE_METHODS = {"gaussian": FloatRS, "discrete": IntRS}
 
@@ -33,6 +39,12 @@ class TrainConfig:
     ``sigma`` is the std of the noise augmentation in [0, 1] units (0: none); ``noise`` picks its kind:
     "gaussian" (continuous, for FloatRS) or "discrete" (N_Z(0, (255 sigma)^2) on the uint8 lattice,
     clipped to [0, 255], exactly what IntRS certifies with).
+
+    ``loss`` is one of natural (needs sigma 0), gaussian (natural loss on noisy inputs, needs sigma > 0;
+    the default picks one of these two from sigma), pgd, trades (weight ``beta``) or tradeoff (``alpha`` * natural + ``beta`` * PGD loss); the
+    adversaries are l_inf PGD with ``eps``, ``step_size`` and ``attack_steps`` in [0, 1] pixel units.
+    ``quant`` "bc" or "br" trains ``bits``-bit weights by BinaryConnect or Binary-Relax (lambda grows
+    by ``rho`` each epoch until ``cutoff_epoch``, then pure projection).
     """
 
     epochs: int = 90
@@ -46,23 +58,58 @@ class TrainConfig:
     noise: str = "gaussian"
     augment: bool = True  # the dataset's standard augmentation, if it has one (crop + flip for CIFAR)
     seed: int = 0
+    loss: str | None = None
+    alpha: float = 1.0
+    beta: float = 1.0
+    eps: float = 0.031
+    step_size: float = 0.007
+    attack_steps: int = 10
+    quant: str = "none"
+    bits: int = 1
+    rho: float = LowBitConfig.rho
+    cutoff_epoch: int = LowBitConfig.cutoff_epoch
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "lr_step"):
+        for name in ("epochs", "batch_size", "lr_step", "attack_steps", "bits"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("lr", "lr_gamma"):
+        for name in ("lr", "lr_gamma", "eps", "step_size"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("momentum", "weight_decay", "sigma"):
+        for name in ("momentum", "weight_decay", "sigma", "alpha", "beta"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.noise not in NOISE_METHODS:
             raise ValueError(f"noise must be one of {', '.join(NOISE_METHODS)}, got {self.noise!r}")
+        if self.loss is None:
+            object.__setattr__(self, "loss", "gaussian" if self.sigma > 0 else "natural")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss == "natural" and self.sigma > 0:
+            raise ValueError("loss 'natural' trains on clean inputs: use loss 'gaussian' for noise augmentation")
+        if self.loss == "gaussian" and self.sigma == 0:
+            raise ValueError("loss 'gaussian' needs a noise level sigma > 0")
+        if self.quant not in ("none", *QUANT_METHODS):
+            raise ValueError(f"quant must be one of none, {', '.join(QUANT_METHODS)}, got {self.quant!r}")
+        self.lowbit()  # validates bits, rho and cutoff_epoch
 
     def noise_method(self) -> SmoothingMethod | None:
         """The smoothing method whose noise augments training, or None when sigma is 0."""
         return NOISE_METHODS[self.noise](self.sigma) if self.sigma > 0 else None
+
+    def objective(self) -> Objective:
+        """The training loss with its adversary."""
+        attack = AttackConfig(self.eps, self.step_size, self.attack_steps)
+        return make_objective(self.loss, alpha=self.alpha, beta=self.beta, attack=attack)
+
+    def lowbit(self) -> LowBitConfig | None:
+        """The low-bit weight training, or None for float weights."""
+        return None if self.quant == "none" else LowBitConfig(self.bits, self.quant, self.rho, self.cutoff_epoch)
+
+    def weight_quantizer(self, model: nn.Module) -> WeightQuantizer | None:
+        """The BinaryConnect / Binary-Relax hook for ``model``, or None for float weights."""
+        lowbit = self.lowbit()
+        return None if lowbit is None else WeightQuantizer(model, **asdict(lowbit))
 
 
 @dataclass(frozen=True)
@@ -99,14 +146,17 @@ def train(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    quantizer = config.weight_quantizer(model)
     history: list[EpochStats] = []
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        history = _restore(load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, config)
+        history = _restore(load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config)
         if len(history) > config.epochs:
             raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
     augmentation = augmentation_for(train_set.info) if config.augment else None
     noise = config.noise_method()
+    objective = config.objective()
+    quantized = quantizer.applied if quantizer is not None else nullcontext
     batches = math.ceil(len(train_set) / config.batch_size)
     with progress_bar(progress) as bar:
         task = bar.add_task("train", total=(config.epochs - len(history)) * batches, status="")
@@ -120,10 +170,10 @@ def train(
                 images, labels = train_set.images[index], train_set.labels[index]  # (B, C, H, W) uint8, (B,)
                 if augmentation is not None:
                     images = augmentation(images, generator)
-                logits = model(model_inputs(images, noise, generator))
-                loss = nn.functional.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with quantized():  # low-bit weights for forward and backward, float ones for the update
+                    loss, logits = objective(model, model_inputs(images, noise, generator), labels, generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 loss_sum += loss.item() * len(index)
                 correct += (logits.argmax(1) == labels).sum().item()
@@ -131,24 +181,33 @@ def train(
                 bar.update(task, advance=1, status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            test_accuracy = accuracy(model, test_set) if test_set is not None else None
+            if quantizer is not None:
+                quantizer.end_epoch()
+            with quantized():
+                test_accuracy = accuracy(model, test_set) if test_set is not None else None
             history.append(EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started))
             if progress:
                 bar.console.log(_describe(history[-1]))
             if checkpoint_path is not None:
+                training_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "history": json.dumps([asdict(stats) for stats in history]),
+                }
+                if quantizer is not None:
+                    training_state["quantizer"] = quantizer.state_dict()
+                state = model.state_dict() if quantizer is None else quantizer.projected_state_dict()
                 save_checkpoint(
                     checkpoint_path,
                     Checkpoint(
-                        {k: v.detach().clone() for k, v in model.state_dict().items()},
+                        {k: v.detach().clone() for k, v in state.items()},
                         {**(metadata or {}), "train_config": asdict(config), "epochs_done": epoch},
-                        {
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "generator": generator.get_state(),
-                            "history": json.dumps([asdict(stats) for stats in history]),
-                        },
+                        training_state,
                     ),
                 )
+    if quantizer is not None:
+        quantizer.finalize()
     model.eval()
     return history
 
@@ -178,19 +237,24 @@ def model_inputs(images: torch.Tensor, noise: SmoothingMethod | None, generator:
     quantization-aware model trains on.
     """
     inputs = images if noise is None else noise.perturb(images, generator)
-    return to_unit_interval(inputs) if inputs.dtype == torch.uint8 else inputs
+    return inputs if inputs.is_floating_point() else to_unit_interval(inputs)
 
 
-def _restore(checkpoint: Checkpoint, model, optimizer, scheduler, generator, config: TrainConfig) -> list[EpochStats]:
-    """Load the training state of an interrupted run; its config must match this one but for ``epochs``."""
+def _restore(checkpoint: Checkpoint, model, optimizer, scheduler, generator, quantizer, config: TrainConfig) -> list[EpochStats]:
+    """Load the training state of an interrupted run; its config must match this one but for ``epochs``.
+
+    Fields a checkpoint lacks predate them and count as equal.
+    """
     saved = checkpoint.metadata.get("train_config")
     state = checkpoint.training_state
     if saved is None or not state:
         raise CheckpointError("cannot resume: the checkpoint holds no training state")
-    differences = sorted(k for k, v in asdict(config).items() if k != "epochs" and saved.get(k) != v)
+    differences = sorted(k for k, v in asdict(config).items() if k != "epochs" and saved.get(k, v) != v)
     if differences:
         raise CheckpointError(f"cannot resume: the checkpoint was trained with different {', '.join(differences)}")
     model.load_state_dict(checkpoint.state_dict)
+    if quantizer is not None:
+        quantizer.load_state_dict(state["quantizer"])  # the float shadow weights, over the projected ones
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
