@@ -9,25 +9,39 @@ Inference" (CVPR 2018). The flow::
     fast = fast_backend(int8)                # the same parameters on torch's x86 int8 kernels
     save_int8("model.int8.pt", int8, metadata)
     int8 = load_int8("model.int8.pt").model
+
+Low-bit weights (binary, ternary, 4-bit) by BinaryConnect / Binary-Relax training, and the sparsity
+they bring: ``WeightQuantizer`` hooks into ``qrobust.train``; ``prune_channels`` removes the channels
+it zeroed, with identical outputs.
 """
 
 from qrobust.quant.backend import Int8Backend, QuantizedBackend, fast_backend
 from qrobust.quant.engine import Int8Model
+from qrobust.quant.lowbit import LowBitConfig, LowBitWeight, WeightQuantizer, lowbit_project, lowbit_quantize
 from qrobust.quant.prepare import prepare_qat
 from qrobust.quant.qat import QATModel, QuantConfig, calibrate, convert
 from qrobust.quant.serialization import Int8Checkpoint, load_int8, save_int8
+from qrobust.quant.sparsity import SparsityReport, prune_channels, sparsity_report
 
 __all__ = [
     "Int8Backend",
     "Int8Checkpoint",
     "Int8Model",
+    "LowBitConfig",
+    "LowBitWeight",
     "QATModel",
     "QuantConfig",
     "QuantizedBackend",
+    "SparsityReport",
+    "WeightQuantizer",
     "calibrate",
     "convert",
     "fast_backend",
     "load_int8",
+    "lowbit_project",
+    "lowbit_quantize",
     "prepare_qat",
+    "prune_channels",
     "save_int8",
+    "sparsity_report",
 ]
