@@ -207,3 +207,64 @@ def test_float_checkpoint_is_calibrated_for_post_training_quantization(run, chec
     code, out, err = run("quantize", checkpoint, "--calibration-images", 64, "--output", tmp_path / "ptq.int8.pt")
     assert code == 0, err
     assert "int8 model (ptq)" in out
+
+
+def test_low_bit_adversarial_training_then_attack_table(run, tmp_path):
+    path = tmp_path / "br.pt"
+    code, out, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=2",
+                         "--model-option", "width=32", "--loss", "tradeoff", "--alpha", 1, "--beta", 2, "--eps", 0.1,
+                         "--step-size", 0.05, "--attack-steps", 2, "--quant", "br", "--bits", 2, "--rho", 2,
+                         "--cutoff-epoch", 1, "--epochs", 2, "--batch-size", 64, "--lr", 0.05, "--output", path)  # fmt: skip
+    assert code == 0, err
+    assert "tradeoff loss" in out and "2-bit weights by br" in out and "of conv channels" in out
+    metadata = json.loads(torch.load(path, weights_only=True)["metadata"])
+    assert metadata["train_config"]["quant"] == "br" and "zero_weights" in metadata["sparsity"]
+    weights = torch.load(path, weights_only=True)["state_dict"]
+    assert all(weights[k].unique().numel() <= 3 for k in weights if k.endswith("weight") and weights[k].dim() == 2)
+
+    report = tmp_path / "attacks.json"
+    code, out, err = run("attack", path, "--attack", "fgsm", "--attack", "pgd", "--attack", "pgd-l2", "--eps", 0.1,
+                         "--steps", 5, "--num-examples", 40, "--output", report)  # fmt: skip
+    assert code == 0, err
+    accuracy = json.loads(report.read_text())["accuracy"]["br.pt"]
+    assert list(accuracy) == ["natural", "fgsm", "pgd", "pgd-l2"]
+    assert accuracy["natural"] >= accuracy["fgsm"] and accuracy["natural"] >= accuracy["pgd"]
+    assert "PGD(norm='inf', eps=0.1" in out
+
+
+def test_attack_transfers_to_the_int8_model_and_smoothed_attacks_run(run, checkpoint, tmp_path):
+    qat, int8 = tmp_path / "qat.pt", tmp_path / "mlp.int8.pt"
+    assert run("train", "--init", checkpoint, "--qat", "--sigma", 0.25, "--epochs", 1, "--output", qat)[0] == 0
+    assert run("quantize", qat, "--output", int8)[0] == 0
+    report = tmp_path / "transfer.json"
+    code, out, err = run("attack", qat, "--int8", int8, "--attack", "ifgsm", "--eps", 0.1, "--steps", 3,
+                         "--num-examples", 30, "--output", report)  # fmt: skip
+    assert code == 0, err
+    accuracy = json.loads(report.read_text())["accuracy"]
+    assert set(accuracy) == {"qat.pt", "mlp.int8.pt"}
+    assert abs(accuracy["qat.pt"]["natural"] - accuracy["mlp.int8.pt"]["natural"]) <= 0.1  # twins agree
+    code, out, err = run("attack", checkpoint, "--sigma", 0.25, "--samples", 4, "--attack", "pgd-l2",
+                         "--steps", 2, "--num-examples", 10)  # fmt: skip
+    assert code == 0, err
+    assert "smoothed sigma 0.25" in out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--attack", "deepfool"], "unknown attack(s) deepfool"),
+        (["--eps", -1], "eps"),
+        (["--sigma", -0.5], "sigma"),
+        (["--steps", 0], "steps"),
+    ],
+)
+def test_attack_errors_are_one_line(run, checkpoint, arguments, message):
+    code, _, err = run("attack", checkpoint, *arguments, "--num-examples", 5)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_train_rejects_contradictory_losses(run, tmp_path):
+    code, _, err = run("train", "--dataset", "digits", "--loss", "natural", "--sigma", 0.25, "--output", tmp_path / "x.pt")
+    assert code == 2 and "use loss 'gaussian'" in err
+    code, _, err = run("train", "--dataset", "digits", "--quant", "br", "--qat", "--output", tmp_path / "y.pt")
+    assert code == 2 and "cannot be combined" in err
