@@ -8,7 +8,7 @@
 # the ResNet-20-style networks have one block per stage (ResNet-8, En_n ResNet-8), they train on
 # TRAIN images (default 5,000) for EPOCHS epochs (default 5) with PGD-5 adversaries (eps 0.031,
 # step 0.01) instead of PGD-10, and are attacked on EXAMPLES test images (default 300); Table 4's
-# binary TRADES rows are left out.
+# binary TRADES rows and Table 5's plain-ResNet rows are left out.
 # The paper's CIFAR-10 setting, for users who have the binary CIFAR-10 files under ./data:
 #   DATASET=cifar10 DATA_ROOT=data DEPTH=20 TRAIN=50000 EPOCHS=200 LR_STEP=80 STEPS=10 STEP=0.007 \
 #       EXAMPLES=10000 bench/robust_tables.sh "binary tradeoff sparsity"
@@ -55,9 +55,7 @@ EOF
     done
     for beta in 4 8; do echo "en1-br-tradeoff$beta|$E1 $COMMON --loss tradeoff --alpha 1 --beta $beta $AT $BR --bits 1"; done ;;
     sparsity) for bits in 2 4; do cat <<EOF
-resnet-br$bits-natural|$R $COMMON $BR --bits $bits
 en1-br$bits-natural|$E1 $COMMON $BR --bits $bits
-resnet-br$bits-at|$R $COMMON --loss pgd $AT $BR --bits $bits
 en1-br$bits-at|$E1 $COMMON --loss pgd $AT $BR --bits $bits
 en1-br$bits-tradeoff8|$E1 $COMMON --loss tradeoff --alpha 1 --beta 8 $AT $BR --bits $bits
 EOF
