@@ -70,26 +70,26 @@ def main(runs_dir: str, out_dir: str) -> None:
     lines += ["## Acceptance: adversarial training vs natural training (CNN, l_inf eps = 0.1)", ""]
     lines += accuracy_table(results, ["cnn-natural", "cnn-pgd"], {"natural": "natural", "fgsm": "FGSM", "pgd": "PGD-20"})
     lines += ["", "## Tables 1-2: ResNet vs EnResNet, float vs BinaryConnect vs Binary-Relax (PGD training)", ""]
-    lines += accuracy_table(results, [n for n in results if n.endswith("-at") and not _ternary_or_4bit(n)], PAPER_ATTACKS)
+    binary = [f"{net}-{weights}-at" for net in ("resnet", "en1", "en2") for weights in ("float", "bc", "br")]
+    lines += accuracy_table(results, binary, PAPER_ATTACKS)
     lines += ["", "## Tables 3-4: TRADES (eq. 7) vs trade-off loss (eq. 8), float and binary (Binary-Relax)", ""]
-    lines += accuracy_table(results, [n for n in results if "trade" in n and not _ternary_or_4bit(n)], PAPER_ATTACKS)
+    losses = [f"en1-float-{loss}{beta}" for beta in (1, 4, 8) for loss in ("trades", "tradeoff")]
+    losses += ["en1-float-at", "en1-br-at", "en1-br-tradeoff4", "en1-br-tradeoff8"]
+    lines += accuracy_table(results, losses, PAPER_ATTACKS)
     sparsity = (
         ("weight sparsity", lambda run: f"{100 * run['sparsity'].weight_sparsity:.2f}%"),
         ("channel sparsity", lambda run: f"{100 * run['sparsity'].channel_sparsity:.2f}% ({run['sparsity'].zero_channels}/{run['sparsity'].total_channels})"),
         ("params after pruning", lambda run: f"{run['pruned_parameters']:,}"),
     )
     lines += ["", "## Table 5: ternary and 4-bit (Binary-Relax): sparsity and its structure", ""]
-    lines += accuracy_table(results, [n for n in results if _ternary_or_4bit(n)], dict(list(PAPER_ATTACKS.items())[:3]), sparsity)
+    lowbit = [f"en1-br{bits}-{loss}" for bits in (2, 4) for loss in ("natural", "at", "tradeoff8")]
+    lines += accuracy_table(results, lowbit, dict(list(PAPER_ATTACKS.items())[:3]), sparsity)
     lines += ["", "Attacks (`qrobust attack`, as recorded in the JSON files):", ""]
-    for name, attack in next(iter(results.values()))["attacks"].items() if results else ():
-        lines.append(f"* {name}: `{attack}`")
+    attacks = {f"{name}: `{attack}`" for run in results.values() for name, attack in run["attacks"].items() if attack != "None"}
+    lines += [f"* {attack}" for attack in sorted(attacks)]
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(results, out / "natural-vs-robust.png")
-
-
-def _ternary_or_4bit(name: str) -> bool:
-    return "-br2-" in name or "-br4-" in name
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
