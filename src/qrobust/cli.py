@@ -76,6 +76,7 @@ def train_command(
     model_option: Annotated[list[str] | None, typer.Option(help="Model option KEY=VALUE, repeatable (e.g. depth=4 for mlp).")] = None,
     init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and weights (replaces --model, --model-option, --dataset).")] = None,
     qat: Annotated[bool, typer.Option(help="Quantization-aware training (int8 weights, uint8 activations); convert with `qrobust quantize`.")] = False,
+    input_margin: Annotated[int, typer.Option(help="With --qat: the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise; 0: clip).")] = 0,
     sigma: Annotated[float, typer.Option(help="Std of the noise augmentation, in [0, 1] pixel units (0: none).")] = 0.0,
     noise: Annotated[str, typer.Option(help="Noise kind: gaussian (for FloatRS) or discrete (uint8 lattice, for IntRS).")] = "gaussian",
     loss: Annotated[str | None, typer.Option(help="Loss: natural, gaussian (natural on noisy inputs), pgd (Madry), trades, tradeoff (alpha * natural + beta * PGD). Default: gaussian if --sigma > 0, else natural.")] = None,
@@ -120,10 +121,14 @@ def train_command(
         network, start = load_model(init)
         model, options, info = start.metadata["model"], start.metadata["model_options"], start.dataset_info
         quant_config = start.metadata.get("qat")
+    if input_margin and not qat:
+        raise QRobustError("--input-margin applies to quantization-aware training: add --qat")
+    if input_margin and quant_config is not None and quant_config.get("input_margin", 0) != input_margin:
+        raise QRobustError(f"--init is quantization-aware with input margin {quant_config.get('input_margin', 0)}; --input-margin cannot change it")
     if quant != "none" and (qat or quant_config is not None):
         raise QRobustError("--quant (low-bit weights) and --qat (int8) cannot be combined")
     if qat and quant_config is None:
-        quant_config = asdict(QuantConfig())
+        quant_config = asdict(QuantConfig(input_margin=input_margin))
         network = prepare_qat(network.train(), QuantConfig(**quant_config))
     train_set = _subset(load_dataset(info.name, "train", data_root), train_subset, seed)
     test_set = _subset(load_dataset(info.name, "test", data_root), test_subset, seed)
@@ -258,7 +263,7 @@ def attack_command(
 
 CheckpointPath = Annotated[Path, typer.Argument(help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int.")]
 Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
-Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to uint8, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
+Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
 NoiseBank = Annotated[bool, typer.Option(help="Draw the noise once (from --seed) and reuse it for every example: faster with int8 models, memory (n0 + n) images.")]
 Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
 METHODS = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}

@@ -268,3 +268,16 @@ def test_train_rejects_contradictory_losses(run, tmp_path):
     assert code == 2 and "use loss 'gaussian'" in err
     code, _, err = run("train", "--dataset", "digits", "--quant", "br", "--qat", "--output", tmp_path / "y.pt")
     assert code == 2 and "cannot be combined" in err
+
+
+def test_input_margin_flows_from_training_to_integer_certification(run, checkpoint, tmp_path):
+    qat, int8, tsv = tmp_path / "qat.pt", tmp_path / "m.int8.pt", tmp_path / "int.tsv"
+    code, _, err = run("train", "--init", checkpoint, "--qat", "--input-margin", 64, "--noise", "discrete",
+                       "--sigma", 0.25, "--epochs", 1, "--output", qat)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(torch.load(qat, weights_only=True)["metadata"])["qat"]["input_margin"] == 64
+    assert run("quantize", qat, "--output", int8)[0] == 0
+    code, _, err = run("certify", int8, "--method", "int", "--sigma", 0.25, "--n0", 10, "--n", 50, "--num-examples", 3, "--output", tsv)
+    assert code == 0, err
+    code, _, err = run("train", "--dataset", "digits", "--input-margin", 64, "--output", tmp_path / "x.pt")
+    assert code == 2 and "add --qat" in err

@@ -11,18 +11,23 @@ from torch import nn
 
 from qrobust.data.base import DatasetInfo
 from qrobust.models import build_model
-from qrobust.quant import Int8Model, QATModel, calibrate, convert, prepare_qat
+from qrobust.quant import Int8Model, QATModel, QuantConfig, calibrate, convert, prepare_qat
+from qrobust.smoothing import IntRS
 
-# Registered model -> a small input shape it accepts (ResNets pool globally, so 8x8 keeps them fast).
+# Registered model the int8 engine runs -> a small input shape it accepts (ResNets pool globally, so 8x8
+# keeps them fast). Other registered models (the noise-injecting EnResNets) must be refused by prepare_qat.
 SHAPES = {
     "mlp": (1, 28, 28),
     "cnn": (1, 28, 28),
+    "resnet8": (3, 8, 8),
     "resnet20": (3, 8, 8),
     "resnet32": (3, 8, 8),
     "resnet44": (3, 8, 8),
     "resnet56": (3, 8, 8),
     "resnet110": (3, 8, 8),
 }
+
+QUANTIZABLE = tuple(SHAPES)
 
 
 def make_info(shape: tuple[int, int, int], num_classes: int = 10) -> DatasetInfo:
@@ -44,6 +49,11 @@ def lattice_images(n: int, shape: tuple[int, ...], seed: int, sigma: float = 0.2
     smooth = nn.functional.interpolate(coarse, size=shape[1:], mode="bilinear", align_corners=False)
     noisy = smooth + sigma * torch.randn(smooth.shape, generator=generator)
     return (noisy * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def intrs_noisy(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    """``images`` plus IntRS's discrete noise of std ``sigma`` (in [0, 1] units): unclipped int16 lattice values."""
+    return IntRS(sigma).perturb(images, torch.Generator().manual_seed(seed))
 
 
 def fit_batchnorm(model: nn.Module, images: torch.Tensor, seed: int) -> None:
@@ -93,17 +103,20 @@ class Quantized:
 
 
 @functools.lru_cache(maxsize=None)
-def _quantized(name: str, n: int = 256) -> Quantized:
+def _quantized(name: str, n: int = 256, margin: int = 0) -> Quantized:
     shape = SHAPES[name]
     torch.manual_seed(0)
     model = build_model(name, make_info(shape)).eval()
     fit_batchnorm(model, lattice_images(256, shape, seed=4), seed=1)
     center_logits(model, lattice_images(256, shape, seed=4))
-    qat = calibrate(prepare_qat(model), lattice_images(256, shape, seed=2))
+    calibration = lattice_images(256, shape, seed=2)
+    if margin:  # a wide input range is for large IntRS noise: calibrate on it, unclipped
+        calibration = intrs_noisy(calibration, 0.5, seed=2)
+    qat = calibrate(prepare_qat(model, QuantConfig(input_margin=margin)), calibration)
     return Quantized(name, model, qat, convert(qat), lattice_images(n, shape, seed=3))
 
 
 @pytest.fixture(scope="session")
 def quantized():
-    """quantized(name) -> Quantized, built once per session."""
+    """quantized(name, n=256, margin=0) -> Quantized (``margin``: QuantConfig.input_margin), built once per session."""
     return _quantized

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from qrobust.models import model_names
 from qrobust.quant import Int8Model
 from qrobust.quant.engine import IntAdd, IntConv2d, IntFlatten, IntGlobalAvgPool, IntLinear, IntMaxPool2d
 from qrobust.quant.numerics import quantize_multipliers, requantize
+
+from .conftest import QUANTIZABLE, intrs_noisy
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -35,17 +36,21 @@ class DtypeRecorder(TorchDispatchMode):
         return [(name, dtypes) for name, dtypes in self.calls if dtypes & set(real)]
 
 
-@pytest.mark.parametrize("name", model_names())
-def test_every_op_of_the_engine_is_integer(name: str, quantized) -> None:
-    q = quantized(name)
+@pytest.mark.parametrize(
+    "name, margin", [(name, 0) for name in QUANTIZABLE] + [("cnn", 255), ("resnet20", 383)]
+)
+def test_every_op_of_the_engine_is_integer(name: str, margin: int, quantized) -> None:
+    """Including the input quantizer: unclipped int16 x + noise to uint8 codes by integer division."""
+    q = quantized(name, margin=margin)
     outputs = {}
     hooks = [
         op.register_forward_hook(lambda module, args, out, i=i: outputs.__setitem__(i, out.dtype))
         for i, op in enumerate(q.int8.ops)
     ]
+    images = intrs_noisy(q.images[:4], 0.5, seed=0) if margin else q.images[:4]
     recorder = DtypeRecorder()
     with recorder:
-        logits = q.int8(q.images[:4])
+        logits = q.int8(images)
     for hook in hooks:
         hook.remove()
     assert len(recorder.calls) > 3 * len(q.int8.ops)  # every aten op of the forward pass was seen
@@ -128,12 +133,23 @@ def test_int_maxpool_matches_float_maxpool() -> None:
     assert IntFlatten()(x).shape == (2, 3 * 9 * 8)
 
 
-def test_int8_model_takes_uint8_images_only(quantized) -> None:
+def test_int8_model_takes_integer_lattice_values_only(quantized) -> None:
     q = quantized("mlp")
-    with pytest.raises(ValueError, match="uint8 lattice images"):
+    with pytest.raises(ValueError, match="integer lattice values"):
         q.int8(q.images.float() / 255)
-    with pytest.raises(ValueError, match="uint8 lattice images"):
+    with pytest.raises(ValueError, match="integer lattice values"):
         q.int8(q.images[0])
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_margin_zero_clips_unclipped_inputs_as_before(name: str, quantized) -> None:
+    """Without an input margin the model reads clamp(x + n, 0, 255): exactly the old clipped uint8 input."""
+    q = quantized(name)
+    noisy = intrs_noisy(q.images[:64], 0.5, seed=1)  # int16, far outside [0, 255]
+    assert int(noisy.min()) < 0 and int(noisy.max()) > 255
+    assert torch.equal(q.int8.input_codes(noisy), noisy.clamp(0, 255).to(torch.uint8))
+    assert torch.equal(q.int8(noisy), q.int8(noisy.clamp(0, 255).to(torch.uint8)))
+    assert torch.equal(q.int8(noisy.int()), q.int8(noisy))
 
 
 def test_int8_model_validates_its_program() -> None:
@@ -141,11 +157,17 @@ def test_int8_model_validates_its_program() -> None:
         Int8Model([IntFlatten()], [(1,)], [(1 / 255, 0), (1 / 255, 0)])
     with pytest.raises(ValueError, match="one input list per op"):
         Int8Model([IntFlatten()], [], [(1 / 255, 0)])
+    with pytest.raises(ValueError, match="do not match input margin 255"):
+        Int8Model([IntFlatten()], [(0,)], [(1 / 255, 0), (1 / 255, 0)], input_margin=255)
+    with pytest.raises(ValueError, match="input_margin must be"):
+        Int8Model([IntFlatten()], [(0,)], [(1 / 255, 0), (1 / 255, 0)], input_margin=-1)
 
 
-def test_spec_round_trip_rebuilds_the_same_program(quantized) -> None:
-    q = quantized("resnet20")
+@pytest.mark.parametrize("margin", [0, 383])
+def test_spec_round_trip_rebuilds_the_same_program(margin: int, quantized) -> None:
+    q = quantized("resnet20", margin=margin)
     rebuilt = Int8Model.from_spec(q.int8.spec())
     rebuilt.load_state_dict(q.int8.state_dict())
-    assert rebuilt.spec() == q.int8.spec()
-    assert torch.equal(rebuilt(q.images[:8]), q.int8(q.images[:8]))
+    assert rebuilt.spec() == q.int8.spec() and rebuilt.input_margin == margin
+    noisy = intrs_noisy(q.images[:8], 0.5, seed=2)
+    assert torch.equal(rebuilt(noisy), q.int8(noisy))

@@ -13,6 +13,8 @@ from qrobust.quant.numerics import (
     activation_qparams,
     fake_quantize,
     fake_quantize_affine,
+    input_grid,
+    lattice_codes,
     pad_channels,
     quantize_multiplier,
     quantize_weight,
@@ -109,3 +111,43 @@ def test_pad_channels_uses_one_value_per_channel() -> None:
     out = pad_channels(x, (1, 2), torch.tensor([7, 9], dtype=torch.uint8))
     assert out.shape == (1, 2, 4, 7) and out.dtype == torch.uint8
     assert out[0, 0, 0, 0] == 7 and out[0, 1, -1, -1] == 9 and int(out[:, :, 1:3, 2:5].sum()) == 0
+
+
+@pytest.mark.parametrize("margin", [0, 1, 100, 254, 255, 256, 383, 510, 765, 4000])
+def test_input_grid_covers_the_margin_with_an_odd_step(margin: int) -> None:
+    """Every lattice value in [-margin, 255 + margin] gets its nearest code value (error <= step // 2),
+    none is clamped, and the step is the smallest odd one for which that holds."""
+    step, zero_point = input_grid(margin)
+    assert step % 2 == 1 and 0 <= zero_point <= 255
+    v = torch.arange(-margin - 3 * step, 256 + margin + 3 * step, dtype=torch.int32)
+    codes = lattice_codes(v, step, zero_point).long()
+    exact = [min(max(round_half_up(Fraction(int(value), step)) + zero_point, 0), 255) for value in v]
+    assert codes.tolist() == exact
+    inside = (v >= -margin) & (v <= 255 + margin)
+    assert int(((codes[inside] - zero_point) * step - v[inside]).abs().max()) <= step // 2
+    if step > 1:  # the next smaller odd step cannot reach both ends
+        smaller = step - 2
+        assert all((255 - z) * smaller < 255 + margin for z in range(-(-margin // smaller), 256))
+
+
+def test_margin_zero_codes_are_the_clipped_lattice_values() -> None:
+    """Margin 0 is the old behaviour exactly: codes clamp(v, 0, 255), uint8 images passed through."""
+    assert input_grid(0) == (1, 0)
+    v = torch.arange(-600, 900, dtype=torch.int16).view(1, 1, 30, 50)
+    for values in (v, v.int(), v.long()):
+        assert torch.equal(lattice_codes(values, 1, 0), v.clamp(0, 255).to(torch.uint8))
+    images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert lattice_codes(images, 1, 0) is images
+
+
+def test_lattice_codes_saturate_extreme_values_without_overflow() -> None:
+    step, zero_point = input_grid(255)
+    v = torch.tensor([-(2**31), -(2**15), -256, 510, 2**15 - 1, 2**31 - 1], dtype=torch.int64)
+    assert lattice_codes(v, step, zero_point).tolist() == [0, 0, 0, 255, 255, 255]
+    assert lattice_codes(v.to(torch.int32), step, zero_point).tolist() == [0, 0, 0, 255, 255, 255]
+
+
+@pytest.mark.parametrize("margin", [-1, 2**15, 1.5, True, "3"])
+def test_input_grid_rejects_bad_margins(margin) -> None:
+    with pytest.raises(ValueError, match="input_margin must be an int"):
+        input_grid(margin)

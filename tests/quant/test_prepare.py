@@ -10,10 +10,10 @@ from qrobust.models import Normalize, build_model, model_names
 from qrobust.quant import QATModel, QuantConfig, prepare_qat
 from qrobust.quant.qat import QAdd, QConv2d, QGlobalAvgPool, QLinear
 
-from .conftest import SHAPES, make_info
+from .conftest import QUANTIZABLE, SHAPES, make_info
 
 
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", QUANTIZABLE)
 def test_prepare_fuses_every_registered_model(name: str) -> None:
     model = build_model(name, make_info(SHAPES[name]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -28,6 +28,13 @@ def test_prepare_fuses_every_registered_model(name: str) -> None:
         depth = int(name[len("resnet") :])
         assert kinds.count(QAdd) == (depth - 2) // 2 and kinds.count(QGlobalAvgPool) == 1
         assert all(step.relu for step in qat.steps if isinstance(step, QAdd))
+
+
+@pytest.mark.parametrize("name", [name for name in model_names() if name not in QUANTIZABLE])
+def test_prepare_refuses_the_other_registered_models(name: str) -> None:
+    """A registered model missing from the quantizable list must be one the engine cannot run."""
+    with pytest.raises(ValueError, match="cannot quantize"):
+        prepare_qat(build_model(name, make_info((3, 8, 8))))
 
 
 class Branchy(nn.Module):
@@ -76,11 +83,22 @@ class Unsupported(nn.Module):
             nn.Sequential(Normalize([0.5], [0.2]), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)),
             "only Conv2d/Linear may read Normalize",
         ),
+        (
+            nn.Sequential(nn.MaxPool2d(2), Normalize([0.5], [0.2]), nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(8, 2)),
+            "Normalize must read the model input",
+        ),
     ],
 )
 def test_prepare_refuses_what_the_engine_cannot_run(model: nn.Module, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         prepare_qat(model)
+
+
+def test_prepare_gives_the_input_quantizer_the_configured_margin() -> None:
+    qat = prepare_qat(build_model("cnn", make_info((1, 8, 8))), QuantConfig(input_margin=255))
+    assert (qat.input_quant.margin, qat.input_quant.step, qat.input_quant.zero_point) == (255, 3, 85)
+    assert qat.steps[0].input_quant is qat.input_quant  # the first conv's bias grid follows the input's
+    assert prepare_qat(build_model("cnn", make_info((1, 8, 8)))).input_quant.step == 1
 
 
 def test_prepare_checks_its_config() -> None:

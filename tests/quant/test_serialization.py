@@ -14,7 +14,7 @@ from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoin
 from qrobust.quant import load_int8, save_int8
 from qrobust.quant.serialization import FORMAT
 
-from .conftest import SHAPES, make_info
+from .conftest import SHAPES, intrs_noisy, make_info
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20"])
@@ -29,6 +29,30 @@ def test_round_trip_and_size(name: str, quantized, tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "model.pt", Checkpoint(q.model.state_dict(), metadata))
     assert size == (tmp_path / "model.int8.pt").stat().st_size
     assert size <= 0.3 * (tmp_path / "model.pt").stat().st_size
+
+
+def test_round_trip_keeps_the_input_margin(quantized, tmp_path: Path) -> None:
+    q = quantized("cnn", margin=255)
+    save_int8(tmp_path / "model.int8.pt", q.int8)
+    loaded = load_int8(tmp_path / "model.int8.pt").model
+    assert (loaded.input_margin, loaded.input_step, loaded.input_zero_point) == (255, 3, 85)
+    noisy = intrs_noisy(q.images, 0.5, seed=8)
+    assert torch.equal(loaded(noisy), q.int8(noisy))
+
+
+def test_files_without_an_input_margin_load_with_margin_zero(quantized, tmp_path: Path) -> None:
+    """Files written before the option existed have no ``input_margin`` in their program."""
+    q = quantized("cnn")
+    path = tmp_path / "old.int8.pt"
+    save_int8(path, q.int8)
+    payload = torch.load(path, weights_only=True)
+    program = json.loads(payload["program"])
+    del program["input_margin"]
+    payload["program"] = json.dumps(program)
+    torch.save(payload, path)
+    loaded = load_int8(path).model
+    assert loaded.input_margin == 0 and loaded.spec() == q.int8.spec()
+    assert torch.equal(loaded(q.images), q.int8(q.images))
 
 
 class Payload:

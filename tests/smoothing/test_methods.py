@@ -7,13 +7,14 @@ from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, SmoothedClassifier, 
 from qrobust.smoothing.lattice import LatticeRadiusTable
 
 
-def test_float_quant_feeds_the_rounded_clipped_noisy_image_on_the_lattice():
+def test_float_quant_feeds_the_rounded_unclipped_noisy_image_on_the_lattice():
+    """The int8 model's input quantizer clips, not the method."""
     batch = torch.tensor([[[0.0, 0.5], [1.0, 0.2]]]).expand(1000, 1, 2, 2)
     inputs = FloatRSQuant(0.25).perturb(batch, torch.Generator().manual_seed(0))
     noise = FloatRS(0.25).perturb(batch, torch.Generator().manual_seed(0))
-    assert inputs.dtype == torch.uint8 and inputs.shape == (1000, 1, 2, 2)
-    assert torch.equal(inputs, (noise * 255).round().clamp(0, 255).to(torch.uint8))
-    assert (inputs == 0).any() and (inputs == 255).any()
+    assert inputs.dtype == torch.int16 and inputs.shape == (1000, 1, 2, 2)
+    assert torch.equal(inputs, (noise * 255).round().to(torch.int16))
+    assert (inputs < 0).any() and (inputs > 255).any()
 
 
 def test_float_radius_rule():
@@ -25,14 +26,17 @@ def test_float_radius_rule():
         FloatRSQuant(0.0)
 
 
-def test_int_rs_adds_discrete_noise_on_the_lattice_and_clips():
+def test_int_rs_adds_discrete_noise_on_the_lattice_unclipped():
+    """x + n as int16, outside [0, 255] where the noise takes it: the int8 model's input quantizer clips."""
     images = torch.tensor([[[0, 255], [128, 7]]], dtype=torch.uint8).expand(20_000, 1, 2, 2)
     noisy = IntRS(0.1).perturb(images, torch.Generator().manual_seed(0))
-    assert noisy.dtype == torch.uint8
-    offsets = noisy[:, 0, 1, 0].to(torch.int32) - 128  # the centre pixel never clips at sigma_int = 25.5
+    assert noisy.dtype == torch.int16
+    assert torch.equal(noisy, IntRS(0.1).sample_noise(tuple(images.shape), torch.Generator().manual_seed(0)) + images)
+    offsets = noisy[:, 0, 1, 0].to(torch.int32) - 128
     assert abs(offsets.float().mean().item()) < 0.5
     assert offsets.float().std().item() == pytest.approx(25.5, rel=0.03)
-    assert (noisy[:, 0, 0, 0] == 0).float().mean() == pytest.approx(0.5, abs=0.02)  # half the noise clips at 0
+    assert (noisy[:, 0, 0, 0] < 0).float().mean() == pytest.approx(0.5, abs=0.02)  # half the noise leaves [0, 255]
+    assert (noisy[:, 0, 0, 1] > 255).float().mean() == pytest.approx(0.5, abs=0.02)
     assert torch.equal(noisy, IntRS(0.1).perturb(images, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="uint8"):
         IntRS(0.1).perturb(images.float(), None)

@@ -92,5 +92,6 @@ class LatticeDataset:
 
 
 def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
-    """Map uint8 lattice images to float32 in [0, 1]."""
+    """Integer lattice values to float32 v / 255: uint8 images land in [0, 1], unclipped x + noise (int16)
+    outside it, as a model with a wide input range (``QuantConfig.input_margin``) reads it."""
     return images.to(torch.float32).div_(255.0)

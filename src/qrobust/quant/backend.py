@@ -6,10 +6,12 @@ is built from the reference model's own int8 weights, int32 biases, scales and z
 recalibration: convs (with ReLU fused) and hidden linear layers run on FBGEMM/oneDNN via the ``x86``
 engine, residual adds as ``add_relu``, max pooling natively. Global average pooling and the int32
 logits layer, cheap as they are, reuse the reference integer ops, so the logits are exact integers in
-the same units. Requantization inside torch's kernels uses float32 multipliers and round-half-even
-instead of the reference's 31-bit fixed point and round-half-up, so an activation can differ by one
-step where a value falls within about 2^-20 of a rounding boundary; predictions agree on all but a
-small fraction of inputs (see tests/quant/test_backend.py).
+the same units; so does the input quantizer (integer lattice values -> uint8 codes, integer ops only),
+whose codes are then wrapped as quint8 with the model's input scale and zero point. Requantization
+inside torch's kernels uses float32 multipliers and round-half-even instead of the reference's 31-bit
+fixed point and round-half-up, so an activation can differ by one step where a value falls within
+about 2^-20 of a rounding boundary; predictions agree on all but a small fraction of inputs (see
+tests/quant/test_backend.py).
 
 Activations use the full uint8 range (reduce_range=False). That is exact on CPUs with VNNI
 (AVX512-VNNI or AVX-VNNI); FBGEMM's plain AVX2 kernels can saturate 16-bit intermediate sums
@@ -40,15 +42,16 @@ from qrobust.quant.engine import (
     check_images,
     run_program,
 )
-from qrobust.quant.numerics import pad_channels
+from qrobust.quant.numerics import lattice_codes, pad_channels
 
 ENGINES = ("x86", "fbgemm", "onednn")
 
 
 @runtime_checkable
 class Int8Backend(Protocol):
-    """Anything that classifies uint8 lattice images with an int8 model: the reference ``Int8Model``
-    or a fast backend. Shapes: images (N, C, H, W) uint8 -> logits (N, K) int32, labels (N,) int64."""
+    """Anything that classifies integer lattice values (uint8 images, or int16 x + noise) with an int8 model:
+    the reference ``Int8Model`` or a fast backend.
+    Shapes: images (N, C, H, W) integer -> logits (N, K) int32, labels (N,) int64."""
 
     def logits(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -170,13 +173,14 @@ def _affine_module(
 class QuantizedBackend(nn.Module):
     """An ``Int8Model``'s program on torch's quantized kernels; implements ``Int8Backend``.
 
-    Build it with ``fast_backend``. Shapes: (N, C, H, W) uint8 -> (N, num_classes) int32.
+    Build it with ``fast_backend``. Shapes: (N, C, H, W) integer -> (N, num_classes) int32.
     """
 
     def __init__(self, model: Int8Model, engine: str) -> None:
         super().__init__()
         self.engine = engine
         self.inputs = model.inputs
+        self.input_step, self.input_zero_point = model.input_step, model.input_zero_point
         qparams = model.value_qparams
         steps = []
         with _quantized_engine(engine):
@@ -202,15 +206,16 @@ class QuantizedBackend(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
+        codes = lattice_codes(images, self.input_step, self.input_zero_point)  # (N, C, H, W) uint8
         with _quantized_engine(self.engine):
-            return run_program(self.steps, self.inputs, images)
+            return run_program(self.steps, self.inputs, codes)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """int32 logits (N, num_classes), in the reference model's units, of uint8 images (N, C, H, W)."""
+        """int32 logits (N, num_classes), in the reference model's units, of integer lattice values (N, C, H, W)."""
         return self(images)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Top-1 labels (N,) int64 of uint8 images (N, C, H, W); ties go to the lowest class index."""
+        """Top-1 labels (N,) int64 of integer lattice values (N, C, H, W); ties go to the lowest class index."""
         return self(images).argmax(1)
 
 

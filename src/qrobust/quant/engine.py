@@ -9,7 +9,9 @@ int32 matrix product, which torch supports exactly on CPU (no float BLAS involve
 favours being obviously right over being fast.
 
 An ``Int8Model`` is a straight-line program: ``ops[i]`` reads the values ``inputs[i]`` (value 0 is
-the uint8 image) and writes value ``i + 1``; the last value is the int32 logits.
+the uint8 codes of the input) and writes value ``i + 1``; the last value is the int32 logits. Before
+the program runs, the model's input quantizer maps integer lattice values (uint8 images, or unclipped
+x + noise) to those codes, by an integer rounding division (``numerics.lattice_codes``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from qrobust.quant.numerics import UINT8_MAX, pad_channels, requantize, rounding_right_shift
+from qrobust.quant.numerics import (
+    UINT8_MAX,
+    input_grid,
+    lattice_codes,
+    pad_channels,
+    requantize,
+    rounding_right_shift,
+)
 
 INT32_MAX = 2**31 - 1
+LATTICE_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # what int8 models read
 
 
 def run_program(ops: Sequence[nn.Module], inputs: Sequence[tuple[int, ...]], x: torch.Tensor) -> torch.Tensor:
@@ -246,22 +256,31 @@ OPS: dict[str, type[IntOp]] = {
 
 
 class Int8Model(nn.Module):
-    """An int8 classifier run by the integer reference engine: uint8 images in, int32 logits out.
+    """An int8 classifier run by the integer reference engine: integer lattice values in, int32 logits out.
 
-    Made by ``convert`` from a QAT model. It reads images on the uint8 lattice directly (input scale
-    1/255, zero point 0): the model's Normalize is folded into its first layer. Logits are integers
-    in units of ``logit_scale``; only their argmax matters to randomized smoothing.
+    Made by ``convert`` from a QAT model. It reads integer lattice values v directly: uint8 images, or
+    x + noise unclipped (int16, int32). Its input quantizer maps them to uint8 codes
+    clamp(round_half_up(v / step) + zero_point, 0, 255) with ``numerics.input_grid(input_margin)``;
+    margin 0 (the default) is clamp(v, 0, 255), i.e. input scale 1/255, zero point 0. The model's
+    Normalize is folded into its first layer. Logits are integers in units of ``logit_scale``; only
+    their argmax matters to randomized smoothing. The whole map from v to the logits is a fixed
+    integer function, so it is a valid base classifier for lattice certificates (docs/intrs-radius.md).
 
     Args:
         ops: the integer ops, in execution order.
-        inputs: for each op, the indices of the values it reads (0 is the image).
-        value_qparams: (scale, zero_point) of every value, the image's (1/255, 0) first.
+        inputs: for each op, the indices of the values it reads (0 is the input codes).
+        value_qparams: (scale, zero_point) of every value, the input codes' (step / 255, zero_point) first.
+        input_margin: lattice units the input range extends beyond [0, 255] (``QuantConfig.input_margin``).
 
-    Shapes: (N, C, H, W) uint8 -> (N, num_classes) int32.
+    Shapes: (N, C, H, W) integer -> (N, num_classes) int32.
     """
 
     def __init__(
-        self, ops: Sequence[IntOp], inputs: Sequence[Sequence[int]], value_qparams: Sequence[tuple[float, int]]
+        self,
+        ops: Sequence[IntOp],
+        inputs: Sequence[Sequence[int]],
+        value_qparams: Sequence[tuple[float, int]],
+        input_margin: int = 0,
     ):
         super().__init__()
         if len(ops) != len(inputs) or len(value_qparams) != len(ops) + 1:
@@ -272,6 +291,13 @@ class Int8Model(nn.Module):
         self.ops = nn.ModuleList(ops)
         self.inputs = tuple(tuple(int(i) for i in args) for args in inputs)
         self.value_qparams = tuple((float(scale), int(zero_point)) for scale, zero_point in value_qparams)
+        self.input_margin = input_margin
+        self.input_step, self.input_zero_point = input_grid(input_margin)
+        if self.value_qparams[0] != (self.input_step / UINT8_MAX, self.input_zero_point):
+            raise ValueError(
+                f"input qparams {self.value_qparams[0]} do not match input margin {input_margin} "
+                f"(step {self.input_step}, zero point {self.input_zero_point})"
+            )
         for step, args in enumerate(self.inputs):
             if not args or not all(0 <= i <= step for i in args):
                 raise ValueError(f"op {step} reads values {list(args)}; it may only read values 0..{step}")
@@ -283,15 +309,19 @@ class Int8Model(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return run_program(self.ops, self.inputs, self.input_codes(images))
+
+    def input_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """The uint8 codes (N, C, H, W) the program reads, of integer lattice values (N, C, H, W)."""
         check_images(images)
-        return run_program(self.ops, self.inputs, images)
+        return lattice_codes(images, self.input_step, self.input_zero_point)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """int32 logits (N, num_classes) of uint8 images (N, C, H, W)."""
+        """int32 logits (N, num_classes) of integer lattice values (N, C, H, W)."""
         return self(images)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Top-1 labels (N,) int64 of uint8 images (N, C, H, W); ties go to the lowest class index."""
+        """Top-1 labels (N,) int64 of integer lattice values (N, C, H, W); ties go to the lowest class index."""
         return self(images).argmax(1)
 
     def spec(self) -> dict[str, Any]:
@@ -299,11 +329,15 @@ class Int8Model(nn.Module):
         return {
             "ops": [{"kind": op.kind, "inputs": list(args), **op.spec()} for op, args in zip(self.ops, self.inputs)],
             "value_qparams": [list(pair) for pair in self.value_qparams],
+            "input_margin": self.input_margin,
         }
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Int8Model:
-        """An Int8Model with the structure ``spec`` describes and zero tensors; load a state_dict next."""
+        """An Int8Model with the structure ``spec`` describes and zero tensors; load a state_dict next.
+
+        A spec without ``input_margin`` (written before the option existed) has margin 0.
+        """
         ops, inputs = [], []
         for entry in spec["ops"]:
             options = dict(entry)
@@ -312,13 +346,13 @@ class Int8Model(nn.Module):
                 raise ValueError(f"unknown integer op {kind!r}; known ops: {', '.join(OPS)}")
             ops.append(OPS[kind](**options))
             inputs.append(args)
-        return cls(ops, inputs, [tuple(pair) for pair in spec["value_qparams"]])
+        return cls(ops, inputs, [tuple(pair) for pair in spec["value_qparams"]], spec.get("input_margin", 0))
 
 
 def check_images(images: torch.Tensor) -> None:
-    """Raise ValueError unless ``images`` is a uint8 (N, C, H, W) batch on the lattice."""
-    if images.dtype != torch.uint8 or images.dim() != 4:
+    """Raise ValueError unless ``images`` is an integer (N, C, H, W) batch of lattice values."""
+    if images.dtype not in LATTICE_DTYPES or images.dim() != 4:
         raise ValueError(
-            f"int8 models take uint8 lattice images of shape (N, C, H, W), got {images.dtype} of shape "
-            f"{tuple(images.shape)}; map [0, 1] floats with (x * 255).round().clamp(0, 255).to(torch.uint8)"
+            f"int8 models take integer lattice values of shape (N, C, H, W) (uint8 images, or int16 x + noise), got "
+            f"{images.dtype} of shape {tuple(images.shape)}; map [0, 1] floats with (x * 255).round().to(torch.int16)"
         )

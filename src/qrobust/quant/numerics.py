@@ -19,6 +19,7 @@ UINT8_MAX = 255
 INT8_MAX = 127  # weights use -127..127, symmetric, as in Jacob et al. (section 2.1)
 MULTIPLIER_BITS = 31  # fixed-point multipliers are int32 in [2^30, 2^31)
 MAX_SHIFT = 62  # a product of an int32 accumulator and a multiplier fits in 62 bits
+MAX_INPUT_MARGIN = 16_000  # keeps the input step <= 127: see lattice_codes; 7.8 x the largest sampler sigma_int
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,46 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """
     x = torch.clamp(x, -zero_point * scale, (UINT8_MAX - zero_point) * scale)
     return x + (round_half_up(x / scale) * scale - x).detach()
+
+
+def input_grid(margin: int) -> tuple[int, int]:
+    """(step, zero_point) of the input quantizer whose uint8 codes cover the lattice values [-margin, 255 + margin].
+
+    Code c stands for the lattice value (c - zero_point) * step, so the real input is
+    (step / 255) * (c - zero_point). The step is the smallest odd integer for which codes 0 and 255
+    reach -margin and 255 + margin: every lattice value in that range is then rounded by at most
+    step / 2, none is clamped. Odd, so that v / step is never halfway between two codes and float fake
+    quantization (QAT) rounds exactly as the integer division of ``lattice_codes`` does. Margin 0 gives
+    (1, 0): the codes are the uint8 pixel values themselves.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_INPUT_MARGIN:
+        raise ValueError(f"input_margin must be an int in [0, {MAX_INPUT_MARGIN}], got {margin!r}")
+    step, zero_point = 1, margin
+    while (UINT8_MAX - zero_point) * step < UINT8_MAX + margin:  # code 255 falls short of 255 + margin
+        step += 2
+        zero_point = -(-margin // step)  # ceil(margin / step): code 0 reaches -margin
+    return step, zero_point
+
+
+def lattice_codes(values: torch.Tensor, step: int, zero_point: int) -> torch.Tensor:
+    """uint8 codes clamp(round_half_up(v / step) + zero_point, 0, 255) of integer lattice values v, integer-only.
+
+    ``values`` is uint8 (images) or int16/int32/int64 (x + noise, unclipped); ``(step, zero_point)``
+    comes from ``input_grid``. Step 1 (margin 0) is clamp(v, 0, 255), and uint8 images are returned as
+    they are. Otherwise v is clamped to the lattice values of codes 0 and 255, [low, high], which gives
+    the same codes; then, h = (step - 1) / 2 (the step is odd), code = floor((v - low + h) / step) with
+    0 <= v - low + h < 256 step, computed exactly as ((v - low + h) * m) >> s with m = ceil(2^s / step),
+    s = 8 + 2 bit_length(step): the error (v - low + h)(m step - 2^s) / (step 2^s) is < 1 / step
+    (Granlund & Montgomery, PLDI 1994), and the product stays below 2^31 for step <= 127.
+    """
+    if step == 1:
+        return values if values.dtype == torch.uint8 else values.clamp(0, UINT8_MAX).to(torch.uint8)
+    low, high = -zero_point * step, (UINT8_MAX - zero_point) * step
+    shift = 8 + 2 * step.bit_length()
+    multiplier = -(-(1 << shift) // step)
+    # uint8 images lie inside [low, high]; either way v is a fresh int32 tensor that may be changed in place
+    v = values.to(torch.int32) if values.dtype == torch.uint8 else values.clamp(low, high).to(torch.int32)
+    return v.sub_(low - step // 2).mul_(multiplier).bitwise_right_shift_(shift).to(torch.uint8)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

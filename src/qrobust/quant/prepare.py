@@ -111,7 +111,7 @@ class _Builder:
         self.name = type(model).__name__
         self.modules = dict(model.named_modules())
         self.config = config
-        self.input_quant = InputQuant()
+        self.input_quant = InputQuant(config.input_margin)
         self.steps: list[nn.Module] = []
         self.inputs: list[tuple[int, ...]] = []
         # per value: the quantizer that sets its qparams (None for the logits, which nothing reads)
@@ -174,7 +174,9 @@ class _Builder:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         arg = node.args[0] if node.args else None
         if kind == "normalize":
-            self.env[node] = _Normalized(self._value(node, arg), module)
+            if self._value(node, arg) != 0:  # folding pads on, and is checked against, the input grid
+                raise self._fail(node, "normalises an intermediate value; Normalize must read the model input")
+            self.env[node] = _Normalized(0, module)
         elif kind == "identity":
             self.env[node] = self.env[arg]
         elif kind in ("conv", "linear"):

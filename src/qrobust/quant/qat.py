@@ -4,9 +4,11 @@ Quantization-aware training after Jacob et al., "Quantization and Training of Ne
 Efficient Integer-Arithmetic-Only Inference" (CVPR 2018, section 3): the float forward pass rounds
 weights (per-channel symmetric int8) and activations (asymmetric uint8, ranges from exponential
 moving averages of batch min/max) exactly where the integer engine will, BatchNorm is folded into the
-conv before its weights are rounded, and gradients pass straight through the rounding. The input is
-clipped to [0, 1] and rounded to the uint8 lattice (scale 1/255, zero point 0), which is what the
-int8 model will read, so noisy training inputs outside [0, 1] are treated as deployment treats them.
+conv before its weights are rounded, and gradients pass straight through the rounding. The input
+quantizer maps the float input x = v / 255 (v a lattice value, noise allowed, unclipped) to the uint8
+codes the int8 model will compute from v: clipped to [0, 1] and rounded to k/255 by default, or, with
+``QuantConfig(input_margin=M)``, clipped to [-M, 255 + M] / 255 and rounded to an odd integer step
+(``numerics.input_grid``), so noisy inputs are treated in training as deployment treats them.
 
 Evaluation pitfall: rounding has zero gradient almost everywhere, so gradient attacks on a QAT or int8
 model see only the straight-through surrogate; attack the float model or use gradient-free attacks.
@@ -26,6 +28,7 @@ from torch import nn
 
 from qrobust.quant.engine import (
     INT32_MAX,
+    LATTICE_DTYPES,
     Int8Model,
     IntAdd,
     IntConv2d,
@@ -42,6 +45,7 @@ from qrobust.quant.numerics import (
     activation_qparams,
     fake_quantize,
     fake_quantize_affine,
+    input_grid,
     pad_channels,
     quantize_multiplier,
     quantize_multipliers,
@@ -50,7 +54,6 @@ from qrobust.quant.numerics import (
 )
 
 QParams = tuple[float, int]  # (scale, zero_point) of a value in the integer program
-INPUT_QPARAMS: QParams = (1.0 / UINT8_MAX, 0)
 
 
 @dataclass(frozen=True)
@@ -60,23 +63,48 @@ class QuantConfig:
     Args:
         ema_decay: smoothing of the activation ranges' moving averages during training, in [0, 1)
             (default 0.99; Jacob et al. use a value close to 1). Calibration uses plain min/max.
+        input_margin: lattice units the input range extends below 0 and above 255 (default 0: inputs
+            are clipped to the pixel range [0, 255]). Smoothing noise at large sigma pushes x + n far
+            outside [0, 255]; a margin of about 2 sigma_int (255 at sigma = 0.5) lets the model read it
+            unclipped, at the price of an odd input step > 1 (3 for margins up to 255, 5 up to 510).
     """
 
     ema_decay: float = 0.99
+    input_margin: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        input_grid(self.input_margin)  # validates the margin
 
 
 class InputQuant(nn.Module):
-    """Clip to [0, 1] and round to the uint8 lattice k/255: the int8 model's input, made differentiable."""
+    """The int8 model's input quantizer, made differentiable: x = v / 255 is clipped to
+    [-margin, 255 + margin] / 255 and rounded to multiples of step / 255 (``numerics.input_grid``),
+    with straight-through gradients inside the range. Margin 0: clip to [0, 1], round to k/255.
+    """
+
+    def __init__(self, margin: int = 0) -> None:
+        super().__init__()
+        self.margin = margin
+        self.step, self.zero_point = input_grid(margin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, *self.qparams())
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(INPUT_QPARAMS[0]), torch.tensor(float(INPUT_QPARAMS[1]))
+        return torch.tensor(self.code_qparams()[0]), torch.tensor(float(self.zero_point))
+
+    def code_qparams(self) -> QParams:
+        """(scale, zero_point) of the uint8 codes, in double precision, as the integer program records them."""
+        return self.step / UINT8_MAX, self.zero_point
+
+    def grid_index(self, x: torch.Tensor) -> torch.Tensor:
+        """round_half_up(255 x / step), as float: the input grid point nearest x (its code minus the zero point)."""
+        return round_half_up(UINT8_MAX * x / self.step)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, step={self.step}, zero_point={self.zero_point}"
 
 
 class ActQuant(nn.Module):
@@ -227,9 +255,9 @@ class QConv2d(_QAffine):
     weight is scaled by gamma / sqrt(running_var + eps) and rounded; in training the conv output is
     unscaled again and normalised with batch statistics (which also updates the running ones), in
     evaluation the folded bias is added, which is exactly what the integer conv computes.
-    With Normalize folded in, the raw image is padded with the lattice value round(255 * mean_c)/255
-    per channel: zero padding in normalised space is mean padding in raw space, up to 0.5/255 of
-    rounding at the border.
+    With Normalize folded in, the raw image is padded with the input grid value nearest mean_c per
+    channel: zero padding in normalised space is mean padding in raw space, up to step/2 / 255 of
+    rounding at the border (0.5/255 without an input margin).
 
     Shapes: (N, C, H, W) -> (N, O, OH, OW).
     """
@@ -246,8 +274,9 @@ class QConv2d(_QAffine):
         super().__init__(relu, normalize, input_quant, out_quant)
         self.conv = conv
         self.bn = bn
-        if normalize is not None:
-            self.register_buffer("pad_value", round_half_up(UINT8_MAX * self.input_mean) / UINT8_MAX)
+        if normalize is not None:  # prepare_qat folds only a Normalize of the model input, read by InputQuant
+            grid = input_quant.grid_index(self.input_mean)
+            self.register_buffer("pad_value", grid * input_quant.step / UINT8_MAX)
 
     def _bn_scale(self) -> torch.Tensor:
         return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (O,)
@@ -277,7 +306,8 @@ class QConv2d(_QAffine):
     def _integer_op(self, weight_shape: tuple[int, ...], **affine: object) -> IntOp:
         op = IntConv2d(weight_shape, self.conv.stride, self.conv.padding, **affine)
         if self.input_mean is not None:
-            op.pad_value.copy_(round_half_up(UINT8_MAX * self.input_mean).to(torch.uint8))
+            code = self.input_quant.grid_index(self.input_mean) + self.input_quant.zero_point
+            op.pad_value.copy_(code.to(torch.uint8))
         return op
 
 
@@ -371,11 +401,12 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 class QATModel(nn.Module):
-    """A fake-quantized model from ``prepare_qat``: floats in [0, 1] in (noise allowed), float logits out.
+    """A fake-quantized model from ``prepare_qat``: floats v / 255 in (v a lattice value, or any float:
+    noise allowed, unclipped; the input quantizer clips and rounds), float logits out.
 
     It is a plain nn.Module, so ``qrobust.train.train`` trains it unchanged; ``calibrate`` sets its
     ranges after training or instead of it, and ``convert`` turns it into an ``Int8Model``.
-    ``steps[i]`` reads the values ``inputs[i]`` (value 0 is the input rounded to the uint8 lattice).
+    ``steps[i]`` reads the values ``inputs[i]`` (value 0 is the input on the input quantizer's grid).
 
     Shapes: (N, C, H, W) -> (N, num_classes).
     """
@@ -393,15 +424,17 @@ class QATModel(nn.Module):
 def calibrate(model: QATModel, images: torch.Tensor, *, batch_size: int = 256) -> QATModel:
     """Post-training quantization: set every activation range to the min/max seen on ``images``.
 
-    Runs ``model`` in evaluation mode (BatchNorm uses its running statistics) on ``images``: uint8
-    (N, C, H, W) lattice images, or floats (e.g. noisy [0, 1] images; the input quantizer clips).
-    A few hundred images usually suffice. Returns ``model``, calibrated in place.
+    Runs ``model`` in evaluation mode (BatchNorm uses its running statistics) on ``images``: integer
+    (N, C, H, W) lattice values (uint8 images, or noisy int16 x + n, unclipped; divided by 255), or
+    floats (e.g. noisy [0, 1] images); the input quantizer clips and rounds. A few hundred images
+    usually suffice. Returns ``model``, calibrated in place.
     """
     if not isinstance(model, QATModel):
         raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")
-    if images.dim() != 4 or not (images.dtype == torch.uint8 or images.is_floating_point()):
+    if images.dim() != 4 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):
         raise ValueError(
-            f"images must be uint8 or float of shape (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}"
+            f"images must be integer lattice values or float of shape (N, C, H, W), got {images.dtype} of shape "
+            f"{tuple(images.shape)}"
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -415,7 +448,7 @@ def calibrate(model: QATModel, images: torch.Tensor, *, batch_size: int = 256) -
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = images[start : start + batch_size]
-                model(batch.float() / UINT8_MAX if batch.dtype == torch.uint8 else batch)
+                model(batch if batch.is_floating_point() else batch.float() / UINT8_MAX)
     finally:
         for quant in quants:
             quant.calibrating = False
@@ -427,16 +460,16 @@ def convert(model: QATModel) -> Int8Model:
     """The integer-only ``Int8Model`` that computes what ``model`` simulates (in evaluation mode).
 
     Weights become int8 with per-channel scales, biases int32, every rescaling a fixed-point multiplier;
-    BatchNorm uses its running statistics. Raises RuntimeError if ``model`` was neither trained nor
-    calibrated (its activation ranges are unknown).
+    BatchNorm uses its running statistics; the input quantizer's margin carries over. Raises
+    RuntimeError if ``model`` was neither trained nor calibrated (its activation ranges are unknown).
     """
     if not isinstance(model, QATModel):
         raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")
-    qparams: list[QParams] = [INPUT_QPARAMS]
+    qparams: list[QParams] = [model.input_quant.code_qparams()]
     ops: list[IntOp] = []
     with torch.no_grad():
         for step, args in zip(model.steps, model.inputs):
             op, out_qparams = step.to_integer([qparams[i] for i in args])
             ops.append(op)
             qparams.append(out_qparams)
-    return Int8Model(ops, model.inputs, qparams)
+    return Int8Model(ops, model.inputs, qparams, input_margin=model.input_quant.margin)

@@ -3,8 +3,10 @@
 A file is a ``torch.save`` archive of tensors and strings only, read with ``weights_only=True``:
 ``{"format": "qrobust-int8", "format_version": 1, "program": <JSON of Int8Model.spec()>,
 "layout": <JSON {tensor name: [dtype, offset, shape]}>, "metadata": <JSON>, "tensors": {dtype: 1-d tensor}}``.
-Packing all int8 weights into one tensor (and likewise int32, uint8, float64) keeps the per-tensor
-archive overhead out of the file, which is a little over a quarter of the float checkpoint's size.
+The program's ``input_margin`` (``QuantConfig.input_margin``) is absent from files written before the
+option existed; they load with margin 0, which is what they were made with. Packing all int8 weights
+into one tensor (and likewise int32, uint8, float64) keeps the per-tensor archive overhead out of the
+file, which is a little over a quarter of the float checkpoint's size.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Smoothing methods: how a clean image becomes the noisy inputs of the base model, and which radius a
 vote count certifies.
 
-Each method defines its base classifier's view of x + noise (float for an fp32 model, the uint8 lattice
-for an int8 model) and the certified l2 radius, in [0, 1] pixel units, for ``count`` votes of the top
-class out of ``n`` at confidence 1 - alpha.
+Each method defines its base classifier's view of x + noise (float for an fp32 model, integer lattice
+values for an int8 model) and the certified l2 radius, in [0, 1] pixel units, for ``count`` votes of the
+top class out of ``n`` at confidence 1 - alpha. Nothing is clipped here: x + noise leaves the pixel
+range, and the model decides how to read it (an int8 model's input quantizer clips to its input range,
+``QuantConfig.input_margin``). Whatever it does is part of the base classifier, so no radius changes.
 """
 
 from __future__ import annotations
@@ -78,29 +80,33 @@ class FloatRS(_Additive):
 
 @dataclass(frozen=True)
 class FloatRSQuant(FloatRS):
-    """FloatRS-quant: Gaussian noise added in float, the noisy image rounded to the uint8 lattice (clipped
-    to [0, 255]) and classified by an int8 model.
+    """FloatRS-quant: Gaussian noise added in float, the noisy image rounded to the nearest integer lattice
+    value, unclipped (int16), and classified by an int8 model, whose input quantizer clips.
 
-    Rounding and clipping are part of the base classifier, so Cohen et al.'s radius stays sound.
+    Rounding and the model's clipping are part of the base classifier, so Cohen et al.'s radius stays
+    sound. The int16 range (|255 (x + n)| < 2^15, i.e. draws within ~128 / sigma std) is saturated only to
+    keep the conversion defined.
     """
 
     name = "float-quant"
 
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return super().apply(images, noise).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        lattice = super().apply(images, noise).mul_(255).round_()
+        return lattice.clamp_(torch.iinfo(torch.int16).min, torch.iinfo(torch.int16).max).to(torch.int16)
 
 
 @dataclass(frozen=True)
 class IntRS(_Additive):
     """IntRS-quant: discrete Gaussian noise N_Z(0, (sigma * 255)^2 I) added to the uint8 lattice image, the
-    sum clipped to [0, 255] and classified by an int8 model (Lin et al., ICCV 2021).
+    unclipped int16 sum classified by an int8 model (Lin et al., ICCV 2021).
 
     Noise, inference and certification are integer-only: the radius is one lookup by the vote count in a
     table precomputed per (sigma, n, alpha). The table is the sound radius of ``qrobust.smoothing.lattice``
     (the paper's own radius over-certifies; docs/intrs-radius.md): with probability >= 1 - alpha, g is
     constant on every lattice point x + delta with ||delta||_2^2 <= the table's squared radius (lattice
-    units); ``radius`` reports its square root / 255, in [0, 1] pixel units. Clipping is part of the base
-    classifier, so it does not affect soundness.
+    units); ``radius`` reports its square root / 255, in [0, 1] pixel units. The base classifier may be
+    any deterministic function of the lattice point x + n (the int8 model's input quantizer clips and
+    rounds it), so how the model reads values outside [0, 255] does not affect soundness.
     """
 
     sigma: float
@@ -116,7 +122,7 @@ class IntRS(_Additive):
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise ValueError(f"IntRS takes uint8 lattice images, got dtype {images.dtype}")
-        return (noise + images).clamp_(0, 255).to(torch.uint8)
+        return noise + images  # int16, unclipped
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         return self.table(n, alpha).radius(count)

@@ -38,7 +38,7 @@ class TrainConfig:
 
     ``sigma`` is the std of the noise augmentation in [0, 1] units (0: none); ``noise`` picks its kind:
     "gaussian" (continuous, for FloatRS) or "discrete" (N_Z(0, (255 sigma)^2) on the uint8 lattice,
-    clipped to [0, 255], exactly what IntRS certifies with).
+    unclipped, exactly what IntRS certifies with; an int8 model clips to its own input range).
 
     ``loss`` is one of natural (needs sigma 0), gaussian (natural loss on noisy inputs, needs sigma > 0;
     the default picks one of these two from sigma), pgd, trades (weight ``beta``) or tradeoff (``alpha`` * natural + ``beta`` * PGD loss); the
@@ -233,8 +233,8 @@ def accuracy(
 def model_inputs(images: torch.Tensor, noise: SmoothingMethod | None, generator: torch.Generator | None) -> torch.Tensor:
     """Float [0, 1] model inputs from uint8 images, with the smoothing method's noise if one is given.
 
-    Methods that feed int8 models return noisy lattice images; their float view is what a
-    quantization-aware model trains on.
+    Methods that feed int8 models return noisy integer lattice values (unclipped); their float view
+    v / 255 is what a quantization-aware model trains on (its input quantizer clips).
     """
     inputs = images if noise is None else noise.perturb(images, generator)
     return inputs if inputs.is_floating_point() else to_unit_interval(inputs)
