@@ -16,17 +16,7 @@ from qrobust.models import (
     model_names,
 )
 
-
-def make_info(shape: tuple[int, int, int], num_classes: int = 10) -> DatasetInfo:
-    channels = shape[0]
-    return DatasetInfo(
-        name=f"fake{'x'.join(map(str, shape))}",
-        shape=shape,
-        classes=tuple(f"c{i}" for i in range(num_classes)),
-        mean=tuple(0.4 + 0.05 * c for c in range(channels)),
-        std=tuple(0.2 + 0.02 * c for c in range(channels)),
-    )
-
+from .test_models import make_info
 
 GRAY28 = make_info((1, 28, 28))
 SMALL = make_info((3, 8, 8), num_classes=5)  # ResNets pool globally, so 8x8 keeps the tests fast

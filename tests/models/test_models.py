@@ -10,7 +10,7 @@ from qrobust.data.base import DatasetInfo
 from qrobust.models import CifarResNet, Normalize, build_model, count_parameters, model_names
 
 
-def make_info(shape: tuple[int, int, int], num_classes: int) -> DatasetInfo:
+def make_info(shape: tuple[int, int, int], num_classes: int = 10) -> DatasetInfo:
     channels = shape[0]
     return DatasetInfo(
         name=f"fake{channels}x{shape[1]}x{shape[2]}",
