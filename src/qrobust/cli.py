@@ -43,7 +43,7 @@ from qrobust.smoothing import (
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_alpha, check_count
-from qrobust.quant import QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8, sparsity_report
+from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8, sparsity_report
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -87,8 +87,8 @@ def train_command(
     attack_steps: Annotated[int, typer.Option(help="PGD steps of the training adversaries.")] = 10,
     quant: Annotated[str, typer.Option(help="Low-bit weights: none, bc (BinaryConnect) or br (Binary-Relax).")] = "none",
     bits: Annotated[int, typer.Option(help="Weight bits with --quant: 1 binary, 2 ternary, 4 (15 levels).")] = 1,
-    rho: Annotated[float, typer.Option(help="Binary-Relax: growth factor of lambda per epoch (> 1).")] = 1.5,
-    cutoff_epoch: Annotated[int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection.")] = 0,
+    rho: Annotated[float, typer.Option(help="Binary-Relax: growth factor of lambda per epoch (> 1).")] = LowBitConfig.rho,
+    cutoff_epoch: Annotated[int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection (0: BinaryConnect).")] = LowBitConfig.cutoff_epoch,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 90,
     batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
     lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.1,

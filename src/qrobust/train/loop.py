@@ -41,8 +41,8 @@ class TrainConfig:
     unclipped, exactly what IntRS certifies with; an int8 model clips to its own input range).
 
     ``loss`` is one of natural (needs sigma 0), gaussian (natural loss on noisy inputs, needs sigma > 0;
-    the default picks one of these two from sigma), pgd, trades (weight ``beta``) or tradeoff (``alpha`` * natural + ``beta`` * PGD loss); the
-    adversaries are l_inf PGD with ``eps``, ``step_size`` and ``attack_steps`` in [0, 1] pixel units.
+    the default picks one of these two from sigma), pgd, trades (weight ``beta``) or tradeoff
+    (``alpha`` * natural + ``beta`` * PGD loss); the adversaries are l_inf PGD with ``eps``, ``step_size`` and ``attack_steps`` in [0, 1] pixel units.
     ``quant`` "bc" or "br" trains ``bits``-bit weights by BinaryConnect or Binary-Relax (lambda grows
     by ``rho`` each epoch until ``cutoff_epoch``, then pure projection).
     """
