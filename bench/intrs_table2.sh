@@ -9,13 +9,15 @@
 #   DATASET=cifar10 MODEL=resnet20 EPOCHS=90 LR=0.1 LR_STEP=30 QAT_EPOCHS=5 DATA_ROOT=data \
 #       bench/intrs_table2.sh "0.12 0.25 0.5 1.0" 100000 500
 # Re-running resumes: finished trainings and certifications are kept.
+# INPUT_MARGIN=M makes the int8 model read unclipped noisy lattice inputs in [-M, 255 + M] (docs/intrs-radius.md, section 5);
+# QAT_LR_STEP drops the QAT learning rate every so many epochs. The committed main tables used INPUT_MARGIN=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIGMAS=${1:-"0.12 0.25 0.5 1.0"}
 N=${2:-10000}
 IMAGES=${3:-500}
 DATASET=${DATASET:-fashion-mnist} MODEL=${MODEL:-cnn} EPOCHS=${EPOCHS:-5} LR=${LR:-0.05} LR_STEP=${LR_STEP:-3}
-QAT_EPOCHS=${QAT_EPOCHS:-2} DATA_ROOT=${DATA_ROOT:-}
+QAT_EPOCHS=${QAT_EPOCHS:-2} QAT_LR_STEP=${QAT_LR_STEP:-30} INPUT_MARGIN=${INPUT_MARGIN:-0} DATA_ROOT=${DATA_ROOT:-}
 RUNS=${RUNS:-runs/intrs} OUT=${OUT:-results/intrs}
 BIN=.venv/bin
 ROOT=(); [ -n "$DATA_ROOT" ] && ROOT=(--data-root "$DATA_ROOT")
@@ -25,8 +27,8 @@ for sigma in $SIGMAS; do
     fp32="$RUNS/$MODEL-$sigma.pt" qat="$RUNS/$MODEL-$sigma-qat.pt" int8="$RUNS/$MODEL-$sigma.int8.pt"
     $BIN/qrobust train --dataset "$DATASET" "${ROOT[@]}" --model "$MODEL" --sigma "$sigma" --epochs "$EPOCHS" \
         --lr "$LR" --lr-step "$LR_STEP" --batch-size 128 --seed 0 --resume --output "$fp32"
-    $BIN/qrobust train --init "$fp32" "${ROOT[@]}" --qat --noise discrete --sigma "$sigma" --epochs "$QAT_EPOCHS" \
-        --lr 0.005 --batch-size 128 --seed 0 --resume --output "$qat"
+    $BIN/qrobust train --init "$fp32" "${ROOT[@]}" --qat --input-margin "$INPUT_MARGIN" --noise discrete --sigma "$sigma" \
+        --epochs "$QAT_EPOCHS" --lr 0.005 --lr-step "$QAT_LR_STEP" --batch-size 128 --seed 0 --resume --output "$qat"
     [ "$int8" -nt "$qat" ] || $BIN/qrobust quantize "$qat" "${ROOT[@]}" --overwrite --output "$int8"
     for method in float-fp float-quant int; do
         model=$int8; [ "$method" = float-fp ] && model=$fp32
