@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from qrobust.data import LatticeDataset
+from qrobust.smoothing.adaptive import SampleSchedule, certify_adaptive
 from qrobust.smoothing.core import SmoothedClassifier
 from qrobust.smoothing.records import ABSTAIN, CertifyRow, PredictRow
 
@@ -32,12 +33,24 @@ def certify_examples(
     n: int,
     alpha: float,
     seed: int = 0,
+    settle_radii: Sequence[float] | None = None,
 ) -> Iterator[CertifyRow]:
-    """Certify ``dataset`` at ``indices`` in order, yielding one row per example as it finishes."""
+    """Certify ``dataset`` at ``indices`` in order, yielding one row per example as it finishes.
+
+    With ``settle_radii``, each example is certified adaptively (``certify_adaptive``): at most ``n``
+    estimation samples, in doubling rounds from 1,000, stopping once these radii are settled.
+    """
+    schedule = None if settle_radii is None else SampleSchedule(n)
     for index in indices:
         started = time.perf_counter()
         x = dataset.images[index]  # (C, H, W) uint8
-        certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=example_generator(seed, index))
+        generator = example_generator(seed, index)
+        if schedule is None:
+            certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=generator)
+        else:
+            certificate = certify_adaptive(
+                smoothed, x, n0=n0, schedule=schedule, alpha=alpha, radii=settle_radii, generator=generator
+            )
         label = ABSTAIN if certificate.abstained else certificate.label
         yield CertifyRow(index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started)
 
