@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -40,6 +41,7 @@ from qrobust.smoothing import (
     evenly_spaced,
     predict_examples,
     read_certify_tsv,
+    read_predict_tsv,
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_alpha, check_count
@@ -65,6 +67,7 @@ NumExamples = Annotated[int, typer.Option(help="Number of examples, spread evenl
 BatchSize = Annotated[int, typer.Option(help="Noisy samples per forward pass (memory vs. speed; it shapes the noise stream, so it is recorded).")]
 Seed = Annotated[int, typer.Option(help="Seed of the noise; each example gets its own generator derived from it.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file instead of refusing.")]
+Resume = Annotated[bool, typer.Option(help="Continue an interrupted run with the same settings: keep its complete rows, run only the missing examples.")]
 
 
 @app.command("train")
@@ -285,16 +288,20 @@ def certify_command(
     data_root: DataRoot = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
+    adaptive: Annotated[bool, typer.Option(help="Draw the n samples in doubling rounds and stop each example once the --radii are settled (valid under optional stopping).")] = False,
+    radii: Annotated[str, typer.Option(help="With --adaptive: comma-separated l2 radii whose certification must be settled.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
     overwrite: Overwrite = False,
+    resume: Resume = False,
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
-    smoothed, data, indices = _start_run(
-        "certify", checkpoint, output, overwrite, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
+    settle = _parse_radii(radii) if adaptive else None
+    smoothed, data, indices, done = _start_run(
+        "certify", checkpoint, output, overwrite, resume, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
         alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
-        n0=n0, n=n,
+        settle_radii=settle, n0=n0, n=n,
     )  # fmt: skip
-    rows = certify_examples(smoothed, data, indices, n0=n0, n=n, alpha=alpha, seed=seed)
-    _write_rows(output, CERTIFY_HEADER, rows, len(indices), "certify")
+    rows = certify_examples(smoothed, data, indices[len(done) :], n0=n0, n=n, alpha=alpha, seed=seed, settle_radii=settle)
+    _write_rows(output, rows, done, len(indices), "certify")
     summary = summarize_rows(read_certify_tsv(output))
     console.print(f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
                   f"ACR {summary.average_certified_radius:.3f}  -> {output}")  # fmt: skip
@@ -316,15 +323,16 @@ def predict_command(
     batch_size: BatchSize = 256,
     seed: Seed = 0,
     overwrite: Overwrite = False,
+    resume: Resume = False,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
-    smoothed, data, indices = _start_run(
-        "predict", checkpoint, output, overwrite, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
+    smoothed, data, indices, done = _start_run(
+        "predict", checkpoint, output, overwrite, resume, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
         alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
         n=n,
     )  # fmt: skip
-    rows = predict_examples(smoothed, data, indices, n=n, alpha=alpha, seed=seed)
-    correct = _write_rows(output, PREDICT_HEADER, rows, len(indices), "predict")
+    rows = predict_examples(smoothed, data, indices[len(done) :], n=n, alpha=alpha, seed=seed)
+    correct = _write_rows(output, rows, done, len(indices), "predict")
     console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
 
 
@@ -356,17 +364,19 @@ def _method(name: str, sigma: float) -> SmoothingMethod:
     return METHODS[name](sigma)
 
 
-def _start_run(command: str, checkpoint: Path, output: Path, overwrite: bool, *, method: str, sigma: float, fast: bool,
-               noise_bank: bool, alpha: float, num_examples: int, split: str, data_root: Path | None, batch_size: int,
-               seed: int, **sample_counts: int):  # fmt: skip
-    """Check every argument and file, build the smoothed model and write the run config, before any result
-    is written; returns the smoothed model, the dataset split and the example indices."""
+def _start_run(command: str, checkpoint: Path, output: Path, overwrite: bool, resume: bool, *, method: str,
+               sigma: float, fast: bool, noise_bank: bool, alpha: float, num_examples: int, split: str,
+               data_root: Path | None, batch_size: int, seed: int, settle_radii: tuple[float, ...] | None = None,
+               **sample_counts: int):  # fmt: skip
+    """Check every argument and file, build the smoothed model and write the run config and the TSV header,
+    before any result is written; returns the smoothed model, the dataset split, the example indices and
+    the rows already done (by the interrupted run that ``resume`` continues)."""
     smoothing = _method(method, sigma)
     for name, value in sample_counts.items():
         check_count(name, value)
     check_alpha(alpha)
-    if output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    if output.exists() and not (overwrite or resume):
+        raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
     if isinstance(smoothing, FloatRSQuant | IntRS):
         saved = load_int8(checkpoint)
         info, metadata = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata
@@ -378,22 +388,62 @@ def _start_run(command: str, checkpoint: Path, output: Path, overwrite: bool, *,
     data = load_dataset(info.name, split, data_root)
     indices = evenly_spaced(len(data), num_examples)
     smoothed = SmoothedClassifier(base, info.num_classes, smoothing, batch_size, seed if noise_bank else None)
-    _write_config(output, {"command": command, "checkpoint": str(checkpoint), "method": method, "fast": fast,
-                           "noise_bank": noise_bank, "sigma": sigma, **sample_counts, "alpha": alpha, "split": split,
-                           "indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata})  # fmt: skip
-    return smoothed, data, indices
+    run_config = {"command": command, "checkpoint": str(checkpoint), "method": method, "fast": fast,
+                  "noise_bank": noise_bank, "sigma": sigma, **sample_counts, "alpha": alpha, "split": split,
+                  "indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata}  # fmt: skip
+    if settle_radii is not None:
+        run_config["settle_radii"] = list(settle_radii)
+    header, reader = (CERTIFY_HEADER, read_certify_tsv) if command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+    if resume and output.exists():
+        done = _resumable_rows(output, run_config, reader)
+    else:
+        done = []
+        _write_config(output, run_config)
+        _replace_text(output, header + "\n")
+    return smoothed, data, indices, done
 
 
-def _write_rows(output: Path, header: str, rows: Iterator, total: int, task: str) -> int:
-    """Write rows to the TSV ``output`` as they come (flushed each), with a progress bar; returns the number correct."""
-    correct = 0
-    with output.open("w") as table, progress_bar() as bar:
-        print(header, file=table, flush=True)
-        progress = bar.add_task(task, total=total, status="")
-        for done, row in enumerate(rows, start=1):
-            print(row.to_line(), file=table, flush=True)
+def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
+    """The complete rows of the interrupted run in ``output``, after checking it had the same settings."""
+    config_path = output.with_suffix(".json")
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise QRobustError(f"cannot resume {output}: its run config {config_path} is missing or corrupt") from None
+    current = json.loads(json.dumps(run_config))  # as it would read back from disk
+    changed = [key for key in current if saved.get(key) != current[key]]
+    if changed:
+        raise QRobustError(f"cannot resume {output}: it was run with other {', '.join(changed)}; "
+                           "pass --overwrite to start again")  # fmt: skip
+    done = reader(output, interrupted=True)
+    if [row.idx for row in done] != run_config["indices"][: len(done)]:
+        raise QRobustError(f"cannot resume {output}: its rows are not the run's first examples in order")
+    complete = output.read_bytes().rfind(b"\n") + 1
+    os.truncate(output, complete)  # drop a row cut off by the crash; complete rows stay byte for byte
+    return done
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temporary file renamed over it), so a crash leaves the old or the new file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _write_rows(output: Path, rows: Iterator, done: list, total: int, task: str) -> int:
+    """Append rows to the TSV ``output`` as they come, with a progress bar; returns the number correct.
+
+    Each row goes out whole in one write, newline last, then is flushed: a run killed at any moment
+    leaves complete rows and at most one cut-off last line, which ``--resume`` drops.
+    """
+    correct = sum(row.correct for row in done)
+    with output.open("a") as table, progress_bar() as bar:
+        progress = bar.add_task(task, total=total, completed=len(done), status="")
+        for count, row in enumerate(rows, start=len(done) + 1):
+            table.write(row.to_line() + "\n")
+            table.flush()
             correct += row.correct
-            bar.update(progress, advance=1, status=f"correct {correct}/{done}")
+            bar.update(progress, advance=1, status=f"correct {correct}/{count}")
     return correct
 
 

@@ -59,25 +59,36 @@ class PredictRow:
         return f"{self.idx}\t{self.label}\t{self.predict}\t{int(self.correct)}\t{datetime.timedelta(seconds=self.seconds)}"
 
 
-def read_certify_tsv(path: str | Path) -> list[CertifyRow]:
-    """Rows of a certification TSV; a malformed file raises QRobustError naming the line."""
+def read_certify_tsv(path: str | Path, *, interrupted: bool = False) -> list[CertifyRow]:
+    """Rows of a certification TSV; a malformed file raises QRobustError naming the line.
+
+    ``interrupted``: the run may have been killed while writing, so a last line without its newline
+    (cut off mid-write) is left out and a table with no rows yet is allowed.
+    """
     return _read_rows(
         path, "certification", CERTIFY_HEADER,
-        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])),
+        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])), interrupted,
     )  # fmt: skip
 
 
-def read_predict_tsv(path: str | Path) -> list[PredictRow]:
-    """Rows of a prediction TSV; a malformed file raises QRobustError naming the line."""
-    return _read_rows(path, "prediction", PREDICT_HEADER, lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])))
+def read_predict_tsv(path: str | Path, *, interrupted: bool = False) -> list[PredictRow]:
+    """Rows of a prediction TSV; a malformed file raises QRobustError naming the line (``interrupted``:
+    as for ``read_certify_tsv``)."""
+    return _read_rows(
+        path, "prediction", PREDICT_HEADER,
+        lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])), interrupted,
+    )  # fmt: skip
 
 
-def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any]) -> list:
+def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any], interrupted: bool) -> list:
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError as error:
         raise QRobustError(f"cannot read {kind} results {path}: {error.strerror or error}") from None
+    if interrupted and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # rows are written whole, newline last: drop a cut-off one
+    lines = text.splitlines()
     if not lines or lines[0].strip() != header:
         raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{header.expandtabs(1)}'")
     width = header.count("\t") + 1
@@ -90,7 +101,7 @@ def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[s
             rows.append(parse(fields))
         except ValueError as error:
             raise QRobustError(f"{path}, line {number}: {error}") from None
-    if not rows:
+    if not rows and not interrupted:
         raise QRobustError(f"{path} holds no examples")
     return rows
 
