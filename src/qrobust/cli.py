@@ -22,30 +22,26 @@ from rich.console import Console
 from rich.table import Table
 
 from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, LatticeInputs, evaluate_attacks
-from qrobust.data import DatasetInfo, dataset_info, load_dataset
+from qrobust.data import dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
-from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
-from qrobust.models.inference import freeze_for_inference
+from qrobust.models.checkpoint import Checkpoint, load_checkpoint, model_metadata, save_checkpoint
+from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.progress import progress_bar
 from qrobust.smoothing import (
     CERTIFY_HEADER,
     DEFAULT_RADII,
     PREDICT_HEADER,
-    FloatRS,
-    FloatRSQuant,
-    IntRS,
-    SmoothedClassifier,
-    SmoothingMethod,
-    certify_examples,
     evenly_spaced,
-    predict_examples,
     read_certify_tsv,
     read_predict_tsv,
     summarize_rows,
 )
-from qrobust.smoothing.confidence import check_alpha, check_count
-from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, fast_backend, load_int8, prepare_qat, save_int8, sparsity_report
+from qrobust.smoothing.confidence import check_count
+from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, load_int8, prepare_qat, save_int8, sparsity_report
+from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
+from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
+from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -161,16 +157,33 @@ def train_command(
 @app.command("quantize")
 def quantize_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train` (float, or --qat).")],
-    output: Annotated[Path, typer.Option(help="int8 model file to write (.int8.pt).")],
+    output: Annotated[Path, typer.Option(help="int8 model file to write (.int8.pt); with --method admm or lb a checkpoint (.pt), plus OUTPUT with suffix .codes.pt (integer codes and scales) and .json (run config and history).")],
     calibration_images: Annotated[int, typer.Option(help="Training images to calibrate a float model's activation ranges (post-training quantization; ignored for QAT checkpoints).")] = 512,
+    method: Annotated[str, typer.Option(help="int8 (Jacob et al.: QAT or PTQ, integer-only model), admm (Weng et al. 2020, low-bit weights by ADMM) or lb (Leng et al. 2018).")] = "int8",
+    bits: Annotated[int | None, typer.Option(help="admm/lb: weight bits per layer, 2..8 (codes -2^(bits-2)..2^(bits-2)); default 8.")] = None,
+    certified: Annotated[bool, typer.Option(help="admm: keep every layer's weights within the certified weight-perturbation radius (qrobust.bounds) of the float ones.")] = False,
+    percentile: Annotated[float | None, typer.Option(help="--certified: the radius of layer k is this percentile (0..100) of its certified bounds over --certify-images training images; default 50.")] = None,
+    certify_images: Annotated[int, typer.Option(help="--certified: correctly classified training images the percentile is taken over.")] = 100,
+    iterations: Annotated[int | None, typer.Option(help=f"admm/lb: ADMM iterations (default {ADMMConfig.iterations}).")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"admm/lb: SGD steps per ADMM iteration (default {ADMMConfig.steps}).")] = None,
     data_root: DataRoot = None,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration subset and its noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration subset and its noise (int8), or of the minibatches (admm, lb).")] = 0,
     overwrite: Overwrite = False,
 ) -> None:
     """Convert a checkpoint to an integer-only int8 model (Jacob et al. 2018): QAT checkpoints directly,
-    float ones after calibration on noisy training images (PTQ)."""
+    float ones after calibration on noisy training images (PTQ). With --method admm or lb: quantize a float
+    checkpoint's weights to low-bit codes and one scale per layer by ADMM, optionally certificate-aware."""
     if output.exists() and not overwrite:
         raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    lowbit_options = {"--bits": bits, "--percentile": percentile, "--iterations": iterations, "--steps": steps}
+    if method in ADMM_METHODS:
+        _quantize_admm(checkpoint, output, method, bits, certified, percentile, certify_images, iterations, steps, data_root, seed)
+        return
+    if method != "int8":
+        raise QRobustError(f"method must be one of int8, {', '.join(ADMM_METHODS)}, got {method!r}")
+    used = [name for name, value in lowbit_options.items() if value is not None] + (["--certified"] if certified else [])
+    if used:
+        raise QRobustError(f"{', '.join(used)} need --method admm or lb (not int8)")
     model, saved = load_model(checkpoint)
     info = saved.dataset_info
     noise = TrainConfig(sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")).noise_method()
@@ -194,6 +207,77 @@ def quantize_command(
     console.print(f"int8 model ({quantization}): {size / 1024:.1f} KiB, {100 * size / fp32_size:.0f}% of the "
                   f"{fp32_size / 1024:.1f} KiB of fp32 weights; clean accuracy {100 * accuracy_int8:.2f}%, "
                   f"top-1 agreement with the float model {100 * agreement:.2f}% ({len(test_set)} test images)  -> {output}")  # fmt: skip
+
+
+ADMM_METHODS = ("admm", "lb")
+
+
+def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None, certified: bool,
+                   percentile: float | None, certify_images: int, iterations: int | None, steps: int | None,
+                   data_root: Path | None, seed: int) -> None:  # fmt: skip
+    """``quantize --method admm|lb``: low-bit ADMM quantization of a float checkpoint (qrobust.quant.admm)."""
+    if certified and method != "admm":
+        raise QRobustError("--certified applies to --method admm (the LB method has no certificate constraint)")
+    if percentile is not None and not certified:
+        raise QRobustError("--percentile applies to --certified")
+    percentile = 50.0 if percentile is None else percentile
+    if not 0 <= percentile <= 100:
+        raise QRobustError(f"percentile must be in [0, 100], got {percentile:g}")
+    check_count("certify images", certify_images)
+    defaults = ADMMConfig()
+    config = ADMMConfig(bits=defaults.bits if bits is None else bits, method=method, seed=seed,
+                        iterations=defaults.iterations if iterations is None else iterations,
+                        steps=defaults.steps if steps is None else steps)  # fmt: skip
+    model, saved = load_model(checkpoint)
+    if saved.metadata.get("qat") is not None:
+        raise QRobustError(f"{checkpoint} is quantization-aware (int8); --method {method} quantizes float checkpoints")
+    info = saved.dataset_info
+    train_set, test_set = load_dataset(info.name, "train", data_root), load_dataset(info.name, "test", data_root)
+    test_set = test_set.subset(min(1000, len(test_set)), seed)
+    epsilons = None
+    if certified:
+        candidates = train_set.select(evenly_spaced(len(train_set), min(len(train_set), 10 * certify_images)))
+        with torch.no_grad():
+            correct = (model(candidates.floats()).argmax(1) == candidates.labels).nonzero().flatten()
+        if len(correct) == 0:
+            raise QRobustError("the model classifies none of the training images it was certified on correctly")
+        chosen = candidates.select(correct[evenly_spaced(len(correct), min(certify_images, len(correct)))])
+        console.print(f"certifying each layer on {len(chosen)} correctly classified training images ...")
+        epsilons = certificate_epsilons(model, chosen.floats(), chosen.labels, percentile)
+        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{eps:.3g}" for eps in epsilons))
+    result = admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
+    float_accuracy, quantized_accuracy = accuracy(model, test_set), accuracy(result.model, test_set)
+    record = {"method": method, "certified": certified, "percentile": percentile if certified else None,
+              "epsilons": epsilons, "source": str(checkpoint), "float_accuracy": float_accuracy,
+              "accuracy": quantized_accuracy, "test_images": len(test_set)}  # fmt: skip
+    metadata = saved.metadata | {"quantization": record | {"bits": config.bits}}
+    save_checkpoint(output, Checkpoint(result.model.state_dict(), metadata))
+    codes = output.with_suffix(".codes.pt")
+    size = save_codes(codes, result, metadata)
+    _write_config(output, {"command": "quantize", **record, "seed": seed, "model": saved.metadata} | result.summary())
+    console.print(f"{config.bits}-bit {method}{' (certified)' if certified else ''}: test accuracy "
+                  f"{100 * quantized_accuracy:.2f}% (float {100 * float_accuracy:.2f}%, {len(test_set)} images); "
+                  f"codes {size / 1024:.1f} KiB  -> {output}, {codes}")  # fmt: skip
+
+
+@app.command("export")
+def export_command(
+    model_file: Annotated[Path, typer.Argument(help="A `qrobust train` fp32 checkpoint or a `qrobust quantize` int8 file.")],
+    output: Annotated[Path, typer.Option(help="ONNX file to write (.onnx).")],
+    overwrite: Overwrite = False,
+) -> None:
+    """Export a model to ONNX for edge runtimes: fp32 as it is ([0, 1] images in), int8 in QOperator form
+    (uint8 activations, lattice values in), with the model's metadata; needs the onnx extra."""
+    if output.exists() and not overwrite:
+        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    try:
+        from qrobust.quant.export import INPUT_KIND, save_onnx, to_onnx
+    except ImportError as error:
+        raise QRobustError(str(error)) from None
+    model = to_onnx(model_file)
+    kind = {"lattice": "int8 (QOperator, uint8 activations)", "unit": "fp32"}[dict((p.key, p.value) for p in model.metadata_props)[INPUT_KIND]]
+    size = save_onnx(model, output)
+    console.print(f"{kind} ONNX model: {size / 1024:.1f} KiB ({size:,} bytes)  -> {output}")
 
 
 ATTACKS = ("fgsm", "ifgsm", "pgd", "pgd-l2", "cw")
@@ -269,7 +353,9 @@ Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
 Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
 NoiseBank = Annotated[bool, typer.Option(help="Draw the noise once (from --seed) and reuse it for every example: faster with int8 models, memory (n0 + n) images.")]
 Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
-METHODS = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}
+Backend = Annotated[str, typer.Option(help="Where to run: local (this process) or ray (examples sharded over Ray workers; pip install 'qrobust[ray]').")]
+Workers = Annotated[int, typer.Option(help="With --backend ray: worker processes, one CPU and one torch thread each.")]
+Address = Annotated[str | None, typer.Option(help="With --backend ray: an existing cluster (host:port or auto); default: start a local one.")]
 
 
 @app.command("certify")
@@ -290,21 +376,16 @@ def certify_command(
     seed: Seed = 0,
     adaptive: Annotated[bool, typer.Option(help="Draw the n samples in doubling rounds and stop each example once the --radii are settled (valid under optional stopping).")] = False,
     radii: Annotated[str, typer.Option(help="With --adaptive: comma-separated l2 radii whose certification must be settled.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
-    settle = _parse_radii(radii) if adaptive else None
-    smoothed, data, indices, done = _start_run(
-        "certify", checkpoint, output, overwrite, resume, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
-        alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
-        settle_radii=settle, n0=n0, n=n,
-    )  # fmt: skip
-    rows = certify_examples(smoothed, data, indices[len(done) :], n0=n0, n=n, alpha=alpha, seed=seed, settle_radii=settle)
-    _write_rows(output, rows, done, len(indices), "certify")
-    summary = summarize_rows(read_certify_tsv(output))
-    console.print(f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
-                  f"ACR {summary.average_certified_radius:.3f}  -> {output}")  # fmt: skip
+    job = SmoothingJob("certify", str(checkpoint), method, sigma, n, alpha, n0, fast, noise_bank, batch_size, seed, split,
+                       None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None)  # fmt: skip
+    _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 
 @app.command("predict")
@@ -322,18 +403,16 @@ def predict_command(
     data_root: DataRoot = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
-    smoothed, data, indices, done = _start_run(
-        "predict", checkpoint, output, overwrite, resume, method=method, sigma=sigma, fast=fast, noise_bank=noise_bank,
-        alpha=alpha, num_examples=num_examples, split=split, data_root=data_root, batch_size=batch_size, seed=seed,
-        n=n,
-    )  # fmt: skip
-    rows = predict_examples(smoothed, data, indices[len(done) :], n=n, alpha=alpha, seed=seed)
-    correct = _write_rows(output, rows, done, len(indices), "predict")
-    console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
+    job = SmoothingJob("predict", str(checkpoint), method, sigma, n, alpha, fast=fast, noise_bank=noise_bank,
+                       batch_size=batch_size, seed=seed, split=split, data_root=None if data_root is None else str(data_root))  # fmt: skip
+    _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 
 @app.command("analyze")
@@ -358,49 +437,142 @@ def analyze_command(
         console.print(f"plot -> {plot_certified_accuracy(runs, plot)}")
 
 
-def _method(name: str, sigma: float) -> SmoothingMethod:
-    if name not in METHODS:
-        raise QRobustError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
-    return METHODS[name](sigma)
+@app.command("search")
+def search_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train`, noise-trained at --sigma: the model whose bit-widths are searched.")],
+    sigma: Sigma,
+    budget: Annotated[float, typer.Option(help="BitOPs limit in percent of the fp32 model's, in (0, 100] (uniform 4 bits costs about 1.6%).")],
+    output: Annotated[Path, typer.Option(help="Directory for policy.json (best policy), search.jsonl (one line per episode; an existing one is resumed), best.pt (its fine-tuned quantized checkpoint), fixed-policy.json (the uniform baseline) and config.json.")] = Path("search"),
+    episodes: Annotated[int, typer.Option(help="Search episodes in all (a resumed search counts the logged ones).")] = SearchConfig.episodes,
+    reward: Annotated[str, typer.Option(help="arq (ACR of the quantized smoothed model minus the original's, by IRS) or haq (accuracy of the quantized model on noisy validation images).")] = SearchConfig.reward,
+    warmup: Annotated[int, typer.Option(help="Episodes of random actions before the agent learns.")] = 10,
+    finetune_images: Annotated[int, typer.Option(help="Training images (n1) of each policy's one-epoch noisy fine-tuning.")] = SearchConfig.finetune_images,
+    finetune_lr: Annotated[float, typer.Option(help="Learning rate of that fine-tuning (SGD, momentum 0.9).")] = SearchConfig.finetune_lr,
+    validation_images: Annotated[int, typer.Option(help="Held-out training images the reward is measured on.")] = SearchConfig.validation_images,
+    n0: Annotated[int, typer.Option(help="Noisy samples to guess the top class (original certification and IRS fallback).")] = SearchConfig.n0,
+    n: Annotated[int, typer.Option(help="Noisy samples of the original model's certification, done once.")] = SearchConfig.n,
+    n_zeta: Annotated[int, typer.Option(help="Noisy samples per image certifying each quantized model (IRS), <= --n.")] = SearchConfig.n_zeta,
+    alpha: Alpha = SearchConfig.alpha,
+    alpha_zeta: Annotated[float, typer.Option(help="Failure probability of IRS's disagreement bound, in (0, 1).")] = SearchConfig.alpha_zeta,
+    gamma: Annotated[float, typer.Option(help="IRS certifies from scratch where the original's pA_lower >= gamma.")] = SearchConfig.gamma,
+    batch_size: Annotated[int, typer.Option(help="Images per SGD step and noisy samples per forward pass.")] = SearchConfig.batch_size,
+    data_root: DataRoot = None,
+    seed: Annotated[int, typer.Option(help="Seed of the agent, the image draws, the fine-tuning and the noise.")] = 0,
+) -> None:
+    """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
+    agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
+    config = SearchConfig(
+        sigma=sigma, budget=budget, episodes=episodes, reward=reward, finetune_images=finetune_images,
+        finetune_lr=finetune_lr, batch_size=batch_size, validation_images=validation_images, n0=n0, n=n,
+        n_zeta=n_zeta, alpha=alpha, alpha_zeta=alpha_zeta, gamma=gamma, seed=seed,
+        agent=DDPGConfig(warmup_episodes=warmup, seed=seed),
+    )  # fmt: skip
+    model, saved = _float_model(checkpoint, "search")
+    log = output / "search.jsonl"
+    console.print(("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "
+                  f"{budget:g}% BitOPs, sigma {sigma}" + ("" if reward == "haq" else
+                  f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"))  # fmt: skip
+    search = PolicySearch(model, load_dataset(saved.dataset_info.name, "train", data_root), config)
+    _write_json(output / "config.json", {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(),
+                                          "acr_original": None if search.certifier is None else search.certifier.acr_original,
+                                          "model": saved.metadata})  # fmt: skip
+    search.fixed_policy.save(output / "fixed-policy.json")
+    metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], saved.dataset_info,
+                              sigma=sigma, noise="gaussian", source=str(checkpoint))  # fmt: skip
+    result = search.run(log, best_checkpoint=output / "best.pt", metadata=metadata, progress=True)
+    result.best.policy.save(output / "policy.json")
+    original = "" if result.acr_original is None else f" (original ACR {result.acr_original:.3f})"
+    console.print(f"best: {describe(result.best)}{original}  -> {output / 'policy.json'}, {output / 'best.pt'}")
 
 
-def _start_run(command: str, checkpoint: Path, output: Path, overwrite: bool, resume: bool, *, method: str,
-               sigma: float, fast: bool, noise_bank: bool, alpha: float, num_examples: int, split: str,
-               data_root: Path | None, batch_size: int, seed: int, settle_radii: tuple[float, ...] | None = None,
-               **sample_counts: int):  # fmt: skip
-    """Check every argument and file, build the smoothed model and write the run config and the TSV header,
-    before any result is written; returns the smoothed model, the dataset split, the example indices and
-    the rows already done (by the interrupted run that ``resume`` continues)."""
-    smoothing = _method(method, sigma)
-    for name, value in sample_counts.items():
-        check_count(name, value)
-    check_alpha(alpha)
+@app.command("finetune")
+def finetune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train`: the model to quantize.")],
+    policy: Annotated[Path, typer.Option(help="Bit policy JSON written by `qrobust search` (policy.json, fixed-policy.json).")],
+    sigma: Annotated[float, typer.Option(help="Std of the Gaussian noise augmentation, in [0, 1] pixel units (> 0).")],
+    output: Annotated[Path, typer.Option(help="Checkpoint to write (.pt), rewritten after every epoch; certify it with --method float-fp.")],
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (ARQ: 10).")] = 10,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (ARQ: 0.01).")] = 0.01,
+    lr_step: Annotated[int, typer.Option(help="Epochs between learning-rate drops by 10x (ARQ: 5).")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
+    calibration_images: Annotated[int, typer.Option(help="Noisy training images the clips are calibrated on first.")] = 512,
+    train_subset: Annotated[int | None, typer.Option(help="Fine-tune on this many training images (seeded subset).")] = None,
+    data_root: DataRoot = None,
+    seed: Annotated[int, typer.Option(help="Seed of shuffling, noise and the calibration draw.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Quantize a float checkpoint with a mixed-precision bit policy and fine-tune it with Gaussian noise."""
+    if not sigma > 0:
+        raise QRobustError(f"sigma must be > 0, got {sigma}")
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, sigma=sigma, seed=seed)
+    if output.exists() and not (resume or overwrite):
+        raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
+    if not policy.is_file():
+        raise QRobustError(f"policy file not found: {policy}")
+    try:
+        bit_policy = BitPolicy.load(policy)
+    except UnicodeDecodeError:
+        raise QRobustError(f"{policy} is not a JSON bit policy: it is not text") from None
+    model, saved = _float_model(checkpoint, "finetune")
+    info = saved.dataset_info
+    layers = layer_infos(model, info.shape)
+    if len(layers) != bit_policy.num_layers:
+        raise QRobustError(f"{policy} has {bit_policy.num_layers} layers but {saved.metadata['model']} in {checkpoint} has {len(layers)}: a policy for another model")
+    train_set = _subset(load_dataset(info.name, "train", data_root), train_subset, seed)
+    percent = bitops_percent(layers, bit_policy)
+    console.print(f"{saved.metadata['model']} with weights {list(bit_policy.weight_bits)}, activations "
+                  f"{list(bit_policy.act_bits)} bits ({percent:.2f}% BitOPs): {epochs} epochs on {len(train_set)} images, sigma {sigma}")  # fmt: skip
+    metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], info, sigma=sigma,
+                              noise="gaussian", seed=seed, source=str(checkpoint), bitops_percent=percent)  # fmt: skip
+    mixed = finetune_policy(model, bit_policy, train_set, config, calibration_images=calibration_images,
+                            checkpoint_path=output, metadata=metadata, resume=resume, progress=True)  # fmt: skip
+    test_set = load_dataset(info.name, "test", data_root)
+    test_set = test_set.subset(min(1000, len(test_set)), seed)
+    clean = accuracy(mixed, test_set)
+    noisy = accuracy(mixed, test_set, noise=config.noise_method(), generator=torch.Generator().manual_seed(seed))
+    written = load_checkpoint(output)
+    written.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
+    save_checkpoint(output, written)
+    console.print(f"test accuracy: clean {100 * clean:.2f}%, with Gaussian noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
+
+
+def _float_model(checkpoint: Path, command: str):
+    """The float model of a `qrobust train` checkpoint and the checkpoint; quantized ones are refused."""
+    model, saved = load_model(checkpoint)
+    for key, kind in (("qat", "quantization-aware (int8)"), ("bit_policy", "mixed-precision quantized"), ("quantization", "quantized")):
+        if saved.metadata.get(key) is not None:
+            raise QRobustError(f"{checkpoint} is {kind}; `qrobust {command}` starts from a float checkpoint")
+    return model, saved
+
+
+def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool, resume: bool, backend: str,
+             workers: int, address: str | None) -> None:  # fmt: skip
+    """Check every argument and file, write the run config and the TSV header (or keep the complete rows of
+    the interrupted run that ``resume`` continues), then run the missing examples and append their rows."""
+    if backend not in ("local", "ray"):
+        raise QRobustError(f"backend must be local or ray, got {backend!r}")
     if output.exists() and not (overwrite or resume):
         raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
-    if isinstance(smoothing, FloatRSQuant | IntRS):
-        saved = load_int8(checkpoint)
-        info, metadata = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata
-        base = fast_backend(saved.model) if fast else saved.model
-    else:
-        model, saved = load_model(checkpoint)
-        info, metadata = saved.dataset_info, saved.metadata
-        base = freeze_for_inference(model, torch.rand(batch_size, *info.shape)) if fast else model
-    data = load_dataset(info.name, split, data_root)
+    smoothed, data, metadata = job.open()
     indices = evenly_spaced(len(data), num_examples)
-    smoothed = SmoothedClassifier(base, info.num_classes, smoothing, batch_size, seed if noise_bank else None)
-    run_config = {"command": command, "checkpoint": str(checkpoint), "method": method, "fast": fast,
-                  "noise_bank": noise_bank, "sigma": sigma, **sample_counts, "alpha": alpha, "split": split,
-                  "indices": indices, "seed": seed, "batch_size": batch_size, "model": metadata}  # fmt: skip
-    if settle_radii is not None:
-        run_config["settle_radii"] = list(settle_radii)
-    header, reader = (CERTIFY_HEADER, read_certify_tsv) if command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+    run_config = {**asdict(job), "indices": indices, "model": metadata}
+    header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
     if resume and output.exists():
         done = _resumable_rows(output, run_config, reader)
     else:
         done = []
         _write_config(output, run_config)
         _replace_text(output, header + "\n")
-    return smoothed, data, indices, done
+    todo = indices[len(done) :]
+    rows = job.rows(smoothed, data, todo) if backend == "local" else run_ray(job, todo, workers, address)
+    correct = _write_rows(output, rows, done, len(indices), job.command)
+    if job.command == "predict":
+        console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
+        return
+    summary = summarize_rows(read_certify_tsv(output))
+    console.print(f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
+                  f"ACR {summary.average_certified_radius:.3f}  -> {output}")  # fmt: skip
 
 
 def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
