@@ -546,6 +546,19 @@ def _float_model(checkpoint: Path, command: str):
     return model, saved
 
 
+@app.command("report")
+def report_command(
+    directories: Annotated[list[Path], typer.Argument(help="Result directories holding `qrobust certify` TSVs (searched recursively).")],
+    output: Annotated[Path, typer.Option(help="Directory for the page (README.md) and its PNG plots.")],
+    radii: Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pixel units for the tables.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
+) -> None:
+    """A Markdown page with plots comparing every certification run found: curves, tables, timing, settings."""
+    from qrobust.report import write_report  # matplotlib is slow to import
+
+    page = write_report(directories, output, _parse_radii(radii), command=" ".join(["qrobust", *sys.argv[1:]]))
+    console.print(f"report -> {page}")
+
+
 def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool, resume: bool, backend: str,
              workers: int, address: str | None) -> None:  # fmt: skip
     """Check every argument and file, write the run config and the TSV header (or keep the complete rows of
