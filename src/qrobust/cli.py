@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, LatticeInputs, evaluate_attacks
+from qrobust.bounds import ReluNetwork, certified_eps_table, verify_quantization
 from qrobust.data import dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
@@ -275,7 +276,8 @@ def export_command(
     except ImportError as error:
         raise QRobustError(str(error)) from None
     model = to_onnx(model_file)
-    kind = {"lattice": "int8 (QOperator, uint8 activations)", "unit": "fp32"}[dict((p.key, p.value) for p in model.metadata_props)[INPUT_KIND]]
+    lattice = {prop.key: prop.value for prop in model.metadata_props}[INPUT_KIND] == "lattice"
+    kind = "int8 (QOperator, uint8 activations)" if lattice else "fp32"
     size = save_onnx(model, output)
     console.print(f"{kind} ONNX model: {size / 1024:.1f} KiB ({size:,} bytes)  -> {output}")
 
@@ -355,6 +357,7 @@ NoiseBank = Annotated[bool, typer.Option(help="Draw the noise once (from --seed)
 Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
 Backend = Annotated[str, typer.Option(help="Where to run: local (this process) or ray (examples sharded over Ray workers; pip install 'qrobust[ray]').")]
 Workers = Annotated[int, typer.Option(help="With --backend ray: worker processes, one CPU and one torch thread each.")]
+Runtime = Annotated[str, typer.Option(help="Base model runtime: torch (see --fast) or onnxruntime (the model exported to ONNX, as on an edge device; pip install 'qrobust[onnx]').")]
 Address = Annotated[str | None, typer.Option(help="With --backend ray: an existing cluster (host:port or auto); default: start a local one.")]
 
 
@@ -376,6 +379,7 @@ def certify_command(
     seed: Seed = 0,
     adaptive: Annotated[bool, typer.Option(help="Draw the n samples in doubling rounds and stop each example once the --radii are settled (valid under optional stopping).")] = False,
     radii: Annotated[str, typer.Option(help="With --adaptive: comma-separated l2 radii whose certification must be settled.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
+    runtime: Runtime = "torch",
     backend: Backend = "local",
     workers: Workers = 2,
     address: Address = None,
@@ -384,7 +388,7 @@ def certify_command(
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
     job = SmoothingJob("certify", str(checkpoint), method, sigma, n, alpha, n0, fast, noise_bank, batch_size, seed, split,
-                       None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None)  # fmt: skip
+                       None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None, runtime)  # fmt: skip
     _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 
@@ -403,6 +407,7 @@ def predict_command(
     data_root: DataRoot = None,
     batch_size: BatchSize = 256,
     seed: Seed = 0,
+    runtime: Runtime = "torch",
     backend: Backend = "local",
     workers: Workers = 2,
     address: Address = None,
@@ -411,7 +416,8 @@ def predict_command(
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
     job = SmoothingJob("predict", str(checkpoint), method, sigma, n, alpha, fast=fast, noise_bank=noise_bank,
-                       batch_size=batch_size, seed=seed, split=split, data_root=None if data_root is None else str(data_root))  # fmt: skip
+                       batch_size=batch_size, seed=seed, split=split, data_root=None if data_root is None else str(data_root),
+                       runtime=runtime)  # fmt: skip
     _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 
@@ -473,9 +479,7 @@ def search_command(
                   f"{budget:g}% BitOPs, sigma {sigma}" + ("" if reward == "haq" else
                   f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"))  # fmt: skip
     search = PolicySearch(model, load_dataset(saved.dataset_info.name, "train", data_root), config)
-    _write_json(output / "config.json", {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(),
-                                          "acr_original": None if search.certifier is None else search.certifier.acr_original,
-                                          "model": saved.metadata})  # fmt: skip
+    _write_json(output / "config.json", {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(), "model": saved.metadata})
     search.fixed_policy.save(output / "fixed-policy.json")
     metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], saved.dataset_info,
                               sigma=sigma, noise="gaussian", source=str(checkpoint))  # fmt: skip
@@ -535,6 +539,81 @@ def finetune_command(
     written.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
     save_checkpoint(output, written)
     console.print(f"test accuracy: clean {100 * clean:.2f}%, with Gaussian noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")
+
+
+@app.command("weight-bound")
+def weight_bound_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train` (a chain of Linear/Conv2d/ReLU/MaxPool layers: mlp, cnn).")],
+    layers: Annotated[list[int] | None, typer.Option("--layers", help="Layer k (the k-th Linear/Conv2d, 0-based) to perturb alone, repeatable (default: every layer).")] = None,
+    norm: Annotated[float, typer.Option(help="p of the l_p ball of each output unit's weights, >= 1 (inf: elementwise box).")] = float("inf"),
+    bias: Annotated[bool, typer.Option(help="Perturb the biases too (each joins its unit's ball).")] = False,
+    num_examples: NumExamples = 100,
+    split: Split = "test",
+    data_root: DataRoot = None,
+    output: Annotated[Path | None, typer.Option(help="JSON file for the per-input radii and the run config.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Certified weight-perturbation radius of each layer (Weng et al. 2020): within it, the prediction provably stays the true label."""
+    if output is not None and output.exists() and not overwrite:
+        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    model, saved = _float_model(checkpoint, "weight-bound")
+    network = ReluNetwork.from_model(model)
+    for k in layers or []:
+        network.check_layer(k)
+    data = load_dataset(saved.dataset_info.name, split, data_root)
+    indices = evenly_spaced(len(data), num_examples)
+    data = data.select(indices)
+    chosen = list(dict.fromkeys(layers)) if layers else list(range(network.num_layers))
+    with progress_bar() as bar:
+        task = bar.add_task("weight-bound", total=len(chosen), status="")
+        rows = certified_eps_table(network, data.images, data.labels, chosen, norm, bias=bias,
+                                   on_layer=lambda row: bar.update(task, advance=1, status=f"layer {row.layer}"))  # fmt: skip
+    table = Table(title=f"certified l_{norm:g} weight radius per layer ({len(data)} {split} images; 0 where misclassified)")
+    for column in ("layer", "type", "bounds", "certified %", "mean eps", "median eps"):
+        table.add_column(column, justify="left" if column in ("type", "bounds") else "right")
+    for row in rows:
+        table.add_row(str(row.layer), row.description, row.method, f"{100 * row.certified_fraction:.1f}", f"{row.mean:.3g}", f"{row.median:.3g}")
+    console.print(table)
+    if output is not None:
+        _write_json(output, {"command": "weight-bound", "checkpoint": str(checkpoint), "norm": f"{norm:g}", "bias": bias,
+                             "split": split, "indices": indices, "model": saved.metadata,
+                             "layers": [{"layer": row.layer, "type": row.description, "method": row.method, "mean": row.mean,
+                                         "median": row.median, "certified_fraction": row.certified_fraction,
+                                         "eps": row.eps.tolist()} for row in rows]})  # fmt: skip
+        console.print(f"-> {output}")
+
+
+@app.command("verify-quantization")
+def verify_quantization_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train` (mlp, cnn).")],
+    int8_file: Annotated[Path, typer.Argument(help="Its int8 model, written by `qrobust quantize`.")],
+    num_examples: NumExamples = 1000,
+    split: Split = "test",
+    data_root: DataRoot = None,
+    output: Annotated[Path | None, typer.Option(help="JSON file for the per-input certificates and the run config.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Certify, per image, that the int8 model predicts what the float model predicts (weight and activation rounding bounded)."""
+    if output is not None and output.exists() and not overwrite:
+        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    model, saved = _float_model(checkpoint, "verify-quantization")
+    int8 = load_int8(int8_file)
+    int8_dataset = int8.metadata.get("dataset", {}).get("name")
+    if int8_dataset not in (None, saved.dataset_info.name):
+        raise QRobustError(f"{int8_file} was made for {int8_dataset}, {checkpoint} for {saved.dataset_info.name}")
+    data = load_dataset(saved.dataset_info.name, split, data_root)
+    indices = evenly_spaced(len(data), num_examples)
+    data = data.select(indices)
+    result = verify_quantization(model, int8.model, data.images)
+    agreement = float((int8.model.predict(data.images) == result.float_predictions).float().mean())
+    console.print(f"certified: {int(result.certified.sum())}/{len(data)} {split} images ({100 * result.fraction:.1f}%) provably "
+                  f"get the float model's prediction from the int8 model; measured agreement {100 * agreement:.1f}%")  # fmt: skip
+    if output is not None:
+        _write_json(output, {"command": "verify-quantization", "checkpoint": str(checkpoint), "int8": str(int8_file),
+                             "split": split, "indices": indices, "certified_fraction": result.fraction, "agreement": agreement,
+                             "certified": result.certified.tolist(), "margin_lower": result.margin_lower.tolist(),
+                             "model": saved.metadata})  # fmt: skip
+        console.print(f"-> {output}")
 
 
 def _float_model(checkpoint: Path, command: str):

@@ -35,6 +35,7 @@ from qrobust.train import load_model
 
 METHODS: dict[str, type[SmoothingMethod]] = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}
 COMMANDS = ("certify", "predict")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class SmoothingJob:
     """The settings of one certify or predict run (everything but which examples).
 
     ``n0`` is the selection sample count of certify (unused by predict); ``settle_radii`` makes certify
-    adaptive (``qrobust.smoothing.adaptive``).
+    adaptive (``qrobust.smoothing.adaptive``); ``runtime`` "onnxruntime" runs the base model exported to
+    ONNX (``qrobust.quant.export``) instead of on torch (where ``fast`` picks the path).
     """
 
     command: str
@@ -59,10 +61,13 @@ class SmoothingJob:
     split: str = "test"
     data_root: str | None = None
     settle_radii: tuple[float, ...] | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {self.command!r}")
+        if self.runtime not in RUNTIMES:
+            raise QRobustError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.method not in METHODS:
             raise QRobustError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         METHODS[self.method](self.sigma)  # validates sigma
@@ -81,6 +86,12 @@ class SmoothingJob:
             model, saved = load_model(self.checkpoint)
             info, metadata = saved.dataset_info, saved.metadata
             base = freeze_for_inference(model, torch.rand(self.batch_size, *info.shape)) if self.fast else model
+        if self.runtime == "onnxruntime":
+            try:
+                from qrobust.quant.export import onnx_runtime_model  # onnx is an optional extra
+            except ImportError:
+                raise QRobustError("the onnxruntime runtime needs onnx: pip install 'qrobust[onnx]'") from None
+            base = onnx_runtime_model(saved.model if isinstance(smoothing, FloatRSQuant | IntRS) else self.checkpoint)
         data = load_dataset(info.name, self.split, None if self.data_root is None else Path(self.data_root))
         bank_seed = self.seed if self.noise_bank else None
         return SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed), data, metadata

@@ -10,11 +10,13 @@ Quantized models: rounding has zero gradient, so attack the QAT twin (straight-t
 evaluate the int8 model on the result, ``evaluate_attacks({"qat": qat, "int8": LatticeInputs(int8)}, {"pgd":
 PGD(qat, ...)}, ...)``.
 Smoothed classifiers: attack ``ExpectationOverNoise(model, sigma, samples)``.
+Weights instead of inputs: ``FaultSneakingAttack(model, layer=k)(images, targets, keep_images)`` (Zhao et al. 2019).
 """
 
 from qrobust.attacks.base import Attack, GradientMaskingWarning
 from qrobust.attacks.cw import CarliniWagnerL2
 from qrobust.attacks.evaluate import evaluate_attacks, robust_accuracy
+from qrobust.attacks.fault_sneaking import FaultSneakingAttack, FaultSneakingResult
 from qrobust.attacks.gradient import FGSM, PGD
 from qrobust.attacks.wrappers import ExpectationOverNoise, LatticeInputs
 
@@ -24,6 +26,8 @@ __all__ = [
     "Attack",
     "CarliniWagnerL2",
     "ExpectationOverNoise",
+    "FaultSneakingAttack",
+    "FaultSneakingResult",
     "GradientMaskingWarning",
     "LatticeInputs",
     "evaluate_attacks",
