@@ -31,7 +31,7 @@ NAMES = model_names()
 def test_registered_names() -> None:
     assert NAMES == [
         "mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-        "enresnet8", "enresnet20", "enresnet56", "enresnet110",
+        "enresnet8", "enresnet20", "enresnet56", "enresnet110", "mobilenetv2",
     ]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from qrobust.models.cnn import CNN
 from qrobust.models.enresnet import EnResNet, NoisyBasicBlock
 from qrobust.models.layers import Normalize
 from qrobust.models.mlp import MLP
+from qrobust.models.mobilenet import InvertedResidual, MobileNetV2
 from qrobust.models.registry import build_model, count_parameters, model_names
 from qrobust.models.resnet import BasicBlock, CifarResNet
 
@@ -11,6 +12,8 @@ __all__ = [
     "CNN",
     "MLP",
     "BasicBlock",
+    "InvertedResidual",
+    "MobileNetV2",
     "CifarResNet",
     "EnResNet",
     "NoisyBasicBlock",

@@ -41,9 +41,13 @@ class Checkpoint:
         """The model described by the metadata, with the saved weights, in eval mode.
 
         ``wrap`` transforms the freshly built model before the weights are loaded, for checkpoints of
-        wrapped models (e.g. ``qrobust.quant.prepare_qat`` for quantization-aware training).
+        wrapped models (e.g. ``qrobust.quant.prepare_qat`` for quantization-aware training). Without it, a
+        mixed-precision model (metadata ``"bit_policy"``: ``BitPolicy.to_dict()``) is rebuilt by
+        ``prepare_qat(model, policy)``; its state dict holds the calibrated clips.
         """
         model = build_model(self.metadata["model"], self.dataset_info, **self.metadata["model_options"])
+        if wrap is None and "bit_policy" in self.metadata:
+            wrap = self._mixed_precision()
         if wrap is not None:
             model = wrap(model)
         try:
@@ -52,6 +56,24 @@ class Checkpoint:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint weights do not fit model {self.metadata['model']!r}: {first_line}") from None
         return model.eval()
+
+    def _mixed_precision(self) -> Callable[[nn.Module], nn.Module]:
+        """The ``wrap`` that rebuilds the mixed-precision model of the metadata's bit policy."""
+        from qrobust.quant import BitPolicy, prepare_qat  # qrobust.quant imports qrobust.models: import late
+
+        try:
+            policy = BitPolicy.from_dict(self.metadata["bit_policy"])
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint has a corrupt bit_policy: {error}") from None
+
+        def wrap(model: nn.Module) -> nn.Module:
+            try:
+                return prepare_qat(model, policy)
+            except ValueError as error:
+                message = f"checkpoint bit_policy does not fit model {self.metadata['model']!r}: {error}"
+                raise CheckpointError(message) from None
+
+        return wrap
 
     @property
     def dataset_info(self) -> DatasetInfo:

@@ -11,6 +11,7 @@ from qrobust.data.base import DatasetInfo
 from qrobust.models.cnn import CNN
 from qrobust.models.enresnet import DEFAULT_NOISE_COEF, EnResNet
 from qrobust.models.mlp import MLP
+from qrobust.models.mobilenet import MobileNetV2
 from qrobust.models.resnet import CifarResNet
 
 
@@ -41,6 +42,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
     **{f"resnet{depth}": _resnet(depth) for depth in (8, 20, 32, 44, 56, 110)},
     **{f"enresnet{depth}": _enresnet(depth) for depth in (8, 20, 56, 110)},
+    "mobilenetv2": MobileNetV2,
 }
 
 
@@ -56,7 +58,7 @@ def build_model(name: str, info: DatasetInfo, **options: object) -> nn.Module:
         name: one of ``model_names()``.
         info: the dataset the model reads (input shape, statistics, number of classes).
         **options: the model's own options, e.g. ``depth`` and ``width`` for ``"mlp"``,
-            ``members`` and ``noise_coef`` for ``"enresnet20"``.
+            ``members`` and ``noise_coef`` for ``"enresnet20"``, ``width_mult`` for ``"mobilenetv2"``.
 
     Returns a model mapping (N, C, H, W) floats in [0, 1] to logits (N, num_classes).
     Raises ValueError for an unknown name, an unknown option, or an invalid option value.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qrobust.models.layers import Normalize
+from qrobust.quant.mixed import BitPolicy, MixedPrecisionModel, prepare_mixed
 from qrobust.quant.qat import (
     ActQuant,
     InputQuant,
@@ -84,8 +85,13 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return "other"
 
 
-def prepare_qat(model: nn.Module, config: QuantConfig = QuantConfig()) -> QATModel:
+def prepare_qat(
+    model: nn.Module, config: QuantConfig | BitPolicy = QuantConfig()
+) -> QATModel | MixedPrecisionModel:
     """A fake-quantized copy of ``model`` for quantization-aware training or calibration.
+
+    With a ``BitPolicy`` instead of a ``QuantConfig``, the copy is ARQ's mixed-precision model (per-layer
+    weight and activation bit-widths, see ``qrobust.quant.mixed``), not the int8 engine's twin below.
 
     Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
     Inference" (CVPR 2018). ``model`` (any registered model: mlp, cnn, resnet*) is left unchanged;
@@ -94,8 +100,10 @@ def prepare_qat(model: nn.Module, config: QuantConfig = QuantConfig()) -> QATMod
 
     Raises ValueError naming the first layer or function the integer engine cannot run.
     """
+    if isinstance(config, BitPolicy):
+        return prepare_mixed(model, config)
     if not isinstance(config, QuantConfig):
-        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+        raise ValueError(f"config must be a QuantConfig or a BitPolicy, got {type(config).__name__}")
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # fx raises many types; the user needs the model name and the reason

@@ -39,6 +39,7 @@ from qrobust.quant.engine import (
     IntOp,
     run_program,
 )
+from qrobust.quant.mixed import MixedPrecisionModel, calibrate_mixed
 from qrobust.quant.numerics import (
     INT8_MAX,
     UINT8_MAX,
@@ -421,14 +422,19 @@ class QATModel(nn.Module):
         return run_program(self.steps, self.inputs, self.input_quant(x))
 
 
-def calibrate(model: QATModel, images: torch.Tensor, *, batch_size: int = 256) -> QATModel:
+def calibrate(
+    model: QATModel | MixedPrecisionModel, images: torch.Tensor, *, batch_size: int = 256
+) -> QATModel | MixedPrecisionModel:
     """Post-training quantization: set every activation range to the min/max seen on ``images``.
 
     Runs ``model`` in evaluation mode (BatchNorm uses its running statistics) on ``images``: integer
     (N, C, H, W) lattice values (uint8 images, or noisy int16 x + n, unclipped; divided by 255), or
     floats (e.g. noisy [0, 1] images); the input quantizer clips and rounds. A few hundred images
-    usually suffice. Returns ``model``, calibrated in place.
+    usually suffice. Returns ``model``, calibrated in place. A mixed-precision model (from
+    ``prepare_qat(model, policy)``) gets KL-calibrated clips instead (``qrobust.quant.mixed.calibrate_mixed``).
     """
+    if isinstance(model, MixedPrecisionModel):
+        return calibrate_mixed(model, images, batch_size=batch_size)
     if not isinstance(model, QATModel):
         raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")
     if images.dim() != 4 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):

@@ -2,6 +2,13 @@
 
 from qrobust.smoothing.confidence import clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, Prediction, SmoothedClassifier
+from qrobust.smoothing.incremental import (
+    CertificationCache,
+    IncrementalCertificate,
+    acr,
+    certify_incremental,
+    certify_original,
+)
 from qrobust.smoothing.methods import FloatRS, FloatRSQuant, IntRS, SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified_accuracy_curve, summarize
 from qrobust.smoothing.records import (
@@ -22,17 +29,22 @@ __all__ = [
     "DEFAULT_RADII",
     "PREDICT_HEADER",
     "Certificate",
+    "CertificationCache",
     "CertifiedSummary",
     "CertifyRow",
     "FloatRS",
     "FloatRSQuant",
+    "IncrementalCertificate",
     "IntRS",
     "PredictRow",
     "Prediction",
     "SmoothedClassifier",
     "SmoothingMethod",
+    "acr",
     "certified_accuracy_curve",
     "certify_examples",
+    "certify_incremental",
+    "certify_original",
     "clopper_pearson_lower",
     "evenly_spaced",
     "example_generator",

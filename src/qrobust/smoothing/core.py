@@ -106,13 +106,19 @@ class SmoothedClassifier:
         bank = self._noise_bank(x, n0 + n)
         guess = int(np.argmax(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
         counts = self.sample_counts(x, n, generator, None if bank is None else bank[n0:])
+        return self.certificate(guess, counts, alpha)
+
+    def certificate(self, guess: int, counts: np.ndarray, alpha: float) -> Certificate:
+        """The certificate of top-class ``guess`` (chosen on samples independent of ``counts``) from the
+        votes ``counts`` (num_classes,) of n = counts.sum() estimation samples: the method's radius for
+        counts[guess] of n at level ``alpha``, or an abstention when it has none."""
+        n = int(counts.sum())
         radius = self.method.radius(int(counts[guess]), n, alpha)
         p_lower = clopper_pearson_lower(int(counts[guess]), n, alpha)
         if radius is None:
             return Certificate(None, 0.0, p_lower, counts)
         return Certificate(guess, radius, p_lower, counts)
 
-    @torch.inference_mode()
     def sample_counts(
         self, x: torch.Tensor, num: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> np.ndarray:
@@ -120,7 +126,18 @@ class SmoothedClassifier:
 
         The noise is fresh from ``generator``, or the first ``num`` rows of ``noise`` (num, *x.shape).
         """
-        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
+        return np.bincount(self.sample_predictions(x, num, generator, noise), minlength=self.num_classes)
+
+    @torch.inference_mode()
+    def sample_predictions(
+        self, x: torch.Tensor, num: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """The base classifier's class on each of ``num`` noisy copies of ``x``: an int64 array (num,), in draw order.
+
+        The noise is fresh from ``generator``, drawn in batches of ``batch_size`` (one ``method.perturb``
+        call per batch), or the first ``num`` rows of ``noise`` (num, *x.shape).
+        """
+        predictions = torch.empty(num, dtype=torch.int64, device=x.device)
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
             batch = x.unsqueeze(0).expand(size, *x.shape)  # (size, C, H, W), a view until noise is added
@@ -128,8 +145,8 @@ class SmoothedClassifier:
                 inputs = self.method.perturb(batch, generator)
             else:
                 inputs = self.method.apply(batch, noise[start : start + size])
-            counts += torch.bincount(self.base(inputs).argmax(dim=1), minlength=self.num_classes)
-        return counts.cpu().numpy()
+            predictions[start : start + size] = self.base(inputs).argmax(dim=1)
+        return predictions.cpu().numpy()
 
     def _noise_bank(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The shared noise of ``rows`` samples shaped like ``x``, drawn once per (rows, shape)."""
