@@ -1,0 +1,284 @@
+"""A feed-forward ReLU network as a plain chain of ops, read from a qrobust model, for bounding.
+
+Normalize is folded into the first affine layer and BatchNorm into the conv before it, so the chain
+reads [0, 1] images and holds exactly the weights whose perturbation is certified (the same folding
+``qrobust.quant`` quantizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qrobust.models.layers import Normalize
+from qrobust.quant.prepare import _kind, _Tracer
+
+SUPPORTED = "Normalize (first), Linear, Conv2d (zero padding, groups=1, dilation=1) [+ BatchNorm2d], ReLU, MaxPool2d, Flatten(1), Identity, Dropout"
+
+
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """A Linear (weight (O, I)) or Conv2d (weight (O, C, kh, kw)) layer with its bias (O,).
+
+    ``pad_value`` (C,) is what a conv pads its input with (None: zeros); a first conv with Normalize
+    folded in pads the raw image with the channel means, which is zero padding after normalisation.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    pad_value: torch.Tensor | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return self.weight.dim() == 4
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on ``x`` with its own weight and bias, or the given ones."""
+        return self.core(self.pad(x), weight, bias)
+
+    def core(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on an already padded input (see ``pad``)."""
+        weight = self.weight if weight is None else weight
+        bias = self.bias if bias is None else bias
+        if not self.is_conv:
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, self.stride)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """A conv's input padded explicitly (N, C, H + 2ph, W + 2pw); a Linear's input unchanged."""
+        if not self.is_conv or not any(self.padding):
+            return x
+        (ph, pw), (n, c, h, _) = self.padding, x.shape
+        value = (x.new_zeros(c) if self.pad_value is None else self.pad_value.to(x.dtype)).view(1, c, 1, 1)
+        rows = value.expand(n, c, ph, x.shape[3])
+        x = torch.cat([rows, x, rows], 2)  # out of place, so it also works under torch.func.vmap
+        columns = value.expand(n, c, h + 2 * ph, pw)
+        return torch.cat([columns, x, columns], 3)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs each output position reads, of an already padded input: (N, C*kh*kw, P) for a conv,
+        (N, I, 1) for a Linear."""
+        if not self.is_conv:
+            return x.unsqueeze(-1)
+        return F.unfold(x, self.weight.shape[2:], stride=self.stride)
+
+    def to(self, dtype: torch.dtype) -> Affine:
+        pad_value = None if self.pad_value is None else self.pad_value.to(dtype)
+        return replace(self, weight=self.weight.to(dtype), bias=self.bias.to(dtype), pad_value=pad_value)
+
+    def describe(self) -> str:
+        if self.is_conv:
+            return f"Conv2d {self.weight.shape[1]}->{self.weight.shape[0]} {self.weight.shape[2]}x{self.weight.shape[3]}"
+        return f"Linear {self.weight.shape[1]}->{self.weight.shape[0]}"
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class ReLU:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+    def __repr__(self) -> str:
+        return "ReLU()"
+
+
+class Flatten:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def __repr__(self) -> str:
+        return "Flatten()"
+
+
+Op = Affine | MaxPool | ReLU | Flatten
+
+
+class ReluNetwork:
+    """A chain of ops (Affine, ReLU, MaxPool, Flatten) ending in a Linear layer that gives the logits.
+
+    ``layers[k]`` is the k-th affine layer (the k-th Linear/Conv2d of the model in forward order).
+    Shapes: (N, C, H, W) floats in [0, 1] -> logits (N, num_classes).
+    """
+
+    def __init__(self, ops: Sequence[Op]) -> None:
+        self.ops = tuple(ops)
+        if not self.ops or not isinstance(self.ops[-1], Affine) or self.ops[-1].is_conv:
+            raise ValueError(f"a ReluNetwork must end in a Linear layer (the logits), got ops {self.ops!r}")
+        self.positions = tuple(i for i, op in enumerate(self.ops) if isinstance(op, Affine))  # op index of layer k
+        self.layers: tuple[Affine, ...] = tuple(self.ops[i] for i in self.positions)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].weight.dtype
+
+    def to(self, dtype: torch.dtype) -> ReluNetwork:
+        """A copy with every tensor in ``dtype`` (bounds are usually computed in float64)."""
+        return ReluNetwork([op.to(dtype) if isinstance(op, Affine) else op for op in self.ops])
+
+    def replace_layer(self, k: int, layer: Affine) -> ReluNetwork:
+        ops = list(self.ops)
+        ops[self.positions[k]] = layer
+        return ReluNetwork(ops)
+
+    def check_layer(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_layers:
+            raise ValueError(f"layer must be an integer in [0, {self.num_layers - 1}], got {k!r}")
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        weights: Mapping[int, torch.Tensor] | None = None,
+        biases: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Logits (N, classes) of [0, 1] images, with layer k's weight replaced by ``weights[k]`` if given.
+
+        Works under ``torch.func.vmap`` over batched replacement weights (soundness tests, attacks).
+        """
+        weights, biases = weights or {}, biases or {}
+        x = images
+        layer = 0
+        for op in self.ops:
+            if isinstance(op, Affine):
+                x = op(x, weights.get(layer), biases.get(layer))
+                layer += 1
+            else:
+                x = op(x)
+        return x
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def layer_input(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """The exact value layer k reads (nothing before it perturbed). Shapes: (N, C, H, W) -> layer k's input."""
+        x = images
+        for op in self.ops[: self.positions[k]]:
+            x = op(x)
+        return x
+
+    @classmethod
+    def from_model(cls, model: nn.Module, dtype: torch.dtype = torch.float64) -> ReluNetwork:
+        """The chain of ``model`` (``mlp``, ``cnn`` or any model made of the supported layers, in order).
+
+        Normalize (which must read the model input) is folded into the first affine layer, W / std and
+        b - W mean / std, and BatchNorm2d (running statistics) into the conv it follows. Tensors are
+        copied in ``dtype`` (default float64, so rounding in the bounds is negligible).
+        Raises ValueError naming the first layer that is not supported, or a model that is not a chain.
+        """
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        name = type(model).__name__
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as error:  # fx raises many types
+            raise ValueError(f"cannot trace {name} with torch.fx: {error}") from error
+        modules = dict(model.named_modules())
+        ops: list[Op] = []
+        normalize: Normalize | None = None
+        current: fx.Node | None = None
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if current is not None:
+                    raise ValueError(f"cannot bound {name}: it takes more than one input")
+                current = node
+                continue
+            if node.op == "output":
+                if node.args[0] is not current:
+                    raise ValueError(f"cannot bound {name}: it does not return its last layer's output")
+                continue
+            reads = [arg for arg in node.all_input_nodes]
+            if reads != [current] or not node.args or node.args[0] is not current:
+                raise ValueError(f"cannot bound {name}: {node.format_node()} is not part of a single chain of layers")
+            kind = _kind(node, modules)
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if normalize is not None and kind not in ("flatten", "identity", "conv", "linear"):
+                raise ValueError(f"cannot bound {name}: Normalize must be read by the first Linear/Conv2d, not {node.format_node()}")
+            if kind == "normalize":
+                if ops:
+                    raise ValueError(f"cannot bound {name}: Normalize must be the first layer")
+                normalize = module
+            elif kind in ("conv", "linear"):
+                ops.append(_affine(name, node, module, normalize))
+                normalize = None
+            elif kind == "bn":
+                if not ops or not isinstance(ops[-1], Affine) or not ops[-1].is_conv:
+                    raise ValueError(f"cannot bound {name}: {node.format_node()} does not follow a Conv2d")
+                ops[-1] = _fold_batchnorm(ops[-1], module)
+            elif kind == "relu":
+                ops.append(ReLU())
+            elif kind == "flatten":
+                ops.append(Flatten())
+            elif kind == "maxpool" and module.dilation in (1, (1, 1)) and not module.ceil_mode:
+                ops.append(MaxPool(_pair(module.kernel_size), _pair(module.stride or module.kernel_size), _pair(module.padding)))
+            elif kind != "identity":
+                raise ValueError(f"cannot bound {name}: {node.format_node()} is not supported; supported: {SUPPORTED}")
+            current = node
+        return cls([op.to(dtype) if isinstance(op, Affine) else op for op in ops])
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _affine(name: str, node: fx.Node, module: nn.Conv2d | nn.Linear, normalize: Normalize | None) -> Affine:
+    """The Affine of a Linear/Conv2d module, with ``normalize`` folded in if it reads the normalised image."""
+    weight = module.weight.detach().clone()
+    bias = module.bias.detach().clone() if module.bias is not None else weight.new_zeros(weight.shape[0])
+    conv = isinstance(module, nn.Conv2d)
+    if conv and (module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        raise ValueError(f"cannot bound {name}: {node.format_node()} has groups, dilation or non-zero/string padding")
+    pad_value = None
+    if normalize is not None:
+        mean, std = normalize.mean.detach(), normalize.std.detach()
+        if not conv:  # Flatten put the channel outermost: each statistic repeats over H*W features
+            if weight.shape[1] % mean.numel():
+                raise ValueError(f"cannot bound {name}: {node.format_node()} reads {weight.shape[1]} features, not a multiple of {mean.numel()} channels")
+            repeats = weight.shape[1] // mean.numel()
+            mean, std = mean.repeat_interleave(repeats), std.repeat_interleave(repeats)
+        view = (1, -1) + (1,) * (weight.dim() - 2)
+        weight = weight / std.view(view)
+        bias = bias - (weight * mean.view(view)).flatten(1).sum(1)
+        pad_value = mean.clone() if conv else None
+    if not conv:
+        return Affine(weight, bias)
+    return Affine(weight, bias, _pair(module.stride), _pair(module.padding), pad_value)
+
+
+def _fold_batchnorm(conv: Affine, bn: nn.BatchNorm2d) -> Affine:
+    if not bn.track_running_stats or bn.running_var is None:
+        raise ValueError("cannot bound a BatchNorm2d without running statistics")
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+    scale = (gamma / torch.sqrt(bn.running_var + bn.eps)).to(conv.weight.dtype)  # (O,)
+    bias = beta.to(conv.bias.dtype) + (conv.bias - bn.running_mean.to(conv.bias.dtype)) * scale
+    return replace(conv, weight=conv.weight * scale.view(-1, 1, 1, 1), bias=bias)
+
+
+def as_unit_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[0, 1] floats (N, C, H, W) in ``dtype``: uint8 lattice images are divided by 255; floats must lie in [0, 1]."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor (N, C, H, W), got {getattr(images, 'shape', type(images))}")
+    if images.dtype == torch.uint8:
+        return images.to(dtype) / 255
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 lattice values or floats in [0, 1], got {images.dtype}")
+    if images.numel() and not (images.min() >= 0 and images.max() <= 1):
+        raise ValueError(f"float images must lie in [0, 1], got values in [{float(images.min()):.4g}, {float(images.max()):.4g}]")
+    return images.to(dtype)
