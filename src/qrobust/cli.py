@@ -43,6 +43,7 @@ from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, load_in
 from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
 from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
 from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
+from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -451,7 +452,7 @@ def search_command(
     output: Annotated[Path, typer.Option(help="Directory for policy.json (best policy), search.jsonl (one line per episode; an existing one is resumed), best.pt (its fine-tuned quantized checkpoint), fixed-policy.json (the uniform baseline) and config.json.")] = Path("search"),
     episodes: Annotated[int, typer.Option(help="Search episodes in all (a resumed search counts the logged ones).")] = SearchConfig.episodes,
     reward: Annotated[str, typer.Option(help="arq (ACR of the quantized smoothed model minus the original's, by IRS) or haq (accuracy of the quantized model on noisy validation images).")] = SearchConfig.reward,
-    warmup: Annotated[int, typer.Option(help="Episodes of random actions before the agent learns.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Episodes of random actions before the agent learns.")] = DEFAULT_WARMUP,
     finetune_images: Annotated[int, typer.Option(help="Training images (n1) of each policy's one-epoch noisy fine-tuning.")] = SearchConfig.finetune_images,
     finetune_lr: Annotated[float, typer.Option(help="Learning rate of that fine-tuning (SGD, momentum 0.9).")] = SearchConfig.finetune_lr,
     validation_images: Annotated[int, typer.Option(help="Held-out training images the reward is measured on.")] = SearchConfig.validation_images,
