@@ -1,31 +1,15 @@
 """`qrobust quantize --method admm|lb`: low-bit checkpoints the rest of the CLI reads, codes, errors."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from qrobust.cli import main
 from qrobust.data import load_dataset
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
 from qrobust.quant import load_codes
 from qrobust.train import TrainConfig, load_model, train
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``qrobust ARGS`` in-process; returns (exit code, stdout, stderr)."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["qrobust", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

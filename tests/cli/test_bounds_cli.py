@@ -1,29 +1,13 @@
 """`qrobust weight-bound` and `qrobust verify-quantization` on a tiny digits MLP, and their error paths."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from qrobust.cli import main
 from qrobust.data import load_dataset
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``qrobust ARGS`` in-process; returns (exit code, stdout, stderr)."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["qrobust", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -11,26 +10,11 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qrobust.cli import main  # noqa: E402
 from qrobust.data import dataset_info  # noqa: E402
 from qrobust.models import build_model  # noqa: E402
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint  # noqa: E402
 from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8  # noqa: E402
 from qrobust.quant.export import OnnxRuntimeModel  # noqa: E402
-
-
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``qrobust ARGS`` in-process; returns (exit code, stdout, stderr)."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["qrobust", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -18,20 +18,6 @@ TINY = ("--finetune-images", 200, "--validation-images", 10, "--n0", 20, "--n", 
         "--batch-size", 64, "--warmup", 1)  # fmt: skip
 
 
-@pytest.fixture
-def run(monkeypatch, capsys):
-    """Run ``qrobust ARGS`` in-process; returns (exit code, stdout, stderr)."""
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["qrobust", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return invoke
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A float cnn noise-trained on digits at sigma 0.25."""
