@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from qrobust.bounds import ReluNetwork, WeightPerturbation, certified_eps, certify, margin_bounds
+from qrobust.bounds import ReluNetwork, SingleLayerBound, WeightPerturbation, certified_eps, certify, margin_bounds
 from qrobust.bounds.certify import resolve_method
 
 from .conftest import trained
@@ -227,3 +227,33 @@ def test_linear_method_is_refused_where_it_does_not_apply(digit_images):
         certify(network, x, labels, WeightPerturbation((0,), 1e-3), method="crown")
     with pytest.raises(ValueError, match="layer"):
         certify(network, x, labels, WeightPerturbation((7,), 1e-3))
+
+
+def test_empty_batches_and_misclassified_inputs_are_handled(digit_images):
+    """No input, or none certified (every search step then bounds no input), gives empty or zero radii."""
+    network = ReluNetwork.from_model(trained("mlp", depth=3, width=64))
+    x, labels = inputs(network, digit_images, 6)
+    none = torch.zeros(0, dtype=torch.long)
+    for k in range(network.num_layers):
+        assert certified_eps(network, x[:0], none, (k,)).shape == (0,)
+        assert certify(network, x[:0], none, WeightPerturbation((k,), 1e-3)).shape == (0,)
+        assert margin_bounds(network, x[:0], none, WeightPerturbation((k,), 1e-3)).shape == (0, 10)
+        assert bool((certified_eps(network, x, (labels + 1) % 10, (k,)) == 0).all())
+    single = SingleLayerBound(network, x, 0, math.inf, False)
+    assert single.margins(torch.ones(0, dtype=torch.float64), none, none).shape == (0, 10)
+
+
+@pytest.mark.parametrize("name, k", [("mlp", 0), ("mlp", 1), ("conv_linear", 0)])
+def test_search_agrees_with_bisection_on_fresh_bounds(name, k, digit_images):
+    """The secant search (with boxes reused between steps) finds the radius a plain bisection on fresh
+    ``margin_bounds`` calls finds, within the tolerance of both."""
+    network = network_of(name)
+    x, labels = inputs(network, digit_images, 4)
+    radii = certified_eps(network, x, labels, (k,), rtol=1e-3)
+    for i in range(len(x)):
+        lo, hi = 1e-10, 10.0
+        while hi > lo * 1.0001:
+            mid = math.sqrt(lo * hi)
+            bound = margin_bounds(network, x[i : i + 1], labels[i : i + 1], WeightPerturbation((k,), mid))
+            lo, hi = (mid, hi) if bool(bound.amin() > 0) else (lo, mid)
+        assert lo / 1.003 <= float(radii[i]) <= hi * 1.01

@@ -10,13 +10,18 @@ Back-substituting these lines from a target (a neuron, or the margin f_c - f_j) 
 a function Lambda z_N + const below it that is linear in W_hat (eqs. 10-11); its minimum over the
 l_p ball of each output unit's weights is Hoelder's (eqs. 12-13):
 Lambda (W Phi + b) + const - eps sum_o ||G_o||_q with G_o = sum_p Lambda_{o,p} [patch_p, 1].
-Intermediate bounds come layer by layer the same way; a neuron whose one-step interval bound already
-shows it stable is not back-substituted (its relaxation is exact whatever its bounds).
+Intermediate bounds come layer by layer the same way. Only the neurons that one interval step leaves
+unstable are back-substituted (a stable neuron's relaxation is exact whatever its bounds), and each
+stops as soon as the bound reached at some layer, concretised on that layer's box, shows it stable;
+all rows of all inputs go through each layer as one matrix product. In a search over eps, the boxes
+found at an eps that is not certified are kept: they hold for every smaller eps too (the weight balls
+are nested), so later calls below it start from them and back-substitute far fewer neurons.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +37,9 @@ class SingleLayerBound:
     """Margin lower bounds of ``network`` on ``images`` when only layer ``layer``'s weights move.
 
     Everything that does not depend on eps (the exact input of the layer, its patches) is computed
-    once, so ``margins`` can be called many times in a bisection. Requires every op after the layer
-    to be ReLU, Flatten or Linear, with one ReLU between consecutive layers (else ValueError: use
-    interval bounds).
+    once, so ``margins`` can be called many times in a search over eps (see the module docstring for
+    what is reused between calls). Requires every op after the layer to be ReLU, Flatten or Linear,
+    with one ReLU between consecutive layers (else ValueError: use interval bounds).
 
     Args:
         network: the chain (its dtype is used throughout).
@@ -60,89 +65,202 @@ class SingleLayerBound:
         self.z_center = center.flatten(1)  # (N, n0), channel-major like Flatten
         self.patches = patches
         self.patch_norms = patches.abs().amax(1) if math.isinf(self.q) else torch.linalg.vector_norm(patches, ord=self.q, dim=1)  # (N, P)
+        # boxes of the hidden layers valid for every eps <= known_eps (per input), from calls not certified
+        self.known_eps = torch.full((len(images),), math.inf, dtype=self.z_center.dtype)
+        self.known = [_unbounded(len(images), layer.weight.shape[0], self.z_center.dtype) for layer in self.after[:-1]]
 
     @torch.no_grad()
-    def margins(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Lower bounds (N, classes) of f_label - f_j for weight radius ``eps`` (N,) per input; +inf at the label."""
+    def margins(self, eps: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Lower bounds (M, classes) of f_label - f_j for weight radius ``eps`` (M,) per input; +inf at the label.
+
+        ``inputs`` (M,) indexes the images bounded (default: all of them, M = N); ``labels`` are theirs.
+        """
+        inputs = torch.arange(len(self.z_center)) if inputs is None else inputs
+        batch = _Batch(eps, self.z_center[inputs], self.patches[inputs], self.patch_norms[inputs])
         last = self.network.layers[-1]
-        bounds = [self._first_bounds(eps)]
-        for h in range(1, len(self.after)):
-            bounds.append(self._hidden_bounds(h, bounds, eps))
+        bounds, tables = self._intermediate_bounds(batch, inputs)
         if not self.after:  # the logits are layer N's output z_0: Hoelder's bound is exact
             spec = torch.eye(last.weight.shape[0], dtype=eps.dtype)
-            rows = spec[labels].unsqueeze(1) - spec  # (N, J, J): e_c - e_j
-            lower = self._hoelder(rows, torch.zeros(rows.shape[:2], dtype=eps.dtype), eps)
+            rows = spec[labels].unsqueeze(1) - spec  # (M, J, J): e_c - e_j
+            lower = self._hoelder(batch, torch.arange(len(inputs)), rows, eps.new_zeros(rows.shape[:2]))
         else:
-            rows = last.weight[labels].unsqueeze(1) - last.weight  # (N, J, n): W_c - W_j
-            const = last.bias[labels].unsqueeze(1) - last.bias  # (N, J)
-            lower = self._lower(rows, const, len(self.after) - 1, bounds, eps)
+            rows = last.weight[labels].unsqueeze(1) - last.weight  # (M, J, n): W_c - W_j
+            const = last.bias[labels].unsqueeze(1) - last.bias  # (M, J)
+            owner = torch.arange(len(inputs)).repeat_interleave(rows.shape[1])  # (M J,)
+            lower = self._back_substitute(batch, owner, rows.flatten(0, 1), const.flatten(), len(self.after) - 1, tables)
             l, u = bounds[-1]
-            lower = torch.maximum(lower, margin_step(0, last, F.relu(l), F.relu(u), labels, {}, {}))
-        return lower.scatter(1, labels.view(-1, 1), math.inf)
+            lower = torch.maximum(lower.view(rows.shape[:2]), margin_step(0, last, F.relu(l), F.relu(u), labels, {}, {}))
+        lower = lower.scatter(1, labels.view(-1, 1), math.inf)
+        self._remember(inputs, eps, lower.amin(1) <= 0, bounds)
+        return lower
 
-    def _first_bounds(self, eps: torch.Tensor) -> Box:
-        """Exact pre-activation box of the perturbed layer: centre +- eps ||[patch, 1]||_q."""
-        n, p = self.patch_norms.shape
-        radius = (eps.view(-1, 1) * self.patch_norms).unsqueeze(1).expand(n, self.out_channels, p).reshape(n, -1)
-        return self.z_center - radius, self.z_center + radius
+    def _first_bounds(self, batch: _Batch) -> Box:
+        """Exact pre-activation box of the perturbed layer: centre +- eps ||[patch, 1]||_q, (M, n0)."""
+        radius = batch.eps.view(-1, 1, 1) * batch.patch_norms.unsqueeze(1)  # (M, 1, P): the same for every output channel
+        radius = radius.expand(-1, self.out_channels, -1).reshape(batch.z_center.shape)
+        return batch.z_center - radius, batch.z_center + radius
 
-    def _hidden_bounds(self, h: int, bounds: list[Box], eps: torch.Tensor) -> Box:
-        """Pre-activation box of the h-th layer after the perturbed one: one interval step, refined by
-        back-substitution for the neurons it leaves unstable."""
-        layer = self.after[h - 1]
-        low_prev, up_prev = (F.relu(t) for t in bounds[h - 1])
-        center = layer((low_prev + up_prev) / 2)
-        radius = layer((up_prev - low_prev) / 2, layer.weight.abs(), torch.zeros_like(layer.bias))
-        lower, upper = center - radius, center + radius  # (N, n)
-        unstable = (lower < 0) & (upper > 0)
-        counts = unstable.sum(1)
-        width = int(counts.max())
-        if width == 0:
+    def _intermediate_bounds(self, batch: _Batch, inputs: torch.Tensor) -> tuple[list[Box], list[torch.Tensor]]:
+        """Pre-activation boxes (M, n_h) of z_0 (exact) and of every hidden layer after it, layer by layer:
+        one interval step, intersected with the known boxes where they hold, then back-substitution of
+        the neurons still unstable. Also their ``_table``s."""
+        bounds = [self._first_bounds(batch)]
+        tables = [_table(*bounds[0])]
+        valid = (batch.eps <= self.known_eps[inputs]).unsqueeze(1)  # (M, 1)
+        for h in range(1, len(self.after)):
+            lower, upper = _interval_step(self.after[h - 1], *bounds[-1])  # (M, n_h)
+            known_lower, known_upper = (t[inputs] for t in self.known[h - 1])
+            lower = torch.where(valid, torch.maximum(lower, known_lower), lower)
+            upper = torch.where(valid, torch.minimum(upper, known_upper), upper)
+            bounds.append(self._refine(batch, h, lower, upper, tables))
+            tables.append(_table(*bounds[-1]))
+        return bounds, tables
+
+    def _refine(self, batch: _Batch, h: int, lower: torch.Tensor, upper: torch.Tensor, tables: list[torch.Tensor]) -> Box:
+        """The box (M, n_h) of z_h with its unstable neurons' bounds tightened by back-substitution."""
+        owner, neuron = torch.nonzero((lower < 0) & (upper > 0), as_tuple=True)  # (U,) each
+        if len(owner) == 0:
             return lower, upper
-        index = torch.argsort((~unstable).to(torch.int8), dim=1, stable=True)[:, :width]  # (N, U) unstable first
-        valid = torch.arange(width, device=index.device) < counts.unsqueeze(1)
-        rows, offsets = layer.weight[index], layer.bias[index]  # (N, U, n_prev), (N, U)
-        found = self._lower(torch.cat([rows, -rows], 1), torch.cat([offsets, -offsets], 1), h - 1, bounds, eps)
-        old_lower, old_upper = lower.gather(1, index), upper.gather(1, index)
-        new_lower = torch.where(valid, torch.maximum(old_lower, found[:, :width]), old_lower)
-        new_upper = torch.where(valid, torch.minimum(old_upper, -found[:, width:]), old_upper)
-        return lower.scatter(1, index, new_lower), upper.scatter(1, index, new_upper)
+        layer = self.after[h - 1]
+        rows, offsets = layer.weight[neuron], layer.bias[neuron]  # (U, n_prev), (U,)
+        # rows for l (of z) and for -u (of -z), one pair per unstable neuron
+        found = self._back_substitute(
+            batch, owner.repeat(2), torch.cat([rows, -rows]), torch.cat([offsets, -offsets]), h - 1, tables, pairs=len(owner)
+        )
+        lower, upper = lower.clone(), upper.clone()
+        lower[owner, neuron] = torch.maximum(lower[owner, neuron], found[: len(owner)])
+        upper[owner, neuron] = torch.minimum(upper[owner, neuron], -found[len(owner) :])
+        return lower, upper
 
-    def _lower(self, coefficients: torch.Tensor, const: torch.Tensor, h: int, bounds: list[Box], eps: torch.Tensor) -> torch.Tensor:
-        """Lower bound (N, R) of coefficients . relu(z_h) + const (coefficients (N, R, n_h)) by back-substitution."""
+    def _back_substitute(
+        self,
+        batch: _Batch,
+        owner: torch.Tensor,
+        coefficients: torch.Tensor,
+        const: torch.Tensor,
+        h: int,
+        tables: list[torch.Tensor],
+        pairs: int | None = None,
+    ) -> torch.Tensor:
+        """Lower bounds (R,) of coefficients . relu(z_h) + const, row r of input ``owner[r]`` (coefficients
+        (R, n_h)); ``tables[g]`` (M, 5, n_g) describes the box of z_g (``_table``).
+
+        With ``pairs`` = P, rows r and r + P bound one neuron (its l and -u): they go down only until
+        either is > 0 (the neuron is stable), concretised on each layer's box on the way, and the best
+        bound met is returned (every one is sound). Rows are processed in blocks of one input's rows
+        (``_Blocks``), so that each layer's relaxation is broadcast rather than copied to every row.
+        """
+        total = len(const)
+        best = torch.full((total + 1,), -math.inf, dtype=const.dtype)  # the last entry collects padding
+        blocks = _Blocks(owner, len(batch.eps))
+        coefficients, const, ids = blocks.spread(coefficients, 0.0), blocks.spread(const, 0.0), blocks.spread(torch.arange(total), total)
         while True:
-            slope_up, offset_up, slope_low = _relaxation(*bounds[h])  # each (N, n_h)
-            positive, negative = coefficients.clamp(min=0), coefficients.clamp(max=0)
-            const = const + (negative * offset_up.unsqueeze(1)).sum(-1)
-            coefficients = positive * slope_low.unsqueeze(1) + negative * slope_up.unsqueeze(1)  # on z_h
+            table = tables[h][blocks.owner]  # (V, 5, n_h)
+            negative = coefficients.clamp(max=0)  # (V, C, n_h)
+            const = const + (negative @ table[:, 2].unsqueeze(-1)).squeeze(-1)  # (V, C)
+            coefficients = torch.addcmul(coefficients * table[:, None, 0], negative, table[:, None, 1])  # on z_h
             if h == 0:
-                return self._hoelder(coefficients, const, eps)
+                value = self._hoelder(batch, blocks.owner, coefficients, const)
+                best[ids] = torch.maximum(best[ids], value)
+                return best[:total]
+            if pairs is not None:  # concretise on the box of z_h, and stop the neurons shown stable
+                value = const + (coefficients @ table[:, 3].unsqueeze(-1) - coefficients.abs() @ table[:, 4].unsqueeze(-1)).squeeze(-1)
+                best[ids] = torch.maximum(best[ids], value)
+                stable = torch.cat([(best[:pairs] > 0) | (best[pairs:total] > 0), torch.ones(1, dtype=torch.bool)])  # (P + 1,)
+                going = ~stable[torch.where(ids < total, ids % pairs, pairs)]  # (V, C)
+                count = int(going.sum())
+                if count == 0:
+                    return best[:total]
+                if count <= 0.75 * ids.numel():  # regroup the rows still going into fewer blocks
+                    block, slot = torch.nonzero(going, as_tuple=True)
+                    blocks = _Blocks(blocks.owner[block], len(batch.eps))
+                    coefficients, const = blocks.spread(coefficients[block, slot], 0.0), blocks.spread(const[block, slot], 0.0)
+                    ids = blocks.spread(ids[block, slot], total)
             layer = self.after[h - 1]  # z_h = W relu(z_{h-1}) + b
             const = const + coefficients @ layer.bias
             coefficients = coefficients @ layer.weight
             h -= 1
 
-    def _hoelder(self, coefficients: torch.Tensor, const: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """min of coefficients . z_0 + const over the weight ball (eqs. 12-13). coefficients (N, R, n0)."""
-        value = const + (coefficients * self.z_center.unsqueeze(1)).sum(-1)  # (N, R)
-        n, r, _ = coefficients.shape
-        positions = self.patches.shape[2]
+    def _hoelder(self, batch: _Batch, owner: torch.Tensor, coefficients: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """min of coefficients . z_0 + const over the weight ball (eqs. 12-13): (V, C) for coefficients
+        (V, C, n0), block v holding rows of input ``owner[v]``."""
+        value = const + (coefficients @ batch.z_center[owner].unsqueeze(-1)).squeeze(-1)  # (V, C)
+        v, c, _ = coefficients.shape
+        positions = batch.patches.shape[2]
         if positions == 1:  # Linear: ||G_o||_q = |Lambda_o| ||[Phi, 1]||_q
-            dual = coefficients.abs().sum(-1) * self.patch_norms  # (N, R)
+            dual = coefficients.abs().sum(-1) * batch.patch_norms[owner]  # (V, C)
         else:
-            grads = torch.einsum("nrop,nkp->nrok", coefficients.view(n, r, self.out_channels, positions), self.patches)
+            grads = torch.einsum("vcop,vkp->vcok", coefficients.reshape(v, c, self.out_channels, positions), batch.patches[owner])
             dual = (grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)).sum(-1)
-        return value - eps.view(-1, 1) * dual
+        return value - batch.eps[owner].view(-1, 1) * dual
+
+    def _remember(self, inputs: torch.Tensor, eps: torch.Tensor, failed: torch.Tensor, bounds: list[Box]) -> None:
+        """Keep the boxes of the inputs not certified at an eps below their known one (they hold below it)."""
+        newer = failed & (eps < self.known_eps[inputs])
+        chosen = inputs[newer]
+        self.known_eps[chosen] = eps[newer]
+        for (lower, upper), (known_lower, known_upper) in zip(bounds[1:], self.known):
+            known_lower[chosen], known_upper[chosen] = lower[newer], upper[newer]
 
 
-def _relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ReLU between two lines on [lower, upper]: (upper slope, upper offset, lower slope), each like ``lower``."""
+@dataclass(frozen=True)
+class _Batch:
+    """The inputs of one ``margins`` call: eps (M,), z_center (M, n0), patches (M, K, P), patch_norms (M, P)."""
+
+    eps: torch.Tensor
+    z_center: torch.Tensor
+    patches: torch.Tensor
+    patch_norms: torch.Tensor
+
+
+class _Blocks:
+    """Rows of several inputs grouped in blocks of ``SIZE`` rows of one input each (the last one padded).
+
+    ``owner`` (R,) is the input of each row, ``inputs`` their number; ``self.owner`` (V,) is each
+    block's input and ``spread`` puts per-row values into (V, SIZE, ...).
+    """
+
+    SIZE = 32
+
+    def __init__(self, owner: torch.Tensor, inputs: int) -> None:
+        self.order = torch.argsort(owner, stable=True)
+        counts = torch.bincount(owner, minlength=inputs)  # (M,)
+        per_input = (counts + self.SIZE - 1) // self.SIZE
+        sorted_owner = owner[self.order]
+        rank = torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts)[sorted_owner]  # place among its input's rows
+        self.block = (torch.cumsum(per_input, 0) - per_input)[sorted_owner] + torch.div(rank, self.SIZE, rounding_mode="floor")
+        self.slot = rank % self.SIZE
+        self.owner = torch.repeat_interleave(torch.arange(inputs), per_input)  # (V,)
+
+    def spread(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """(V, SIZE, ...) of per-row ``values`` (R, ...), ``fill`` in the padding."""
+        out = values.new_full((len(self.owner), self.SIZE, *values.shape[1:]), fill)
+        out[self.block, self.slot] = values[self.order]
+        return out
+
+
+def _unbounded(n: int, width: int, dtype: torch.dtype) -> Box:
+    """The box (-inf, inf) of shape (n, width)."""
+    return torch.full((n, width), -math.inf, dtype=dtype), torch.full((n, width), math.inf, dtype=dtype)
+
+
+def _interval_step(layer: Affine, lower: torch.Tensor, upper: torch.Tensor) -> Box:
+    """One interval step: the box of W relu(z) + b over the pre-activation box [lower, upper]."""
+    low, up = F.relu(lower), F.relu(upper)
+    center = layer((low + up) / 2)
+    radius = layer((up - low) / 2, layer.weight.abs(), torch.zeros_like(layer.bias))
+    return center - radius, center + radius
+
+
+def _table(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The ReLU relaxation on the box [lower, upper] (M, n) and the box itself, as (M, 5, n): lower slope,
+    upper slope - lower slope, upper offset, centre, radius (relu(z) between the two lines on the box)."""
     unstable = (lower < 0) & (upper > 0)
     active = (lower >= 0).to(lower.dtype)
     slope_up = torch.where(unstable, upper / (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny), active)
     offset_up = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
     slope_low = torch.where(unstable, (upper > -lower).to(lower.dtype), active)
-    return slope_up, offset_up, slope_low
+    return torch.stack([slope_low, slope_up - slope_low, offset_up, (upper + lower) / 2, (upper - lower) / 2], 1)
 
 
 def _following_linear_layers(network: ReluNetwork, layer: int) -> list[Affine]:
