@@ -7,9 +7,9 @@ certified accuracy at each radius for both, the mean samples per image and the r
 as JSON.
 
 The int8 model comes from bench/intrs_table2.sh (e.g. ``bench/intrs_table2.sh 0.25`` makes
-runs/intrs/cnn-0.25.int8.pt). Committed run (results/adaptive/):
+runs/intrs/cnn-0.25.int8.pt). Committed run (results/scale/):
     OMP_NUM_THREADS=1 .venv/bin/python bench/adaptive_certify.py runs/intrs/cnn-0.25.int8.pt --sigma 0.25 \
-        --images 500 --n 100000 --output results/adaptive/intrs-0.25.json
+        --images 500 --n 100000 --output results/scale/adaptive-intrs-0.25.json
 """
 
 from __future__ import annotations
