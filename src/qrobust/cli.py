@@ -1,4 +1,5 @@
-"""The ``qrobust`` command line: train, quantize, attack, certify, predict, analyze.
+"""The ``qrobust`` command line: train, quantize, export, attack, certify, predict, analyze, report,
+weight-bound, verify-quantization, search, finetune.
 
 User errors (bad values, missing or corrupt files) end in one ``error:`` line and exit code 2; results
 already written stay as they are.
