@@ -32,6 +32,7 @@ def main() -> None:
     out = Path(sys.argv[2] if len(sys.argv) > 2 else "results/arq")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results: dict[float, list[dict]] = {}
+    spelled: dict[float, str] = {}  # sigma as the file names spell it ("1.0")
     for directory in sorted(runs.glob("*-*-b*")):
         method, sigma, bits = re.fullmatch(r"(\w+)-([\d.]+)-b(\d+)", directory.name).groups()
         if not (directory / "certify.tsv").exists():
@@ -41,6 +42,7 @@ def main() -> None:
         layers = layer_infos(checkpoint.build(), checkpoint.dataset_info.shape)
         summary = summarize_rows(read_certify_tsv(directory / "certify.tsv"), RADII)
         seconds = directory / "search-seconds.txt"
+        spelled[float(sigma)] = sigma
         results.setdefault(float(sigma), []).append({
             "method": method, "bits": int(bits), "policy": policy, "bitops": bitops_percent(layers, policy),
             "acr": summary.average_certified_radius, "accuracy": summary.certified_accuracy,
@@ -49,9 +51,9 @@ def main() -> None:
         for name in ("policy.json", "search.jsonl", "certify.tsv", "certify.json"):
             if (directory / name).exists():
                 shutil.copy(directory / name, out / "runs" / f"{directory.name}-{name}")
-    fp32 = {sigma: summarize_rows(read_certify_tsv(runs / f"fp32-{sigma:g}.tsv"), RADII) for sigma in results}
+    fp32 = {sigma: summarize_rows(read_certify_tsv(runs / f"fp32-{spelled[sigma]}.tsv"), RADII) for sigma in results}
     for sigma in fp32:
-        shutil.copy(runs / f"fp32-{sigma:g}.tsv", out / "runs" / f"fp32-{sigma:g}-certify.tsv")
+        shutil.copy(runs / f"fp32-{spelled[sigma]}.tsv", out / "runs" / f"fp32-{spelled[sigma]}-certify.tsv")
 
     lines = ["# ARQ vs HAQ-style vs fixed precision (Fashion-MNIST, small CNN)", "",
              "Made by `bench/arq_compare.sh` then `.venv/bin/python bench/arq_summary.py`.", ""]  # fmt: skip
