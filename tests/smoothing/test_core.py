@@ -142,8 +142,8 @@ def test_noise_bank_is_shared_reproducible_and_keeps_coverage(linear_binary):
 def test_noise_bank_rows_for_selection_and_estimation_are_disjoint(linear_binary):
     smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.5), batch_size=16, noise_bank_seed=0)
     x = _point(0.2)
-    bank = smoothed._noise_bank(x, 30 + 100)
+    bank = smoothed.noise_bank(x, 30 + 100)
     expected = smoothed.sample_counts(x, 100, noise=bank[30:])
     certificate = smoothed.certify(x, n0=30, n=100, alpha=0.01)
     assert np.array_equal(certificate.counts, expected)
-    assert smoothed._noise_bank(x, 130) is bank  # drawn once
+    assert smoothed.noise_bank(x, 130) is bank  # drawn once

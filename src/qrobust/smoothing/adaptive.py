@@ -119,7 +119,7 @@ def certify_adaptive(
     """
     check_count("n0", n0)
     check_alpha(alpha)
-    bank = smoothed._noise_bank(x, n0 + schedule.n_max)
+    bank = smoothed.noise_bank(x, n0 + schedule.n_max)
     guess = int(np.argmax(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
     counts = np.zeros(smoothed.num_classes, dtype=np.int64)
 

@@ -88,7 +88,7 @@ class SmoothedClassifier:
         top-two counts rejects a tie at level ``alpha``; then P[label != g(x)] <= alpha."""
         check_count("n", n)
         check_alpha(alpha)
-        counts = self.sample_counts(x, n, generator, self._noise_bank(x, n))
+        counts = self.sample_counts(x, n, generator, self.noise_bank(x, n))
         second, top = np.argsort(counts, kind="stable")[-2:]
         test = binomtest(int(counts[top]), int(counts[top] + counts[second]), p=0.5)
         label = int(top) if test.pvalue <= alpha else None
@@ -103,7 +103,7 @@ class SmoothedClassifier:
         check_count("n0", n0)
         check_count("n", n)
         check_alpha(alpha)
-        bank = self._noise_bank(x, n0 + n)
+        bank = self.noise_bank(x, n0 + n)
         guess = int(np.argmax(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
         counts = self.sample_counts(x, n, generator, None if bank is None else bank[n0:])
         return self.certificate(guess, counts, alpha)
@@ -148,7 +148,7 @@ class SmoothedClassifier:
             predictions[start : start + size] = self.base(inputs).argmax(dim=1)
         return predictions.cpu().numpy()
 
-    def _noise_bank(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+    def noise_bank(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """The shared noise of ``rows`` samples shaped like ``x``, drawn once per (rows, shape)."""
         if self.noise_bank_seed is None:
             return None
