@@ -78,20 +78,23 @@ class SmoothingJob:
     def open(self) -> tuple[SmoothedClassifier, LatticeDataset, dict[str, Any]]:
         """The smoothed classifier, the dataset split and the model's metadata, read from the files."""
         smoothing = METHODS[self.method](self.sigma)
-        if isinstance(smoothing, FloatRSQuant | IntRS):
+        int8 = isinstance(smoothing, FloatRSQuant | IntRS)
+        if int8:
             saved = load_int8(self.checkpoint)
-            info, metadata = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata
-            base = fast_backend(saved.model) if self.fast else saved.model
+            info, metadata, model = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata, saved.model
         else:
             model, saved = load_model(self.checkpoint)
             info, metadata = saved.dataset_info, saved.metadata
-            base = freeze_for_inference(model, torch.rand(self.batch_size, *info.shape)) if self.fast else model
         if self.runtime == "onnxruntime":
             try:
                 from qrobust.quant.export import onnx_runtime_model  # onnx is an optional extra
             except ImportError:
                 raise QRobustError("the onnxruntime runtime needs onnx: pip install 'qrobust[onnx]'") from None
-            base = onnx_runtime_model(saved.model if isinstance(smoothing, FloatRSQuant | IntRS) else self.checkpoint)
+            base = onnx_runtime_model(model if int8 else self.checkpoint)
+        elif not self.fast:
+            base = model
+        else:
+            base = fast_backend(model) if int8 else freeze_for_inference(model, torch.rand(self.batch_size, *info.shape))
         data = load_dataset(info.name, self.split, None if self.data_root is None else Path(self.data_root))
         bank_seed = self.seed if self.noise_bank else None
         return SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed), data, metadata
