@@ -452,7 +452,9 @@ def search_command(
     budget: Annotated[float, typer.Option(help="BitOPs limit in percent of the fp32 model's, in (0, 100] (uniform 4 bits costs about 1.6%).")],
     output: Annotated[Path, typer.Option(help="Directory for policy.json (best policy), search.jsonl (one line per episode; an existing one is resumed), best.pt (its fine-tuned quantized checkpoint), fixed-policy.json (the uniform baseline) and config.json.")] = Path("search"),
     episodes: Annotated[int, typer.Option(help="Search episodes in all (a resumed search counts the logged ones).")] = SearchConfig.episodes,
-    reward: Annotated[str, typer.Option(help="arq (ACR of the quantized smoothed model minus the original's, by IRS) or haq (accuracy of the quantized model on noisy validation images).")] = SearchConfig.reward,
+    reward: Annotated[str, typer.Option(help="arq (ACR of the quantized smoothed model minus the original's), certified (certified accuracy at --reward-radius minus the original's) or haq (accuracy of the quantized model on noisy validation images).")] = SearchConfig.reward,
+    reward_radius: Annotated[float, typer.Option(help="l2 radius of the certified reward, in [0, 1] pixel units.")] = SearchConfig.reward_radius,
+    certifier: Annotated[str, typer.Option(help="irs (incremental, reusing the original's certificates) or rs (plain smoothing with --n-zeta samples) for each candidate.")] = SearchConfig.certifier,
     warmup: Annotated[int, typer.Option(help="Episodes of random actions before the agent learns.")] = DEFAULT_WARMUP,
     finetune_images: Annotated[int, typer.Option(help="Training images (n1) of each policy's one-epoch noisy fine-tuning.")] = SearchConfig.finetune_images,
     finetune_lr: Annotated[float, typer.Option(help="Learning rate of that fine-tuning (SGD, momentum 0.9).")] = SearchConfig.finetune_lr,
@@ -470,7 +472,8 @@ def search_command(
     """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
     agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
     config = SearchConfig(
-        sigma=sigma, budget=budget, episodes=episodes, reward=reward, finetune_images=finetune_images,
+        sigma=sigma, budget=budget, episodes=episodes, reward=reward, certifier=certifier,
+        reward_radius=reward_radius, finetune_images=finetune_images,
         finetune_lr=finetune_lr, batch_size=batch_size, validation_images=validation_images, n0=n0, n=n,
         n_zeta=n_zeta, alpha=alpha, alpha_zeta=alpha_zeta, gamma=gamma, seed=seed,
         agent=DDPGConfig(warmup_episodes=warmup, seed=seed),

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 from qrobust.data import load_dataset
 from qrobust.errors import QRobustError
@@ -146,10 +147,33 @@ def test_haq_reward_is_noisy_accuracy(digits_cnn, tmp_path):
         assert record.accuracy in {k / 12 for k in range(13)}  # one noisy draw per validation image
 
 
+def test_certified_reward_is_certified_accuracy_gain(digits_cnn, tmp_path):
+    model, data = digits_cnn
+    result = PolicySearch(model, data, _config(episodes=2, reward="certified", reward_radius=0.1)).run(tmp_path / "c.jsonl")
+    for record in result.records:
+        assert record.acr is not None and -1 <= record.reward <= 1
+        assert record.reward * 12 == pytest.approx(round(record.reward * 12), abs=1e-9)  # a difference of k / 12
+    assert len({r.reward for r in result.records} | {r.acr for r in result.records}) > 1
+
+
+def test_rs_certifier_certifies_afresh_with_n_zeta_samples(digits_cnn, tmp_path):
+    """Plain smoothing with n_zeta = 50 samples at level alpha + alpha_zeta caps every radius at
+    sigma * Phi^-1(0.002^(1/50)); the reward stays ACR_P - ACR_orig."""
+    model, data = digits_cnn
+    search = PolicySearch(model, data, _config(episodes=2, certifier="rs"))
+    result = search.run(tmp_path / "rs.jsonl")
+    cap = 0.25 * float(norm.ppf(0.002 ** (1 / 50)))
+    for record in result.records:
+        assert 0 < record.acr <= cap
+        assert record.reward == pytest.approx(record.acr - result.acr_original)
+    assert max(c.radius for c in search.certifier.cache.certificates) > cap  # the original's n = 100 exceeds it
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [({"budget": 0.0}, "budget"), ({"budget": 100.5}, "budget"), ({"reward": "acc"}, "reward"),
-     ({"n_zeta": 200}, "n_zeta"), ({"sigma": -0.1}, "sigma"), ({"episodes": 0}, "episodes")],
+     ({"n_zeta": 200}, "n_zeta"), ({"sigma": -0.1}, "sigma"), ({"episodes": 0}, "episodes"),
+     ({"certifier": "exact"}, "certifier"), ({"reward_radius": -0.5}, "reward_radius")],
 )  # fmt: skip
 def test_config_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -15,6 +15,7 @@ from qrobust.smoothing import (
     certify_original,
     example_generator,
 )
+from qrobust.smoothing.confidence import clopper_pearson_lower
 
 SIGMA = 0.25
 
@@ -103,6 +104,39 @@ def test_unchanged_model_gives_the_bound_of_zero_disagreements(linear_binary):
         assert certificate.radius < cached.radius
 
 
+class Constant(nn.Module):
+    """Always predicts ``label`` of 2 classes."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(torch.full((len(x),), self.label), 2).float()
+
+
+def test_zeta_counts_only_draws_that_leave_the_top_class(linear_binary):
+    """A model that always says c_A loses nothing (zeta of 0 departures, though it disagrees with f
+    wherever f says the other class); one that never says c_A departs on every draw f gave c_A."""
+    n_zeta, alpha_zeta = 400, 0.01
+    original = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
+    cache = certify_original(original, _images(30), n0=50, n=1000, alpha=0.001)
+    by_label = [
+        certify_incremental(cache, SmoothedClassifier(Constant(label), 2, FloatRS(SIGMA)), n_zeta=n_zeta,
+                            alpha_zeta=alpha_zeta, gamma=1.0)
+        for label in (0, 1)
+    ]  # fmt: skip
+    estimated = [index for index, cached in enumerate(cache.certificates) if not cached.abstained]
+    assert len(estimated) >= 20
+    assert any(np.any(cache.predictions[i, :n_zeta] != cache.certificates[i].label) for i in estimated)  # teeth
+    for index in estimated:
+        label = cache.certificates[index].label
+        kept, left = by_label[label][index], by_label[1 - label][index]
+        on_top = int(np.count_nonzero(cache.predictions[index, :n_zeta] == label))
+        assert kept.zeta == pytest.approx(1 - alpha_zeta ** (1 / n_zeta), rel=1e-9)
+        assert left.zeta == pytest.approx(1 - clopper_pearson_lower(n_zeta - on_top, n_zeta, alpha_zeta), rel=1e-9)
+
+
 def test_lattice_reading_modified_model_shares_the_noise(linear_binary):
     """FloatRSQuant draws FloatRS's noise; rounding to the lattice rarely flips the linear classifier."""
     original = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
@@ -113,20 +147,22 @@ def test_lattice_reading_modified_model_shares_the_noise(linear_binary):
     assert zetas and max(zetas) < 0.02  # 0 disagreements give 0.0069; a different noise would give ~0.3
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.9, 0.97, 1.0])
-def test_fallback_is_taken_exactly_when_the_cached_bound_reaches_gamma(linear_binary, gamma):
+@pytest.mark.parametrize(("gamma", "n_fallback"), [(0.0, None), (0.9, None), (0.97, 800), (1.0, None)])
+def test_fallback_is_taken_exactly_when_the_cached_bound_reaches_gamma(linear_binary, gamma, n_fallback):
     n_zeta = 300
     original = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
     cache = certify_original(original, _images(40), n0=50, n=1000, alpha=0.01)
     modified = SmoothedClassifier(Probe(_rotated(linear_binary, 0.1, -0.12)), 2, FloatRS(SIGMA))
-    certificates = certify_incremental(cache, modified, n_zeta=n_zeta, alpha_zeta=0.01, gamma=gamma, seed=3)
+    certificates = certify_incremental(
+        cache, modified, n_zeta=n_zeta, alpha_zeta=0.01, gamma=gamma, n_fallback=n_fallback, seed=3
+    )
     fallback = np.array([c.fallback for c in certificates])
     assert np.array_equal(fallback, [cached.p_lower >= gamma for cached in cache.certificates])
     if 0.0 < gamma < 1.0:
         assert 0 < fallback.sum() < len(fallback)  # both paths are exercised
     for certificate, cached in zip(certificates, cache.certificates):
         if certificate.fallback:
-            assert certificate.zeta is None and certificate.counts.sum() == n_zeta
+            assert certificate.zeta is None and certificate.counts.sum() == (n_fallback or n_zeta)
         else:
             assert (certificate.zeta is None) == cached.abstained
     if gamma == 0.0:  # the fallback draws fresh noise, not the cached run's (whose first batch selected)

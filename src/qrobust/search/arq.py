@@ -10,8 +10,13 @@ quantized, calibrated and fine-tuned for one epoch on n1 Gaussian-noised trainin
 - ``reward="arq"``: ACR_P - ACR_orig (eq. 13), the average certified radius of the quantized smoothed
   model, certified incrementally (IRS, Ugare et al., ICLR 2024) from the original smoothed model's
   certificates, which are computed once per search;
+- ``reward="certified"``: the certified accuracy at ``reward_radius`` minus the original's (the
+  "Certified Acc" reward of the paper's Table 3 ablation);
 - ``reward="haq"``: the quantized base model's accuracy on one Gaussian draw per validation image
   (HAQ's accuracy reward with noisy inputs, the paper's baseline).
+
+``certifier="rs"`` certifies each candidate by plain randomized smoothing with as many samples as IRS
+replays instead (the paper's Table 4 ablation "ARQ-RS": the same certification budget without reuse).
 
 Every transition of the episode gets that reward; the best policy (highest reward) is kept. The
 validation images (certified, or classified under noise) and the fine-tuning images are disjoint
@@ -42,11 +47,20 @@ from qrobust.quant.bitops import MAX_BITS, MIN_BITS, BitPolicy, LayerInfo, bitop
 from qrobust.quant.mixed import MixedPrecisionModel, quantize
 from qrobust.search.ddpg import DDPGAgent, DDPGConfig, Step
 from qrobust.search.log import EpisodeRecord, SearchLog, best_record
-from qrobust.smoothing import FloatRS, SmoothedClassifier, acr, certify_incremental, certify_original
+from qrobust.smoothing import (
+    Certificate,
+    FloatRS,
+    SmoothedClassifier,
+    acr,
+    certify_incremental,
+    certify_original,
+    example_generator,
+)
 from qrobust.train import TrainConfig, accuracy, train
 from qrobust.train.loop import model_inputs
 
-REWARDS = ("arq", "haq")
+REWARDS = ("arq", "certified", "haq")
+CERTIFIERS = ("irs", "rs")
 DEFAULT_WARMUP = 10  # episodes of random actions (HAQ's 20 is a large share of a 40-episode search)
 STATE_FEATURES = 10  # eq. (9): k, c_in, c_out, kernel, stride, feature size, params, depthwise, w/a, a_{k-1}
 
@@ -66,14 +80,18 @@ class SearchConfig:
     certified for the ARQ reward: the original smoothed model once with ``n0`` selection and ``n``
     estimation samples at level ``alpha``, each quantized one by IRS with ``n_zeta`` samples at level
     ``alpha_zeta``, falling back to plain certification with ``n_zeta`` samples where the original
-    top-class bound pA_lower is at least ``gamma``. ``agent.seed`` seeds the agent; ``seed`` the image draws, the
-    fine-tuning and all noise.
+    top-class bound pA_lower is at least ``gamma`` (``certifier="rs"``: plain certification with n0 and
+    ``n_zeta`` samples at level alpha + alpha_zeta for every candidate). ``reward_radius`` is the l2
+    radius ([0, 1] pixel units) of the "certified" reward. ``agent.seed`` seeds the agent; ``seed`` the
+    image draws, the fine-tuning and all noise.
     """
 
     sigma: float
     budget: float
     episodes: int = 40
     reward: str = "arq"
+    certifier: str = "irs"
+    reward_radius: float = 0.5
     finetune_images: int = 5000
     finetune_lr: float = 0.01
     batch_size: int = 256
@@ -99,6 +117,10 @@ class SearchConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        if self.certifier not in CERTIFIERS:
+            raise ValueError(f"certifier must be one of {', '.join(CERTIFIERS)}, got {self.certifier!r}")
+        if not (math.isfinite(self.reward_radius) and self.reward_radius >= 0):
+            raise ValueError(f"reward_radius must be >= 0, got {self.reward_radius!r}")
         if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr!r}")
         for name in ("alpha", "alpha_zeta"):
@@ -185,7 +207,7 @@ def fixed_precision_policy(layers: Sequence[LayerInfo], budget: float) -> BitPol
     raise ValueError(f"a budget of {budget:g}% BitOPs is out of reach: {MIN_BITS} bits already costs {floor:.4g}%")
 
 
-EPISODE_STREAM, VALIDATION_STREAM, CERTIFICATION_STREAM = 0, 1, 2  # the independent random streams of a search
+EPISODE_STREAM, VALIDATION_STREAM, CERTIFICATION_STREAM, RS_STREAM = 0, 1, 2, 3  # independent random streams of a search
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -296,8 +318,12 @@ class PolicySearch:
         noisy_accuracy = accuracy(mixed, self.validation_set, noise=self.noise, generator=generator)
         if self.certifier is None:
             return noisy_accuracy, None, noisy_accuracy
-        acr = self.certifier.acr(mixed)
-        return acr - self.certifier.acr_original, acr, noisy_accuracy
+        certificates = self.certifier.certify(mixed)
+        acr_p = acr(certificates, self.validation_set.labels)
+        if self.config.reward == "arq":
+            return acr_p - self.certifier.acr_original, acr_p, noisy_accuracy
+        original = self.certifier.certified_accuracy(self.certifier.cache.certificates)
+        return self.certifier.certified_accuracy(certificates) - original, acr_p, noisy_accuracy
 
     def run(
         self,
@@ -381,8 +407,9 @@ def _status(best: EpisodeRecord | None) -> str:
 
 
 class _Certifier:
-    """ACR of smoothed models on the validation images: the original's once (``certify_original``,
-    n0 selection and n estimation samples), each quantized one incrementally from it (IRS)."""
+    """Certificates of smoothed models on the validation images: the original's once
+    (``certify_original``, n0 selection and n estimation samples), each quantized one incrementally from
+    it (IRS) or afresh (``certifier="rs"``)."""
 
     def __init__(self, model: nn.Module, validation_set: LatticeDataset, config: SearchConfig):
         self.config, self.validation_set = config, validation_set
@@ -391,13 +418,24 @@ class _Certifier:
         self.cache = certify_original(smoothed, validation_set.images, n0=config.n0, n=config.n, alpha=config.alpha, seed=self.seed)
         self.acr_original = acr(self.cache.certificates, validation_set.labels)
 
-    def acr(self, mixed: nn.Module) -> float:
-        """ACR_P of the quantized smoothed model; each certificate holds with probability >= 1 - alpha -
-        alpha_zeta (l2 radii in [0, 1] pixel units)."""
-        config = self.config
-        certificates = certify_incremental(self.cache, self._smoothed(mixed), n_zeta=config.n_zeta, alpha_zeta=config.alpha_zeta,
-                                           gamma=config.gamma, seed=self.seed)  # fmt: skip
-        return acr(certificates, self.validation_set.labels)
+    def certify(self, mixed: nn.Module) -> list[Certificate]:
+        """The quantized smoothed model's certificates, one per validation image; each holds with
+        probability >= 1 - alpha - alpha_zeta (l2 radii in [0, 1] pixel units)."""
+        config, smoothed = self.config, self._smoothed(mixed)
+        if config.certifier == "irs":
+            return certify_incremental(self.cache, smoothed, n_zeta=config.n_zeta, alpha_zeta=config.alpha_zeta,
+                                       gamma=config.gamma, seed=self.seed)  # fmt: skip
+        seed = derived_seed(config.seed, RS_STREAM)
+        return [
+            smoothed.certify(x, config.n0, config.n_zeta, config.alpha + config.alpha_zeta, example_generator(seed, index))
+            for index, x in enumerate(self.validation_set.images)
+        ]
+
+    def certified_accuracy(self, certificates: Sequence[Certificate]) -> float:
+        """The fraction of validation images certified with their label at radius ``reward_radius``."""
+        labels = self.validation_set.labels.tolist()
+        hits = [not c.abstained and c.label == y and c.radius >= self.config.reward_radius for c, y in zip(certificates, labels, strict=True)]
+        return float(np.mean(hits))
 
     def _smoothed(self, model: nn.Module) -> SmoothedClassifier:
         """``model`` frozen for inference (TorchScript folds the weight quantization once; about twice as

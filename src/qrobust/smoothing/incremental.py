@@ -6,14 +6,18 @@ The original smoothed classifier is certified once with many samples (``certify_
 keeps, per input, its certificate (top class c_A, pA_lower), the seed of its noise and the base
 classifier's class on every estimation sample. A modified base classifier f_p (quantized, pruned,
 fine-tuned) is then certified with few samples (``certify_incremental``): the first n_zeta noise draws
-are replayed exactly, the disagreements f(x + e) != f_p(x + e) counted, and
-zeta = their one-sided Clopper-Pearson upper bound at level alpha_zeta bounds P[f(x + e) != f_p(x + e)].
-Since P[f_p(x + e) = c_A] >= P[f(x + e) = c_A] - P[f(x + e) != f_p(x + e)] >= pA_lower - zeta, the
-radius sigma * Phi^-1(pA_lower - zeta) is certified when pA_lower - zeta > 1/2. When pA_lower >= gamma
-the radius is too sensitive to that subtraction (Phi^-1 is steep near 1), and IRS falls back to
-certifying f_p from scratch with n_zeta fresh samples. The direction is checked against the reference
-implementation (github.com/uiuc-arc/Incremental-DNN-Verification, ``Smooth.certify_with_cache``:
-incremental if pA < gamma, else plain RS; gamma 0.99 on CIFAR-10 and 0.995 on ImageNet).
+are replayed exactly, the draws where f says c_A but f_p does not are counted, and zeta = their
+one-sided Clopper-Pearson upper bound at level alpha_zeta bounds P[f(x + e) = c_A != f_p(x + e)].
+Since P[f_p(x + e) = c_A] >= P[f(x + e) = c_A] - P[f(x + e) = c_A != f_p(x + e)] >= pA_lower - zeta,
+the radius sigma * Phi^-1(pA_lower - zeta) is certified when pA_lower - zeta > 1/2. The paper counts
+every disagreement f != f_p; only those leaving c_A can lower P[f_p = c_A], so counting them alone is
+as sound and never looser. When pA_lower >= gamma the radius is too sensitive to that subtraction
+(Phi^-1 is steep near 1), and IRS falls back to certifying f_p from scratch: with n_zeta fresh samples
+as in the paper, or with ``n_fallback`` of them (e.g. the original's n, to keep its large radii: a
+confident input's radius is capped by its sample count whatever the method). The direction is checked
+against the reference implementation (github.com/uiuc-arc/Incremental-DNN-Verification,
+``Smooth.certify_with_cache``: incremental if pA < gamma, else plain RS; gamma 0.99 on CIFAR-10 and
+0.995 on ImageNet).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class IncrementalCertificate(Certificate):
     zero when the original abstained, as nothing is sampled then).
     """
 
-    zeta: float | None  # (1 - alpha_zeta) upper bound on P[f(x + e) != f_p(x + e)]; None when not estimated
+    zeta: float | None  # (1 - alpha_zeta) upper bound on P[f(x + e) = c_A != f_p(x + e)]; None when not estimated
     fallback: bool  # True: certified from scratch (cached pA_lower >= gamma)
 
 
@@ -121,21 +125,22 @@ def certify_incremental(
     n_zeta: int,
     alpha_zeta: float,
     gamma: float,
+    n_fallback: int | None = None,
     seed: int = 0,
 ) -> list[IncrementalCertificate]:
     """IRS (Algorithm 2 of Ugare et al.): certify the modified smoothed classifier on every cached input.
 
     Per input, with pA_lower and c_A the cached original certificate:
       * pA_lower >= ``gamma`` (the paper's direction: IRS is used below gamma): fall back to a fresh
-        certification of ``modified`` with the cache's n0 selection and ``n_zeta`` estimation samples,
-        drawn from a stream independent of the original's (chosen by ``seed``), at the cache's level
-        alpha. The reference code runs it at alpha + alpha_zeta (and n0 = n_zeta // 10); since the route
-        depends on the cached sample, the argument below then bounds the failure only by
-        alpha + 2 alpha_zeta, while level alpha keeps it at alpha + alpha_zeta.
+        certification of ``modified`` with the cache's n0 selection and ``n_fallback`` (default
+        ``n_zeta``) estimation samples, drawn from a stream independent of the original's (chosen by
+        ``seed``), at the cache's level alpha. The reference code runs it at alpha + alpha_zeta (and
+        n0 = n_zeta // 10); since the route depends on the cached sample, the argument below then bounds
+        the failure only by alpha + 2 alpha_zeta, while level alpha keeps it at alpha + alpha_zeta.
       * the original abstained: abstain without sampling (pA_lower - zeta <= pA_lower <= 1/2).
       * otherwise: replay the first ``n_zeta`` estimation noise draws, zeta = one-sided Clopper-Pearson
-        upper bound at level ``alpha_zeta`` on the disagreement rate; certify c_A with radius
-        sigma * Phi^-1(pA_lower - zeta) if pA_lower - zeta > 1/2, else abstain.
+        upper bound at level ``alpha_zeta`` on the rate of draws that f sends to c_A and f_p elsewhere;
+        certify c_A with radius sigma * Phi^-1(pA_lower - zeta) if pA_lower - zeta > 1/2, else abstain.
 
     Guarantee: for each input, with probability at least 1 - alpha - alpha_zeta over the original
     certification, the replayed comparison and the fallback's noise, a returned certificate that is not
@@ -154,6 +159,8 @@ def certify_incremental(
     exact table).
     """
     check_count("n_zeta", n_zeta)
+    n_fallback = n_zeta if n_fallback is None else n_fallback
+    check_count("n_fallback", n_fallback)
     if n_zeta > cache.n:
         raise ValueError(f"n_zeta must be <= the cached n={cache.n} (only those draws can be replayed), got {n_zeta}")
     if not 0.0 < alpha_zeta < 1.0:
@@ -171,15 +178,16 @@ def certify_incremental(
     results = []
     for index, (x, cached) in enumerate(zip(cache.images, cache.certificates, strict=True)):
         if cached.p_lower >= gamma:
-            fresh = modified.certify(x, cache.n0, n_zeta, cache.alpha, _fallback_generator(cache.seed, index, seed))
+            fresh = modified.certify(x, cache.n0, n_fallback, cache.alpha, _fallback_generator(cache.seed, index, seed))
             results.append(IncrementalCertificate(fresh.label, fresh.radius, fresh.p_lower, fresh.counts, None, True))
         elif cached.abstained:
             nothing = np.zeros(cache.num_classes, dtype=np.int64)
             results.append(IncrementalCertificate(None, 0.0, cached.p_lower, nothing, None, False))
         else:
             votes = modified.sample_predictions(x, n_zeta, noise=cache.replay_noise(index, n_zeta))  # (n_zeta,)
-            disagreements = int(np.count_nonzero(votes != cache.predictions[index, :n_zeta]))
-            zeta = 1.0 - clopper_pearson_lower(n_zeta - disagreements, n_zeta, alpha_zeta)  # upper bound
+            original = cache.predictions[index, :n_zeta]
+            departures = int(np.count_nonzero((original == cached.label) & (votes != cached.label)))
+            zeta = 1.0 - clopper_pearson_lower(n_zeta - departures, n_zeta, alpha_zeta)  # upper bound
             p_lower = max(0.0, cached.p_lower - zeta)
             counts = np.bincount(votes, minlength=cache.num_classes)
             if p_lower > 0.5:
