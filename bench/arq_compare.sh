@@ -4,7 +4,10 @@
 # sigma. Each policy's model is fine-tuned the same way and certified on the same test images with
 # plain randomized smoothing; bench/arq_summary.py turns the results into tables and plots.
 #
-# Usage: bench/arq_compare.sh            (env: SIGMAS="0.25 0.5 1.0" BITS="3 4" EPISODES=12 WARMUP=4 JOBS=2)
+# Usage: bench/arq_compare.sh            (env: SIGMAS="0.25 0.5 1.0" BITS="3 4" EPISODES=12 WARMUP=4 JOBS=2
+#                                        METHODS="arq haq fixed")
+# The paper's ablations are two more METHODS: arq-cert (reward: certified accuracy at r = 0.5, Table 3)
+# and arq-rs (each candidate certified by plain RS with as many samples as IRS replays, Table 4).
 # Needs the noise-trained fp32 models runs/intrs/cnn-SIGMA.pt (bench/intrs_table2.sh makes them).
 # A budget "b bits" is the BitOPs of the uniform b-bit policy (first and last layers at 8 bits).
 # Re-running resumes: finished searches, fine-tunings and certifications are kept.
@@ -12,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIGMAS=${SIGMAS:-"0.25 0.5 1.0"} BITS=${BITS:-"3 4"} EPISODES=${EPISODES:-12} WARMUP=${WARMUP:-4} JOBS=${JOBS:-2}
 MODEL=${MODEL:-cnn} RUNS=${RUNS:-runs/arq} OUT=${OUT:-results/arq} IMAGES=${IMAGES:-200} N=${N:-1000}
+METHODS=${METHODS:-"arq haq fixed"}
 export SIGMAS BITS EPISODES WARMUP MODEL RUNS OUT IMAGES N
 mkdir -p "$RUNS" "$OUT"
 
@@ -31,8 +35,15 @@ from qrobust.models.checkpoint import load_checkpoint
 from qrobust.quant import BitPolicy, layer_infos
 ckpt = load_checkpoint('$fp32'); layers = layer_infos(ckpt.build(), ckpt.dataset_info.shape)
 BitPolicy.uniform(len(layers), $bits).save('$dir/policy.json')" ;;
-        arq|haq) /usr/bin/time -f "%e" -o "$dir/search-seconds.txt" $B/qrobust search "$fp32" --sigma "$sigma" \
-            --budget "$budget" --reward "$method" --episodes "$EPISODES" --warmup "$WARMUP" --finetune-images 2000 \
+        arq|haq|arq-rs|arq-cert) local options
+            case $method in
+                arq-rs) options="--reward arq --certifier rs" ;;
+                arq-cert) options="--reward certified --reward-radius 0.5" ;;
+                *) options="--reward $method" ;;
+            esac
+            # shellcheck disable=SC2086
+            /usr/bin/time -f "%e" -o "$dir/search-seconds.txt" $B/qrobust search "$fp32" --sigma "$sigma" \
+            --budget "$budget" $options --episodes "$EPISODES" --warmup "$WARMUP" --finetune-images 2000 \
             --n 2000 --n-zeta 500 --seed 0 --output "$dir" > "$dir/search.log" 2>&1 ;;
     esac
     [ -f "$dir/model.pt" ] || $B/qrobust finetune "$fp32" --policy "$dir/policy.json" --sigma "$sigma" --epochs 1 \
@@ -47,5 +58,5 @@ for sigma in $SIGMAS; do  # the fp32 reference on the same images
     [ -f "$RUNS/fp32-$sigma.tsv" ] || .venv/bin/qrobust certify "runs/intrs/$MODEL-$sigma.pt" --sigma "$sigma" --n0 100 \
         --n "$N" --alpha 0.001 --num-examples "$IMAGES" --seed 0 --output "$RUNS/fp32-$sigma.tsv" > /dev/null 2>&1
 done
-for sigma in $SIGMAS; do for bits in $BITS; do for method in arq haq fixed; do echo "$method $sigma $bits"; done; done; done |
+for sigma in $SIGMAS; do for bits in $BITS; do for method in $METHODS; do echo "$method $sigma $bits"; done; done; done |
     xargs -P "$JOBS" -L 1 bash -c 'OMP_NUM_THREADS=1 job "$0" "$1" "$2"'
