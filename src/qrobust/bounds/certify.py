@@ -121,8 +121,8 @@ def certified_eps(
     is 0 where even ``eps_range[0]`` is not certified (e.g. a misclassified input) and ``eps_range[1]``
     where the upper end is; otherwise it is within a factor 1 + ``rtol`` of a radius that is not
     certified (the default 1e-2 is plenty for a table; each halving of rtol costs about one more step).
-    Interval bounds bracket the radius first (they are cheap); linear bounds then extrapolate their
-    margin from below and close in on its root with secant steps (``_radius``, ``_search``).
+    Interval bounds bracket the radius first (they are cheap); linear bounds then close in on the root
+    of their margin, fitting its drop with eps as a power law (``_radius``, ``_search``).
     Units: the weights' own (layer 0 has Normalize folded in). Returns (N,) in the network's dtype.
     """
     perturbation = WeightPerturbation(tuple(layers), 1.0, norm, bias)
@@ -145,88 +145,96 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     """Per-input search of the largest certified eps in [low, high] (0 if ``low`` is not certified).
 
     Interval bounds bracket the radius first (they are cheap); linear bounds then start from there and
-    extrapolate their margin to its root until a radius is not certified (linear bounds are slow above
-    the radius, where many neurons are unstable, and fast below it), and ``_search`` closes the bracket.
+    ``_search`` closes in on their root, mostly from below: linear bounds are slow far above the radius,
+    where many neurons are unstable, and fast just below a radius found not certified, whose boxes they reuse.
     """
     everyone = torch.arange(len(x))
+    with torch.no_grad():  # the exact margin at eps = 0, which every bound reaches as eps -> 0
+        logits = network(x)
+    exact = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf).amin(1)
     interval = _bounder(network, x, labels, perturbation, "interval")
     lo, hi = torch.full((len(x),), low, dtype=network.dtype), torch.full((len(x),), high, dtype=network.dtype)
     margin_lo, margin_hi = _worst(interval, lo, everyone), _worst(interval, hi, everyone)
     at_low, at_high = margin_lo > 0, margin_hi > 0
     inside = torch.nonzero(at_low & ~at_high).flatten()
-    lo[inside] = _search(interval, inside, lo[inside], margin_lo[inside], hi[inside], margin_hi[inside], rtol)
-    result = torch.where(at_high, high, torch.where(at_low, lo, 0.0)).to(network.dtype)
+    found = _search(interval, inside, exact[inside], lo[inside], margin_lo[inside], hi[inside], margin_hi[inside], rtol)
+    lo[inside], margin_lo[inside] = found
     if method == "interval":
-        return result
+        return torch.where(at_high, high, torch.where(at_low, lo, 0.0))
     linear = _bounder(network, x, labels, perturbation, "linear")
-    with torch.no_grad():  # the exact margin at eps = 0: the first point of the extrapolation below
-        logits = network(x)
-    margin_prev = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf).amin(1)
-    prev, margin_lo = torch.zeros_like(result), torch.zeros_like(result)
-    lo, hi, margin_hi = torch.where(at_low, result, low), result.clone(), torch.zeros_like(result)
-    rest = torch.nonzero(~at_high).flatten()
-    margin_lo[rest] = _worst(linear, lo[rest], rest)  # where interval bounds certify lo, linear ones do (both are kept)
-    lo[rest[margin_lo[rest] <= 0]] = 0.0
-    rest = rest[margin_lo[rest] > 0]
-    while len(rest):  # extrapolate the margin linearly from the last two certified radii, until one is not certified
-        slope = (margin_prev[rest] - margin_lo[rest]) / (lo[rest] - prev[rest])
-        step = torch.nan_to_num(lo[rest] + margin_lo[rest] / slope, nan=math.inf, posinf=math.inf, neginf=math.inf)
-        step = torch.minimum(step.clamp(lo[rest] * MIN_GROWTH, lo[rest] * MAX_GROWTH), torch.tensor(high, dtype=lo.dtype))
-        margin = _worst(linear, step, rest)
-        ok = margin > 0
-        certified = rest[ok]
-        prev[certified], margin_prev[certified] = lo[certified], margin_lo[certified]
-        lo[certified], margin_lo[certified] = step[ok], margin[ok]
-        hi[rest], margin_hi[rest] = step, margin
-        rest = rest[ok & (step < high)]
-    grown = torch.nonzero(hi > lo).flatten()
-    lo[grown] = _search(linear, grown, lo[grown], margin_lo[grown], hi[grown], margin_hi[grown], rtol)
-    return lo
-
-
-MIN_GROWTH, MAX_GROWTH = 1.25, 1e6  # bounds on the factor between successive radii tried from below
-
-
-def _worst(bound: Bounder, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The smallest margin lower bound (M,) of the inputs ``index`` at radius scale ``eps`` (M,)."""
-    return bound(eps, index).amin(1)
+    retry = torch.nonzero(~at_low).flatten()  # linear bounds may certify low where interval ones do not
+    margin_lo[retry] = _worst(linear, lo[retry], retry)
+    rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()  # where interval bounds certify lo, linear ones do too
+    unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
+    result = torch.where(at_high, high, 0.0).to(network.dtype)
+    result[rest] = _search(linear, rest, exact[rest], lo[rest], margin_lo[rest], hi[rest], unknown, rtol)[0]
+    return result
 
 
 def _search(
     bound: Bounder,
     index: torch.Tensor,
+    exact: torch.Tensor,
     lo: torch.Tensor,
     margin_lo: torch.Tensor,
     hi: torch.Tensor,
     margin_hi: torch.Tensor,
     rtol: float,
-) -> torch.Tensor:
-    """The largest certified eps of the inputs ``index``, within a factor 1 + ``rtol``, in the bracket [lo, hi].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest certified eps of the inputs ``index`` within a factor 1 + ``rtol``, in [lo, hi], and its margin.
 
-    ``lo`` is certified with margin lower bound ``margin_lo`` > 0, ``hi`` is not (``margin_hi`` <= 0).
-    Each step tries the root of the secant through (lo, margin_lo) and (hi, margin_hi), nudged by rtol / 4 towards
-    the far end of the bracket so that the next step can close it, in log eps; a step that does not
-    halve the log bracket is followed by a bisection step, so it never takes more than twice as many
-    steps as bisection. Margins fall with eps, so the bracket stays valid.
+    ``lo`` is certified with margin lower bound ``margin_lo`` > 0; ``hi`` is not (``margin_hi`` <= 0), or
+    is the end of the range, not tried yet (``margin_hi`` NaN: it is returned if certified). ``exact``
+    is the margin at eps = 0. The drop of the margin, exact - margin(eps), grows with eps about as a
+    power of it; each step tries the root of the power law through lo and hi, or before any failure
+    through the last two certified radii (from eps = 0 at first a straight line, whose root is often 2-3
+    times too far, so ``FIRST_STEP`` of it is tried: bounds far above the radius are slow). The step
+    is kept inside the bracket, snapped to lo (1 + rtol) or hi / (1 + rtol) when that close (so that
+    the next result can end the search), and a bisection in log eps follows a step that did not shrink
+    the log bracket by a third. Margins fall with eps, so the bracket stays valid.
     """
     lo, margin_lo, hi, margin_hi = lo.clone(), margin_lo.clone(), hi.clone(), margin_hi.clone()
+    prev, margin_prev = torch.zeros_like(lo), exact.clone()
+    high = hi.clone()
     slow = torch.zeros(len(lo), dtype=torch.bool)
-    nudge = 1 + rtol / 4
     while True:
-        todo = torch.nonzero(hi > lo * (1 + rtol)).flatten()
+        bracketed = ~torch.isnan(margin_hi)
+        todo = torch.nonzero(torch.where(bracketed, hi > lo * (1 + rtol), lo < high)).flatten()
         if len(todo) == 0:
-            return lo
-        l, m_l, h, m_h = lo[todo], margin_lo[todo], hi[todo], margin_hi[todo]
-        root = l + (h - l) * m_l / (m_l - m_h)  # (T,)
-        root = torch.where(root.log() - l.log() < h.log() - root.log(), root * nudge, root / nudge)
-        share = ((root.log() - l.log()) / (h.log() - l.log())).clamp(0.01, 0.99)  # position in the log bracket
-        share = torch.where(torch.isfinite(share) & ~slow[todo], share, 0.5)
-        mid = l * (h / l) ** share
-        margin = _worst(bound, mid, index[todo])
+            return lo, margin_lo
+        l, h, closed = lo[todo], hi[todo], bracketed[todo]
+        drop = exact[todo] - margin_lo[todo]  # (T,)
+        # the power law through (lo, hi) once bracketed, else through the last two certified radii (or eps = 0)
+        other = torch.where(closed, h, prev[todo])
+        other_drop = exact[todo] - torch.where(closed, margin_hi[todo], margin_prev[todo])
+        power = ((other_drop / drop).log() / (other / l).log()).clamp(1, MAX_POWER)
+        power = torch.where(torch.isfinite(power) & (other > 0), power, 1.0)
+        estimate = l * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
+        estimate = torch.where(other > 0, estimate, estimate * FIRST_STEP)
+        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(l * MIN_GROWTH, l * MAX_GROWTH)
+        share = ((estimate.log() - l.log()) / (h.log() - l.log())).clamp(0.02, 0.98)  # position in the log bracket
+        share = torch.where(slow[todo], 0.5, share)
+        step = torch.where(closed, l * (h / l) ** share, torch.minimum(estimate, h))
+        step = torch.where(closed & (step < l * (1 + rtol)), l * (1 + rtol), step)  # a failure there ends the search
+        last = h / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
+        step = torch.where(closed & (step > last), last, step)
+        margin = _worst(bound, step, index[todo])
         ok = margin > 0
-        slow[todo] = torch.where(ok, 1 - share, share) > 0.5  # the bracket kept more than half its log length
-        lo[todo], margin_lo[todo] = torch.where(ok, mid, l), torch.where(ok, margin, m_l)
-        hi[todo], margin_hi[todo] = torch.where(ok, h, mid), torch.where(ok, m_h, margin)
+        kept = torch.where(ok, h.log() - step.log(), step.log() - l.log()) / (h.log() - l.log())
+        slow[todo] = closed & (kept > 2 / 3)
+        prev[todo], margin_prev[todo] = torch.where(ok, l, prev[todo]), torch.where(ok, margin_lo[todo], margin_prev[todo])
+        lo[todo], margin_lo[todo] = torch.where(ok, step, l), torch.where(ok, margin, margin_lo[todo])
+        hi[todo], margin_hi[todo] = torch.where(ok, h, step), torch.where(ok, margin_hi[todo], margin)
+
+
+MIN_GROWTH, MAX_GROWTH = 1.01, 1e6  # bounds on the factor between successive radii tried from below
+MAX_POWER = 16.0  # the largest power of eps fitted to the margin's drop
+FIRST_STEP = 0.3  # the straight line from eps = 0 overshoots the root: often 2-3 times
+
+
+def _worst(bound: Bounder, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The smallest margin lower bound (M,) of the inputs ``index`` at radius scale ``eps`` (M,)."""
+    return bound(eps, index).amin(1)
 
 
 def _bounder(network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, perturbation: WeightPerturbation, method: str) -> Bounder:

@@ -10,12 +10,23 @@ Back-substituting these lines from a target (a neuron, or the margin f_c - f_j) 
 a function Lambda z_N + const below it that is linear in W_hat (eqs. 10-11); its minimum over the
 l_p ball of each output unit's weights is Hoelder's (eqs. 12-13):
 Lambda (W Phi + b) + const - eps sum_o ||G_o||_q with G_o = sum_p Lambda_{o,p} [patch_p, 1].
-Intermediate bounds come layer by layer the same way. Only the neurons that one interval step leaves
-unstable are back-substituted (a stable neuron's relaxation is exact whatever its bounds), and each
-stops as soon as the bound reached at some layer, concretised on that layer's box, shows it stable;
-all rows of all inputs go through each layer as one matrix product. In a search over eps, the boxes
-found at an eps that is not certified are kept: they hold for every smaller eps too (the weight balls
-are nested), so later calls below it start from them and back-substitute far fewer neurons.
+Intermediate bounds come layer by layer the same way.
+
+What makes it fast, without loosening anything:
+
+* Only the neurons that one interval step leaves unstable are back-substituted (a stable neuron's
+  relaxation is exact whatever its bounds), and each stops as soon as the bound reached at some layer,
+  concretised on the box of that layer's ReLU outputs, shows it stable. Every bound met on the way is
+  sound, and the best is kept; concretising relu(z) on [relu(l), relu(u)] is never looser than
+  concretising the relaxation lines on [l, u].
+* A neuron whose upper bound is <= 0 outputs exactly 0 on its box, so it drops out of every product:
+  per input, the rows and the weights are restricted to the live neurons (upper bound > 0), about half
+  of each layer, and each step is one batched matrix product over them (per-input weights with the
+  lower slopes folded in) plus a small one over the few unstable neurons (the upper lines).
+* Rows are back-substituted a few inputs at a time, so that the working set stays small.
+* In a search over eps, the boxes found at an eps that is not certified are kept: they hold for every
+  smaller eps too (the weight balls are nested), so later calls below it start from them and
+  back-substitute far fewer neurons.
 """
 
 from __future__ import annotations
@@ -26,11 +37,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qrobust.bounds.interval import margin_step
 from qrobust.bounds.network import Affine, Flatten, ReLU, ReluNetwork
 from qrobust.bounds.perturbation import dual_norm
 
 Box = tuple[torch.Tensor, torch.Tensor]
+CHUNK = 1 << 19  # coefficients (numbers) back-substituted at once: 4 MB in float64, so steps run in cache
 
 
 class SingleLayerBound:
@@ -65,6 +76,9 @@ class SingleLayerBound:
         self.z_center = center.flatten(1)  # (N, n0), channel-major like Flatten
         self.patches = patches
         self.patch_norms = patches.abs().amax(1) if math.isinf(self.q) else torch.linalg.vector_norm(patches, ord=self.q, dim=1)  # (N, P)
+        # the following layers with a zero row and column appended, for the padding of live-neuron indices
+        self.weights = [F.pad(layer.weight, (0, 1, 0, 1)) for layer in self.after]  # (n_h + 1, n_{h-1} + 1)
+        self.biases = [F.pad(layer.bias, (0, 1)) for layer in self.after]  # (n_h + 1,)
         # boxes of the hidden layers valid for every eps <= known_eps (per input), from calls not certified
         self.known_eps = torch.full((len(images),), math.inf, dtype=self.z_center.dtype)
         self.known = [_unbounded(len(images), layer.weight.shape[0], self.z_center.dtype) for layer in self.after[:-1]]
@@ -77,21 +91,24 @@ class SingleLayerBound:
         """
         inputs = torch.arange(len(self.z_center)) if inputs is None else inputs
         batch = _Batch(eps, self.z_center[inputs], self.patches[inputs], self.patch_norms[inputs])
-        last = self.network.layers[-1]
-        bounds, tables = self._intermediate_bounds(batch, inputs)
-        if not self.after:  # the logits are layer N's output z_0: Hoelder's bound is exact
-            spec = torch.eye(last.weight.shape[0], dtype=eps.dtype)
-            rows = spec[labels].unsqueeze(1) - spec  # (M, J, J): e_c - e_j
-            lower = self._hoelder(batch, torch.arange(len(inputs)), rows, eps.new_zeros(rows.shape[:2]))
-        else:
-            rows = last.weight[labels].unsqueeze(1) - last.weight  # (M, J, n): W_c - W_j
-            const = last.bias[labels].unsqueeze(1) - last.bias  # (M, J)
-            owner = torch.arange(len(inputs)).repeat_interleave(rows.shape[1])  # (M J,)
-            lower = self._back_substitute(batch, owner, rows.flatten(0, 1), const.flatten(), len(self.after) - 1, tables)
-            l, u = bounds[-1]
-            lower = torch.maximum(lower.view(rows.shape[:2]), margin_step(0, last, F.relu(l), F.relu(u), labels, {}, {}))
+        if not self.after:  # the logits are layer N's output z_0: Hoelder's bound is exact, rows c and j move by eps each
+            z = batch.z_center
+            lower = z.gather(1, labels.view(-1, 1)) - z - 2 * (eps * batch.patch_norms[:, 0]).unsqueeze(1)
+            return lower.scatter(1, labels.view(-1, 1), math.inf)
+        levels = self._levels(batch, inputs)
+        top, weight, bias = levels[-1], self.weights[-1], self.after[-1].bias
+        rows = weight[labels].unsqueeze(1) - weight[:-1]  # (M, J, n_L + 1): W_c - W_j on relu(z_L)
+        rows = rows.gather(2, top.live.unsqueeze(1).expand(-1, rows.shape[1], -1))  # (M, J, A_L)
+        const = bias[labels].unsqueeze(1) - bias  # (M, J)
+        everyone = torch.arange(len(inputs))
+        lower = torch.cat(
+            [
+                self._back_substitute(batch, levels, _Owner(everyone[part]), rows[part], const[part])[0]
+                for part in _chunks(len(inputs), rows.shape[1] * rows.shape[2])
+            ]
+        )
         lower = lower.scatter(1, labels.view(-1, 1), math.inf)
-        self._remember(inputs, eps, lower.amin(1) <= 0, bounds)
+        self._remember(inputs, eps, lower.amin(1) <= 0, levels)
         return lower
 
     def _first_bounds(self, batch: _Batch) -> Box:
@@ -100,107 +117,152 @@ class SingleLayerBound:
         radius = radius.expand(-1, self.out_channels, -1).reshape(batch.z_center.shape)
         return batch.z_center - radius, batch.z_center + radius
 
-    def _intermediate_bounds(self, batch: _Batch, inputs: torch.Tensor) -> tuple[list[Box], list[torch.Tensor]]:
-        """Pre-activation boxes (M, n_h) of z_0 (exact) and of every hidden layer after it, layer by layer:
-        one interval step, intersected with the known boxes where they hold, then back-substitution of
-        the neurons still unstable. Also their ``_table``s."""
-        bounds = [self._first_bounds(batch)]
-        tables = [_table(*bounds[0])]
+    def _levels(self, batch: _Batch, inputs: torch.Tensor) -> list[_Level]:
+        """The boxes (M, n_h) of z_0 (exact) and of every hidden layer after it, with their relaxations, layer
+        by layer: one interval step, intersected with the known boxes where they hold, then back-substitution
+        of the neurons still unstable."""
+        levels = [_Level(*self._first_bounds(batch))]
         valid = (batch.eps <= self.known_eps[inputs]).unsqueeze(1)  # (M, 1)
         for h in range(1, len(self.after)):
-            lower, upper = _interval_step(self.after[h - 1], *bounds[-1])  # (M, n_h)
+            lower, upper = _interval_step(self.after[h - 1], levels[-1].lower, levels[-1].upper)  # (M, n_h)
             known_lower, known_upper = (t[inputs] for t in self.known[h - 1])
             lower = torch.where(valid, torch.maximum(lower, known_lower), lower)
             upper = torch.where(valid, torch.minimum(upper, known_upper), upper)
-            bounds.append(self._refine(batch, h, lower, upper, tables))
-            tables.append(_table(*bounds[-1]))
-        return bounds, tables
+            levels.append(_Level(*self._refine(batch, levels, lower, upper), levels[-1], self.weights[h - 1], self.biases[h - 1]))
+        return levels
 
-    def _refine(self, batch: _Batch, h: int, lower: torch.Tensor, upper: torch.Tensor, tables: list[torch.Tensor]) -> Box:
-        """The box (M, n_h) of z_h with its unstable neurons' bounds tightened by back-substitution."""
-        owner, neuron = torch.nonzero((lower < 0) & (upper > 0), as_tuple=True)  # (U,) each
-        if len(owner) == 0:
+    def _refine(self, batch: _Batch, levels: list[_Level], lower: torch.Tensor, upper: torch.Tensor) -> Box:
+        """The box (M, n_h) of z_h (h = len(levels)) with its unstable neurons' bounds tightened by back-substitution."""
+        h, below = len(levels), levels[-1]
+        unstable = (lower < 0) & (upper > 0)  # (M, n_h)
+        owners = torch.nonzero(unstable.any(1)).flatten()  # (B,)
+        if len(owners) == 0:
             return lower, upper
-        layer = self.after[h - 1]
-        rows, offsets = layer.weight[neuron], layer.bias[neuron]  # (U, n_prev), (U,)
-        # rows for l (of z) and for -u (of -z), one pair per unstable neuron
-        found = self._back_substitute(
-            batch, owner.repeat(2), torch.cat([rows, -rows]), torch.cat([offsets, -offsets]), h - 1, tables, pairs=len(owner)
-        )
-        lower, upper = lower.clone(), upper.clone()
-        lower[owner, neuron] = torch.maximum(lower[owner, neuron], found[: len(owner)])
-        upper[owner, neuron] = torch.minimum(upper[owner, neuron], -found[len(owner) :])
-        return lower, upper
+        neurons, valid = _positions(unstable[owners], lower.shape[1])  # (B, R) padded with n_h
+        lower, upper = F.pad(lower, (0, 1)), F.pad(upper, (0, 1))  # the padding writes to a spare column
+        for part in _chunks(len(owners), 2 * neurons.shape[1] * below.live.shape[1]):
+            owner, neuron = owners[part], neurons[part]
+            rows = self.weights[h - 1][neuron.unsqueeze(-1), below.live[owner].unsqueeze(1)]  # (B, R, A_{h-1}) on relu(z_{h-1})
+            found = self._back_substitute(batch, levels, _Owner(owner), rows, self.biases[h - 1][neuron], valid[part])  # (2, B, R)
+            at = (owner.unsqueeze(1), neuron)
+            lower[at] = torch.maximum(lower[at], found[0])
+            upper[at] = torch.minimum(upper[at], -found[1])
+        return lower[:, :-1], upper[:, :-1]
 
     def _back_substitute(
         self,
         batch: _Batch,
-        owner: torch.Tensor,
+        levels: list[_Level],
+        owner: _Owner,
         coefficients: torch.Tensor,
         const: torch.Tensor,
-        h: int,
-        tables: list[torch.Tensor],
-        pairs: int | None = None,
+        neurons: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Lower bounds (R,) of coefficients . relu(z_h) + const, row r of input ``owner[r]`` (coefficients
-        (R, n_h)); ``tables[g]`` (M, 5, n_g) describes the box of z_g (``_table``).
+        """Lower bounds of coefficients . relu(z_g) + const (g = len(levels) - 1) for the rows ``coefficients``
+        (B, R, A_g) and ``const`` (B, R) of the inputs ``owner`` (B,), in the live coordinates of z_g.
 
-        With ``pairs`` = P, rows r and r + P bound one neuron (its l and -u): they go down only until
-        either is > 0 (the neuron is stable), concretised on each layer's box on the way, and the best
-        bound met is returned (every one is sound). Rows are processed in blocks of one input's rows
-        (``_Blocks``), so that each layer's relaxation is broadcast rather than copied to every row.
+        Every row goes down to z_0 (Hoelder), concretised on the box of each relu(z_g) on the way, and the
+        best bound met is returned: (1, B, R). With ``neurons`` (B, R) (False marks padding rows), row r is
+        neuron r of z_{g+1} and both its bounds are wanted, (2, B, R): l, and -u from the negated row;
+        the two go down together only until either is > 0 (the neuron is stable), and are not concretised
+        on the first box (that is the interval step's bound, already known).
         """
-        total = len(const)
-        best = torch.full((total + 1,), -math.inf, dtype=const.dtype)  # the last entry collects padding
-        blocks = _Blocks(owner, len(batch.eps))
-        coefficients, const, ids = blocks.spread(coefficients, 0.0), blocks.spread(const, 0.0), blocks.spread(torch.arange(total), total)
+        blocks, r = const.shape
+        pairs = neurons is not None
+        spare = blocks * r  # where the padding rows' bounds go
+        best = torch.full((2 if pairs else 1, spare + 1), -math.inf, dtype=const.dtype)  # (S, B R + 1)
+        slot = torch.arange(spare).view(blocks, r)  # (B, R): each row's place in best
+        g = len(levels) - 1
+        if not pairs:
+            coefficients, const = coefficients.unsqueeze(0), const.unsqueeze(0)  # (1, B, R, A_g), (1, B, R)
+        elif g == 0:
+            slot = torch.where(neurons, slot, spare)
+            coefficients, const = torch.stack([coefficients, -coefficients]), torch.stack([const, -const])  # (2, B, R, A_0)
+        else:  # through the first layer for l and -u at once: the rows of -u are those of l negated
+            slot = torch.where(neurons, slot, spare)
+            level = levels[g]
+            unstable = coefficients[..., : level.gap.shape[1]]  # (B, R, U_g)
+            negative = torch.stack([unstable.clamp(max=0), unstable.neg().clamp_(max=0)])  # (2, B, R, U_g)
+            lower_weight, upper_weight = level.weights(owner)
+            half = coefficients @ lower_weight  # (B, R, A_{g-1})
+            through = const + _dot(coefficients, owner.pick(level.bias))
+            const = torch.stack([through, -through]) + _dot(negative, owner.pick(level.upper_bias))  # (2, B, R)
+            coefficients = half.new_empty(2, *half.shape)
+            torch.baddbmm(half, negative[0], upper_weight, out=coefficients[0])
+            torch.baddbmm(half, negative[1], upper_weight, beta=-1, out=coefficients[1])  # (2, B, R, A_{g-1})
+            g -= 1
+        first = pairs and g == len(levels) - 1
         while True:
-            table = tables[h][blocks.owner]  # (V, 5, n_h)
-            negative = coefficients.clamp(max=0)  # (V, C, n_h)
-            const = const + (negative @ table[:, 2].unsqueeze(-1)).squeeze(-1)  # (V, C)
-            coefficients = torch.addcmul(coefficients * table[:, None, 0], negative, table[:, None, 1])  # on z_h
-            if h == 0:
-                value = self._hoelder(batch, blocks.owner, coefficients, const)
-                best[ids] = torch.maximum(best[ids], value)
-                return best[:total]
-            if pairs is not None:  # concretise on the box of z_h, and stop the neurons shown stable
-                value = const + (coefficients @ table[:, 3].unsqueeze(-1) - coefficients.abs() @ table[:, 4].unsqueeze(-1)).squeeze(-1)
-                best[ids] = torch.maximum(best[ids], value)
-                stable = torch.cat([(best[:pairs] > 0) | (best[pairs:total] > 0), torch.ones(1, dtype=torch.bool)])  # (P + 1,)
-                going = ~stable[torch.where(ids < total, ids % pairs, pairs)]  # (V, C)
-                count = int(going.sum())
-                if count == 0:
-                    return best[:total]
-                if count <= 0.75 * ids.numel():  # regroup the rows still going into fewer blocks
-                    block, slot = torch.nonzero(going, as_tuple=True)
-                    blocks = _Blocks(blocks.owner[block], len(batch.eps))
-                    coefficients, const = blocks.spread(coefficients[block, slot], 0.0), blocks.spread(const[block, slot], 0.0)
-                    ids = blocks.spread(ids[block, slot], total)
-            layer = self.after[h - 1]  # z_h = W relu(z_{h-1}) + b
-            const = const + coefficients @ layer.bias
-            coefficients = coefficients @ layer.weight
-            h -= 1
+            level = levels[g]
+            through = None  # c . (slope b): the lower lines' share of the bias through the layer below
+            if not first:  # concretise on the box of relu(z_g)
+                dots = coefficients @ owner.pick(level.vectors)  # (S, B, R, 1 or 2): c . relu(l), and c . (slope b) for g > 0
+                value = const + dots[..., 0] + _dot(coefficients.clamp(max=0), owner.pick(level.width))  # (S, B, R)
+                through = dots[..., 1] if g > 0 else None
+                best[:, slot] = torch.maximum(best[:, slot], value)
+                if pairs:
+                    stable = torch.cat([(best[:, :-1] > 0).any(0), best.new_ones(1, dtype=torch.bool)])  # (B R + 1,)
+                    going = ~stable[slot]  # (B, R)
+                    counts = going.sum(1)  # (B,)
+                    if not bool(counts.any()):
+                        break
+                    width = int(counts.max())
+                    if int((counts > 0).sum()) * width <= 0.75 * going.numel():  # regroup the rows still going
+                        keep = counts > 0
+                        order, kept = _positions(going[keep], 0, width)  # (B', R')
+                        slot = torch.where(kept, slot[keep].gather(1, order), spare)
+                        rows = (torch.nonzero(keep) * going.shape[1] + order).flatten()  # in B R
+                        coefficients = coefficients.flatten(1, 2).index_select(1, rows).unflatten(1, slot.shape)
+                        const = const.flatten(1).index_select(1, rows).unflatten(1, slot.shape)
+                        through = None if through is None else through.flatten(1).index_select(1, rows).unflatten(1, slot.shape)
+                        owner = _Owner(owner.index[keep])
+            first = False
+            # the relaxation of relu(z_g): lower line slope * z, and the upper line's extra gap * z + offset where
+            # the coefficient is negative, on the unstable neurons only (the first U_g live ones; elsewhere gap = 0)
+            negative = coefficients[..., : level.gap.shape[1]].clamp(max=0)  # (S, B, R, U_g)
+            if g == 0:  # Lambda on z_0, then Hoelder over the weight ball
+                lam = coefficients * owner.pick(level.slope).unsqueeze(1)
+                lam[..., : level.gap.shape[1]] += negative * owner.pick(level.gap).unsqueeze(1)  # (S, B, R, A_0)
+                value = self._hoelder(batch, level, owner, lam, const + _dot(negative, owner.pick(level.offset)))
+                best[:, slot] = torch.maximum(best[:, slot], value)
+                break
+            # through z_g = W relu(z_{g-1}) + b, on the live neurons of both
+            if through is None:
+                through = _dot(coefficients, owner.pick(level.bias))
+            const = const + through + _dot(negative, owner.pick(level.upper_bias))
+            lower_weight, upper_weight = level.weights(owner)  # (B, A_g, A_{g-1}), (B, U_g, A_{g-1})
+            product = coefficients.new_empty(*coefficients.shape[:3], lower_weight.shape[2])
+            for side in range(len(product)):
+                torch.bmm(coefficients[side], lower_weight, out=product[side]).baddbmm_(negative[side], upper_weight)
+            coefficients = product  # (S, B, R, A_{g-1})
+            g -= 1
+        return best[:, :-1].view(len(best), blocks, r)
 
-    def _hoelder(self, batch: _Batch, owner: torch.Tensor, coefficients: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
-        """min of coefficients . z_0 + const over the weight ball (eqs. 12-13): (V, C) for coefficients
-        (V, C, n0), block v holding rows of input ``owner[v]``."""
-        value = const + (coefficients @ batch.z_center[owner].unsqueeze(-1)).squeeze(-1)  # (V, C)
-        v, c, _ = coefficients.shape
+    def _hoelder(self, batch: _Batch, level: _Level, owner: _Owner, coefficients: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """min of coefficients . z_0 + const over the weight ball (eqs. 12-13): (S, B, R) for coefficients
+        (S, B, R, A_0) on the live neurons of z_0 (``level``), block b holding rows of input ``owner.index[b]``."""
+        live = owner.pick(level.live)  # (B, A_0)
+        value = const + _dot(coefficients, owner.pick(F.pad(batch.z_center, (0, 1))).gather(1, live))  # (S, B, R)
+        sides, blocks, rows, _ = coefficients.shape
         positions = batch.patches.shape[2]
         if positions == 1:  # Linear: ||G_o||_q = |Lambda_o| ||[Phi, 1]||_q
-            dual = coefficients.abs().sum(-1) * batch.patch_norms[owner]  # (V, C)
-        else:
-            grads = torch.einsum("vcop,vkp->vcok", coefficients.reshape(v, c, self.out_channels, positions), batch.patches[owner])
-            dual = (grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)).sum(-1)
-        return value - batch.eps[owner].view(-1, 1) * dual
+            dual = coefficients.abs().sum(-1) * owner.pick(batch.patch_norms)  # (S, B, R)
+        else:  # back on all of z_0 (O channels x P positions), then G_o = sum_p Lambda_{o,p} [patch_p, 1]
+            full = coefficients.new_zeros(sides, blocks, rows, batch.z_center.shape[1] + 1)
+            full = full.scatter(3, live[None, :, None, :].expand(sides, -1, rows, -1), coefficients)[..., :-1]  # (S, B, R, O P)
+            patches = owner.pick(batch.patches).transpose(1, 2)  # (B, P, K)
+            grads = full.reshape(sides, blocks, rows * self.out_channels, positions) @ patches  # (S, B, R O, K)
+            norms = grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)
+            dual = norms.view(sides, blocks, rows, self.out_channels).sum(-1)
+        return value - owner.pick(batch.eps).view(-1, 1) * dual
 
-    def _remember(self, inputs: torch.Tensor, eps: torch.Tensor, failed: torch.Tensor, bounds: list[Box]) -> None:
+    def _remember(self, inputs: torch.Tensor, eps: torch.Tensor, failed: torch.Tensor, levels: list[_Level]) -> None:
         """Keep the boxes of the inputs not certified at an eps below their known one (they hold below it)."""
         newer = failed & (eps < self.known_eps[inputs])
         chosen = inputs[newer]
         self.known_eps[chosen] = eps[newer]
-        for (lower, upper), (known_lower, known_upper) in zip(bounds[1:], self.known):
-            known_lower[chosen], known_upper[chosen] = lower[newer], upper[newer]
+        for level, (known_lower, known_upper) in zip(levels[1:], self.known):
+            known_lower[chosen], known_upper[chosen] = level.lower[newer], level.upper[newer]
 
 
 @dataclass(frozen=True)
@@ -213,30 +275,98 @@ class _Batch:
     patch_norms: torch.Tensor
 
 
-class _Blocks:
-    """Rows of several inputs grouped in blocks of ``SIZE`` rows of one input each (the last one padded).
+class _Level:
+    """The box [lower, upper] (M, n) of one pre-activation layer z_g, and its ReLU relaxation and the layer
+    into it (z_g = W relu(z_{g-1}) + b) on the live neurons, for back-substitution.
 
-    ``owner`` (R,) is the input of each row, ``inputs`` their number; ``self.owner`` (V,) is each
-    block's input and ``spread`` puts per-row values into (V, SIZE, ...).
+    A neuron is live where upper > 0 (else relu(z) = 0 on the box). ``live`` (M, A) holds each input's
+    live neurons, the unstable ones (l < 0 < u) first, padded with n; ``width`` and ``slope`` (M, A) are
+    relu(u) - relu(l) and the lower line's slope (0 or 1) there, 0 in the padding; ``vectors`` (M, A, 1
+    or 2) are relu(l) and, below a layer, slope * b. ``gap`` and ``offset`` (M, U) are the upper line's
+    slope minus the lower one and its offset -u l / (u - l) on the first U live neurons (U the largest
+    number of unstable ones), 0 where they are stable; ``upper_bias`` = gap * b + offset.
     """
 
-    SIZE = 32
+    def __init__(
+        self,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        below: _Level | None = None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        self.lower, self.upper, self.below = lower, upper, below
+        live, unstable = upper > 0, (lower < 0) & (upper > 0)  # (M, n)
+        counts = (live.sum(1, keepdim=True), unstable.sum(1, keepdim=True))  # (M, 1) each
+        widths = [int(count.max()) if len(lower) else 0 for count in counts]
+        order = torch.sort(live.to(torch.uint8) + unstable.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        self.live = torch.where(torch.arange(widths[0]) < counts[0], order[:, : widths[0]], lower.shape[1])  # (M, A)
+        l, u = F.pad(lower, (0, 1)).gather(1, self.live), F.pad(upper, (0, 1)).gather(1, self.live)  # (M, A), 0 in the padding
+        unstable = (l < 0)[:, : widths[1]]  # (M, U)
+        l_u, u_u = l[:, : widths[1]], u[:, : widths[1]]
+        slope_up = u_u / (u_u - l_u).clamp_min(torch.finfo(l.dtype).tiny)
+        self.slope = torch.where(l < 0, (u > -l).to(l.dtype), (u > 0).to(l.dtype))
+        self.gap = torch.where(unstable, slope_up - self.slope[:, : widths[1]], 0.0)
+        self.offset = torch.where(unstable, -slope_up * l_u, 0.0)
+        low = l.clamp_min(0)
+        self.width = u - low
+        if below is None:
+            self.vectors = low.unsqueeze(-1)  # (M, A, 1)
+            return
+        live_bias = bias[self.live]  # (M, A)
+        self.bias = self.slope * live_bias
+        self.vectors = torch.stack([low, self.bias], -1)  # (M, A, 2)
+        self.upper_bias = self.gap * live_bias[:, : widths[1]] + self.offset  # (M, U)
+        self._weight = weight  # padded (n + 1, n_below + 1)
+        self._ready = torch.zeros(len(lower), dtype=torch.bool)
+        self._lower_weights = lower.new_empty(len(lower), widths[0], below.live.shape[1])  # filled by weights()
+        self._upper_weights = lower.new_empty(len(lower), widths[1], below.live.shape[1])
 
-    def __init__(self, owner: torch.Tensor, inputs: int) -> None:
-        self.order = torch.argsort(owner, stable=True)
-        counts = torch.bincount(owner, minlength=inputs)  # (M,)
-        per_input = (counts + self.SIZE - 1) // self.SIZE
-        sorted_owner = owner[self.order]
-        rank = torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts)[sorted_owner]  # place among its input's rows
-        self.block = (torch.cumsum(per_input, 0) - per_input)[sorted_owner] + torch.div(rank, self.SIZE, rounding_mode="floor")
-        self.slot = rank % self.SIZE
-        self.owner = torch.repeat_interleave(torch.arange(inputs), per_input)  # (V,)
+    def weights(self, owner: _Owner) -> tuple[torch.Tensor, torch.Tensor]:
+        """slope * W (B, A, A_below) and gap * W on the first U rows (B, U, A_below), on the live neurons of
+        the inputs ``owner`` (B,) here and below; made for an input the first time it is asked for."""
+        missing = owner.index[~owner.pick(self._ready)]
+        if len(missing):
+            weight = self._weight[self.live[missing].unsqueeze(-1), self.below.live[missing].unsqueeze(1)]  # (B', A, A_below)
+            self._lower_weights.index_copy_(0, missing, weight * self.slope[missing].unsqueeze(-1))
+            self._upper_weights.index_copy_(0, missing, weight[:, : self.gap.shape[1]] * self.gap[missing].unsqueeze(-1))
+            self._ready[missing] = True
+        return owner.pick(self._lower_weights), owner.pick(self._upper_weights)
 
-    def spread(self, values: torch.Tensor, fill: float) -> torch.Tensor:
-        """(V, SIZE, ...) of per-row ``values`` (R, ...), ``fill`` in the padding."""
-        out = values.new_full((len(self.owner), self.SIZE, *values.shape[1:]), fill)
-        out[self.block, self.slot] = values[self.order]
-        return out
+
+class _Owner:
+    """The inputs (B,) that blocks of rows belong to, increasing; ``pick`` selects their entries of a
+    per-input tensor, as a view when they are consecutive (chunks of all inputs usually are)."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        self.index = index
+        first = int(index[0]) if len(index) else 0
+        self.run = slice(first, first + len(index)) if not len(index) or int(index[-1]) == first + len(index) - 1 else None
+
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self.run] if self.run is not None else values.index_select(0, self.index)
+
+
+def _positions(mask: torch.Tensor, fill: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices (B, width) of the True entries of each row of ``mask`` (B, n), in order, padded with
+    ``fill``, and which are not padding; ``width`` defaults to the largest count of a row."""
+    counts = mask.sum(1, keepdim=True)  # (B, 1)
+    width = (int(counts.max()) if len(mask) else 0) if width is None else width
+    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid = torch.arange(width) < counts
+    return torch.where(valid, order, fill), valid
+
+
+def _chunks(count: int, size: int) -> list[slice]:
+    """Slices of ``count`` items of ``size`` numbers each, ``CHUNK`` numbers at a time (at least one item,
+    and one empty slice if ``count`` is 0)."""
+    step = max(1, CHUNK // max(size, 1))
+    return [slice(start, start + step) for start in range(0, max(count, 1), step)]
+
+
+def _dot(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """rows (..., B, X, A) . vectors (B, A) -> (..., B, X)."""
+    return (rows @ vectors.unsqueeze(-1)).squeeze(-1)
 
 
 def _unbounded(n: int, width: int, dtype: torch.dtype) -> Box:
@@ -250,17 +380,6 @@ def _interval_step(layer: Affine, lower: torch.Tensor, upper: torch.Tensor) -> B
     center = layer((low + up) / 2)
     radius = layer((up - low) / 2, layer.weight.abs(), torch.zeros_like(layer.bias))
     return center - radius, center + radius
-
-
-def _table(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-    """The ReLU relaxation on the box [lower, upper] (M, n) and the box itself, as (M, 5, n): lower slope,
-    upper slope - lower slope, upper offset, centre, radius (relu(z) between the two lines on the box)."""
-    unstable = (lower < 0) & (upper > 0)
-    active = (lower >= 0).to(lower.dtype)
-    slope_up = torch.where(unstable, upper / (upper - lower).clamp_min(torch.finfo(lower.dtype).tiny), active)
-    offset_up = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
-    slope_low = torch.where(unstable, (upper > -lower).to(lower.dtype), active)
-    return torch.stack([slope_low, slope_up - slope_low, offset_up, (upper + lower) / 2, (upper - lower) / 2], 1)
 
 
 def _following_linear_layers(network: ReluNetwork, layer: int) -> list[Affine]:

@@ -1,0 +1,110 @@
+"""The batched linear bounds (live-neuron compression, chunks, pairs, regrouping, reused boxes) equal a
+plain per-input, per-neuron computation of the same bounds (Weng et al., AAAI 2020, Theorem 0.1)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps
+from qrobust.bounds import linear
+from qrobust.bounds.linear import _following_linear_layers
+from qrobust.bounds.perturbation import dual_norm
+
+from .conftest import trained
+
+
+def reference_margins(network, image, label, k, eps, norm, bias):
+    """Margin lower bounds (classes,) of one image, written out plainly on full-width vectors.
+
+    Boxes layer by layer: an interval step, then for each neuron it leaves unstable the rows of l and -u
+    back-substituted together through the ReLU relaxations, concretised on the box of each relu(z_g) after
+    the first, stopping once either is > 0; the margins go down to the perturbed layer's output z_0, where
+    Hoelder's inequality bounds the weight ball. Every bound met is kept if better.
+    """
+    first, after = network.layers[k], _following_linear_layers(network, k)
+    padded = first.pad(network.layer_input(image.unsqueeze(0), k))
+    center = first.core(padded).flatten()  # (n0,)
+    patches = first.patches(padded)[0]  # (K, P)
+    if bias:
+        patches = torch.cat([patches, torch.ones(1, patches.shape[1], dtype=patches.dtype)])
+    q = dual_norm(norm)
+    radius = eps * torch.linalg.vector_norm(patches, ord=q, dim=0)  # (P,): the same for every output channel
+    boxes = [(center - radius.repeat(first.weight.shape[0]), center + radius.repeat(first.weight.shape[0]))]
+
+    def hoelder(lam):  # min of lam . z_0 over the weight ball
+        grads = lam.view(first.weight.shape[0], -1) @ patches.t()  # (O, K): G_o = sum_p lam_{o,p} [patch_p, 1]
+        return lam @ center - eps * torch.linalg.vector_norm(grads, ord=q, dim=1).sum()
+
+    def bound(rows, consts, g, stop):  # best lower bounds of rows . relu(z_g) + consts, rows (S, n_g)
+        best = torch.full((len(rows),), -math.inf, dtype=rows.dtype)
+        concretise = not stop
+        while True:
+            lower, upper = boxes[g]
+            if concretise:
+                value = consts + rows @ F.relu(lower) + rows.clamp(max=0) @ (F.relu(upper) - F.relu(lower))
+                best = torch.maximum(best, value)
+                if stop and bool((best > 0).any()):
+                    return best
+            concretise = True
+            unstable = (lower < 0) & (upper > 0)
+            slope_up = torch.where(unstable, upper / (upper - lower), (lower >= 0).double())
+            slope_low = torch.where(unstable, (upper > -lower).double(), (lower >= 0).double())
+            lam = torch.where(rows >= 0, rows * slope_low, rows * slope_up)  # on z_g
+            consts = consts + rows.clamp(max=0) @ torch.where(unstable, -slope_up * lower, 0.0)
+            if g == 0:
+                return torch.maximum(best, consts + torch.stack([hoelder(row) for row in lam]))
+            consts, rows = consts + lam @ after[g - 1].bias, lam @ after[g - 1].weight
+            g -= 1
+
+    for h in range(1, len(after)):
+        layer, (lower, upper) = after[h - 1], boxes[-1]
+        mid, half = (F.relu(upper) + F.relu(lower)) / 2, (F.relu(upper) - F.relu(lower)) / 2
+        lower, upper = layer(mid) - layer.weight.abs() @ half, layer(mid) + layer.weight.abs() @ half
+        for j in torch.nonzero((lower < 0) & (upper > 0)).flatten().tolist():
+            rows, consts = torch.stack([layer.weight[j], -layer.weight[j]]), torch.stack([layer.bias[j], -layer.bias[j]])
+            found = bound(rows, consts, h - 1, stop=True)
+            lower[j], upper[j] = torch.maximum(lower[j], found[0]), torch.minimum(upper[j], -found[1])
+        boxes.append((lower, upper))
+    last = after[-1]
+    margins = bound(last.weight[label] - last.weight, last.bias[label] - last.bias, len(after) - 1, stop=False)
+    margins[label] = math.inf
+    return margins
+
+
+CASES = [("mlp-4", 0, math.inf, False), ("mlp-4", 1, 2.0, True), ("mlp-3", 0, 1.0, False), ("conv_linear", 0, 2.0, True)]
+
+
+@pytest.mark.parametrize("name, k, norm, bias", CASES)
+def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, digit_images, monkeypatch):
+    depth = {"mlp-4": 4, "mlp-3": 3}
+    model = trained("mlp", depth=depth[name], width=24) if name in depth else trained(name)
+    network = ReluNetwork.from_model(model)
+    images, _ = digit_images
+    x = images[:6].double() / 255
+    labels = network(x).argmax(1)
+    radii = certified_eps(network, x, labels, (k,), norm, bias=bias)
+    assert bool((radii > 0).all())
+    for scale in (0.5, 1.0, 3.0):  # below, at and above the radius: few, some and many unstable neurons
+        eps = radii * scale
+        expected = torch.stack([reference_margins(network, x[i], labels[i], k, float(eps[i]), norm, bias) for i in range(len(x))])
+        for chunk in (linear.CHUNK, 64):  # all inputs in one chunk, or a few (and regrouped) at a time
+            monkeypatch.setattr(linear, "CHUNK", chunk)
+            batched = SingleLayerBound(network, x, k, norm, bias).margins(eps, labels)
+            torch.testing.assert_close(batched, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_boxes_kept_from_a_larger_radius_only_tighten_the_bounds(digit_images):
+    """After a call at a larger radius (not certified), a call below it reuses its boxes: never looser."""
+    network = ReluNetwork.from_model(trained("mlp", depth=4, width=24))
+    images, _ = digit_images
+    x = images[:6].double() / 255
+    labels = network(x).argmax(1)
+    radii = certified_eps(network, x, labels, (0,))
+    single = SingleLayerBound(network, x, 0, math.inf, False)
+    assert bool((single.margins(radii * 3, labels).amin(1) <= 0).all())
+    reused = single.margins(radii * 0.9, labels)
+    fresh = SingleLayerBound(network, x, 0, math.inf, False).margins(radii * 0.9, labels)
+    finite = torch.isfinite(fresh)
+    assert bool((reused[finite] >= fresh[finite] - 1e-12).all())
