@@ -95,7 +95,8 @@ def test_errors_are_one_line(searched, run, checkpoint, tmp_path):
         (("search", checkpoint, "--sigma", 0.25, "--budget", 0, "--output", tmp_path / "s"), "budget must be a percentage in (0, 100]"),
         (("search", checkpoint, "--sigma", 0.25, "--budget", 150, "--output", tmp_path / "s"), "budget must be a percentage in (0, 100]"),
         (("search", checkpoint, "--sigma", 0.25, "--budget", 0.2, "--output", tmp_path / "s"), "out of reach"),
-        (("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--reward", "accuracy", "--output", tmp_path / "s"), "reward must be one of arq, haq"),
+        (("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--reward", "accuracy", "--output", tmp_path / "s"), "reward must be one of arq, certified, haq"),
+        (("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--certifier", "exact", "--output", tmp_path / "s"), "certifier must be one of irs, rs"),
         (("search", tmp_path / "nothing.pt", "--sigma", 0.25, "--budget", 3), "checkpoint not found"),
         (("search", checkpoint, "--sigma", 0.5, "--budget", 3, *TINY, "--output", searched), "different sigma"),
     ]  # fmt: skip
