@@ -55,6 +55,7 @@ from qrobust.smoothing import (
     certify_incremental,
     certify_original,
     example_generator,
+    summarize,
 )
 from qrobust.train import TrainConfig, accuracy, train
 from qrobust.train.loop import model_inputs
@@ -434,8 +435,13 @@ class _Certifier:
     def certified_accuracy(self, certificates: Sequence[Certificate]) -> float:
         """The fraction of validation images certified with their label at radius ``reward_radius``."""
         labels = self.validation_set.labels.tolist()
-        hits = [not c.abstained and c.label == y and c.radius >= self.config.reward_radius for c, y in zip(certificates, labels, strict=True)]
-        return float(np.mean(hits))
+        summary = summarize(
+            np.array([c.radius for c in certificates]),
+            np.array([c.label == y for c, y in zip(certificates, labels, strict=True)]),
+            np.array([c.abstained for c in certificates]),
+            radii=(self.config.reward_radius,),
+        )
+        return float(summary.certified_accuracy[0])
 
     def _smoothed(self, model: nn.Module) -> SmoothedClassifier:
         """``model`` frozen for inference (TorchScript folds the weight quantization once; about twice as
