@@ -122,7 +122,7 @@ def table1(model: torch.nn.Module, train_set: LatticeDataset, test_set: LatticeD
         bound.append(f"{float(certified[k].median()):.2g}")
         perturbation.append(f"{result.linf:.3g}" + ("" if result.feasible else " (infeasible)"))
         success.append(f"{int(result.success.sum())}/{len(targets)}, kept {100 * float(result.kept.float().mean()):.1f}%")
-        print(f"layer {k + 1} ({time.perf_counter() - started:.0f} s): radius {result.radius:.3g}, certified {bound[-1]}, attack l_inf {perturbation[-1]}, targets {success[-1]}, acc {after[-1]}%")
+        print(f"layer {k + 1} ({time.perf_counter() - started:.0f} s): radius {result.radius:.3g}, certified {bound[-1]}, attack l_inf {perturbation[-1]}, targets {success[-1]}, acc {after[-1]}%", flush=True)
     rows += [["acc after attack (%)", *after], ["certified bound (median)", *bound],
              ["attack perturbation (l_inf)", *perturbation], ["targets hit, kept", *success]]  # fmt: skip
     write_table(args.output / "table1.md", header, rows)
