@@ -43,7 +43,7 @@ from qrobust.smoothing import (
     certify_original,
     evenly_spaced,
     example_generator,
-    summarize,
+    summarize_certificates,
 )
 from qrobust.train import TrainConfig, accuracy, load_model, train
 
@@ -151,12 +151,7 @@ def main() -> None:
           f"{'cert acc r=0 / 0.25 / 0.5 / 0.75':>34}")  # fmt: skip
     acrs = {}
     for name, samples, certificates, cpu, wall in rows:
-        summary = summarize(
-            np.array([c.radius for c in certificates]),
-            np.array([c.label == y for c, y in zip(certificates, labels, strict=True)]),
-            np.array([c.abstained for c in certificates]),
-            radii=(0.0, 0.25, 0.5, 0.75),
-        )
+        summary = summarize_certificates(certificates, labels, radii=(0.0, 0.25, 0.5, 0.75))
         acrs[name, samples] = summary.average_certified_radius
         accuracies = " / ".join(f"{a:.3f}" for a in summary.certified_accuracy)
         ratio = f"{cpu / irs_rows[0][3]:10.2f}" if name.startswith("RS") else " " * 10

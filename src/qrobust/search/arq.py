@@ -55,7 +55,7 @@ from qrobust.smoothing import (
     certify_incremental,
     certify_original,
     example_generator,
-    summarize,
+    summarize_certificates,
 )
 from qrobust.train import TrainConfig, accuracy, train
 from qrobust.train.loop import model_inputs
@@ -434,13 +434,7 @@ class _Certifier:
 
     def certified_accuracy(self, certificates: Sequence[Certificate]) -> float:
         """The fraction of validation images certified with their label at radius ``reward_radius``."""
-        labels = self.validation_set.labels.tolist()
-        summary = summarize(
-            np.array([c.radius for c in certificates]),
-            np.array([c.label == y for c, y in zip(certificates, labels, strict=True)]),
-            np.array([c.abstained for c in certificates]),
-            radii=(self.config.reward_radius,),
-        )
+        summary = summarize_certificates(certificates, self.validation_set.labels, radii=(self.config.reward_radius,))
         return float(summary.certified_accuracy[0])
 
     def _smoothed(self, model: nn.Module) -> SmoothedClassifier:

@@ -8,6 +8,7 @@ from qrobust.smoothing.incremental import (
     acr,
     certify_incremental,
     certify_original,
+    summarize_certificates,
 )
 from qrobust.smoothing.methods import FloatRS, FloatRSQuant, IntRS, SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified_accuracy_curve, summarize
@@ -52,5 +53,6 @@ __all__ = [
     "read_certify_tsv",
     "read_predict_tsv",
     "summarize",
+    "summarize_certificates",
     "summarize_rows",
 ]

@@ -32,7 +32,7 @@ from scipy.stats import norm
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, SmoothedClassifier
 from qrobust.smoothing.methods import SmoothingMethod
-from qrobust.smoothing.metrics import summarize
+from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, summarize
 from qrobust.smoothing.run import example_generator
 
 FALLBACK_STREAM = 1  # SeedSequence word that separates the fallback's noise from the original's stream
@@ -198,16 +198,24 @@ def certify_incremental(
     return results
 
 
-def acr(certificates: Sequence[Certificate], labels: Sequence[int] | np.ndarray | torch.Tensor) -> float:
-    """Average certified radius: the sum of radii of certificates with the correct label, over N
-    (``summarize``'s ``average_certified_radius``)."""
+def summarize_certificates(
+    certificates: Sequence[Certificate],
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    radii: Sequence[float] = DEFAULT_RADII,
+) -> CertifiedSummary:
+    """``summarize`` of certificates against their true ``labels``: certified accuracy at ``radii`` and ACR."""
     labels = np.asarray(labels)
     if len(certificates) != len(labels):
         raise ValueError(f"need one label per certificate, got {len(labels)} for {len(certificates)} certificates")
     radius = np.array([c.radius for c in certificates], dtype=float)
     abstained = np.array([c.abstained for c in certificates], dtype=bool)
     correct = np.array([c.label == int(y) for c, y in zip(certificates, labels, strict=True)], dtype=bool)
-    return summarize(radius, correct, abstained).average_certified_radius
+    return summarize(radius, correct, abstained, radii)
+
+
+def acr(certificates: Sequence[Certificate], labels: Sequence[int] | np.ndarray | torch.Tensor) -> float:
+    """Average certified radius: the sum of radii of certificates with the correct label, over N."""
+    return summarize_certificates(certificates, labels).average_certified_radius
 
 
 def _batch_sizes(num: int, batch_size: int) -> list[int]:
