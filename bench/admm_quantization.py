@@ -1,4 +1,4 @@
-"""Weng et al. (AAAI 2020) analogs on Fashion-MNIST: certified ADMM quantization vs plain ADMM vs LB, and
+"""Weng et al. (AAAI 2020) analogs on Fashion-MNIST (or --dataset): certified ADMM quantization vs plain ADMM vs LB, and
 certified weight-perturbation bounds vs the fault sneaking attack.
 
 - table (quantization.md / .tsv): test accuracy of MLPs of each --depths, quantized to each --bits by
@@ -21,6 +21,12 @@ Full run:
     OMP_NUM_THREADS=2 .venv/bin/python bench/admm_quantization.py --output results/admm
 Table 1 only (see bench/fsa_table1.sh; about 20 minutes on one core), e.g. layers 7 and 8 alone:
     OMP_NUM_THREADS=1 .venv/bin/python bench/admm_quantization.py --output /tmp/fsa --only table1 --fsa-keep-fraction 0.95 --fsa-layers 7,8
+The quantization table alone (Table A1 analog), at every depth of the paper:
+    OMP_NUM_THREADS=1 .venv/bin/python bench/admm_quantization.py --output results/admm --only table --depths 2,4,6,8,10
+The paper's other datasets, from files the user has (``qrobust.data.load_dataset`` formats) under --data-root:
+    .venv/bin/python bench/admm_quantization.py --dataset mnist --data-root data --output results/admm-mnist
+    .venv/bin/python bench/admm_quantization.py --dataset svhn --data-root data --output results/admm-svhn
+    .venv/bin/python bench/admm_quantization.py --dataset cifar10 --data-root data --output results/admm-cifar10 --epochs 20
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from matplotlib.figure import Figure
 
 import qrobust
 from qrobust.attacks import FaultSneakingAttack
-from qrobust.data import LatticeDataset, load_dataset
+from qrobust.data import DATASET_NAMES, LatticeDataset, load_dataset
 from qrobust.models import build_model
 from qrobust.quant.admm import ADMMConfig, ADMMResult, admm_quantize, certified_layer_bounds, quantizable_layers
 from qrobust.smoothing import evenly_spaced
@@ -131,7 +137,8 @@ def table1(model: torch.nn.Module, train_set: LatticeDataset, test_set: LatticeD
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="directory for tables, figures and config.json")
-    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist")
+    parser.add_argument("--data-root", type=Path, default=None, help="where the dataset's files are (default: its usual place)")
     parser.add_argument("--depths", default="8", help="comma-separated MLP depths of the quantization table")
     parser.add_argument("--fig-depth", type=int, default=8, help="MLP depth of Fig. 1 and Fig. 2")
     parser.add_argument("--fsa-depth", type=int, default=10, help="MLP depth of Table 1 (its last 4 layers are attacked)")
@@ -153,14 +160,19 @@ def main() -> None:
                         help="share of the kept images the attack must keep (FaultSneakingAttack keep_fraction)")
     parser.add_argument("--fsa-layers", default=None, help="comma-separated 1-based layers of Table 1 (default: the last 4)")
     parser.add_argument("--fsa-steps", type=int, default=1000, help="Adam steps per radius of the attack (FaultSneakingAttack steps)")
-    parser.add_argument("--only", choices=("all", "table1"), default="all",
-                        help="run everything, or only Table 1 (its config goes to config-table1.json)")
+    parser.add_argument("--only", choices=("all", "table", "table1"), default="all",
+                        help="run everything, or only the quantization table or Table 1 (config goes to config-{table,table1}.json)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     bits_list = [int(b) for b in args.bits.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     percentiles = [float(p) for p in args.percentiles.split(",")]
     fig2_bits = min(bits_list) if args.fig2_bits is None else args.fig2_bits
+    try:
+        train_set = load_dataset(args.dataset, "train", args.data_root)
+        test_set = load_dataset(args.dataset, "test", args.data_root).subset(args.test_subset, args.seed)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     (args.output / ("config.json" if args.only == "all" else f"config-{args.only}.json")).write_text(json.dumps(
@@ -168,16 +180,14 @@ def main() -> None:
                       "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__, "python": platform.python_version()}},
         indent=2) + "\n")  # fmt: skip
 
-    train_set = load_dataset("fashion-mnist", "train", args.data_root)
     if args.train_subset is not None:
         train_set = train_set.subset(args.train_subset, args.seed)
-    test_set = load_dataset("fashion-mnist", "test", args.data_root).subset(args.test_subset, args.seed)
     if args.only == "table1":
         table1(pretrain(args.fsa_depth, train_set, args), train_set, test_set, args)
         print(f"done in {time.perf_counter() - started:.0f} s -> {args.output}")
         return
     models, bounds = {}, {}
-    for depth in dict.fromkeys([*depths, args.fig_depth]):
+    for depth in dict.fromkeys(depths if args.only == "table" else [*depths, args.fig_depth]):
         models[depth] = pretrain(depth, train_set, args)
         chosen = certified_images(models[depth], train_set, args.certify_images)
         bounds[depth] = certified_layer_bounds(models[depth], chosen.floats(), chosen.labels)
@@ -196,6 +206,9 @@ def main() -> None:
                 row.append(f"{100 * results[depth, bits, name].history[-1].test_accuracy:.2f}")
             rows.append(row)
     write_table(args.output / "quantization.md", ["layers", "bits", "float", *(f"{name} (%)" for name in METHODS)], rows)
+    if args.only == "table":
+        print(f"done in {time.perf_counter() - started:.0f} s -> {args.output}")
+        return
 
     # Fig. 1: accuracy vs certificate percentile.
     depth = args.fig_depth
@@ -213,7 +226,7 @@ def main() -> None:
         lines.append(f"{bits}\tnone\t{100 * plain.history[-1].test_accuracy:.2f}")
     (args.output / "fig1.tsv").write_text("\n".join(lines) + "\n")
     plot(args.output / "fig1.png", fig1, "certificate percentile of eps_c",
-         f"Quantized {depth}-layer MLP on Fashion-MNIST: test accuracy vs eps_c")  # fmt: skip
+         f"Quantized {depth}-layer MLP on {args.dataset}: test accuracy vs eps_c")  # fmt: skip
 
     # Fig. 2: accuracy vs ADMM iteration.
     fig2, lines = {}, ["method\titeration\ttrain_accuracy\ttest_accuracy"]
