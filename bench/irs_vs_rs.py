@@ -4,8 +4,9 @@ ARQ certifies every candidate quantized model of its search with IRS, reusing on
 original model. Here, in one run, on Fashion-MNIST with a Gaussian-noise CNN (sigma 0.25):
   1. certify the original fp32 model once (n0, n, alpha): the cache, a one-off cost;
   2. make a modified model: a copy with every conv / linear weight rounded (``--weights``: int8 or int4, one
-     scale per layer by ``qrobust.quant.lowbit_project``, or bfloat16 as in the IRS paper);
-  3. certify the modified model with IRS (n_zeta replayed samples, alpha_zeta, gamma) once per
+     scale per layer by ``qrobust.quant.lowbit_project``; int8-channel, the int8 engine's per-output-channel
+     max-abs scales; or bfloat16 as in the IRS paper);
+  3. certify the modified model with IRS (n_zeta replayed samples, alpha_zeta) once per ``--gamma`` and
      ``--n-fallback`` (the fresh samples of inputs whose cached pA_lower >= gamma: n_zeta as in the IRS
      paper, or the original's n to keep the confident inputs' large radii), and by re-running RS on it
      at each of ``--rs-samples`` (level alpha + alpha_zeta, the same overall confidence as IRS).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import time
@@ -36,6 +38,7 @@ from qrobust.data import LatticeDataset, dataset_info, load_dataset
 from qrobust.models import build_model
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import lowbit_project
+from qrobust.quant.numerics import quantize_weight
 from qrobust.smoothing import (
     FloatRS,
     SmoothedClassifier,
@@ -67,9 +70,15 @@ def base_model(args: argparse.Namespace) -> tuple[nn.Module, float]:
 
 WEIGHTS = {
     "int8": lambda w: lowbit_project(w, 8),
+    "int8-channel": lambda w: _per_channel(*quantize_weight(w)),
     "int4": lambda w: lowbit_project(w, 4),
     "bf16": lambda w: w.to(torch.bfloat16).float(),
 }
+
+
+def _per_channel(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Integer codes (O, ...) times their per-output-channel scales (O,)."""
+    return codes * scales.view(-1, *[1] * (codes.dim() - 1))
 
 
 def rounded_copy(model: nn.Module, weights: str) -> nn.Module:
@@ -103,7 +112,7 @@ def main() -> None:
     parser.add_argument("--n-zeta", type=int, default=1_000, help="IRS replayed samples")
     parser.add_argument("--n-fallback", default=None, help="comma-separated IRS fallback samples (default: n_zeta)")
     parser.add_argument("--alpha-zeta", type=float, default=0.001)
-    parser.add_argument("--gamma", type=float, default=0.99, help="IRS falls back to RS when cached pA_lower >= gamma")
+    parser.add_argument("--gamma", default="0.99", help="comma-separated: IRS falls back to RS when cached pA_lower >= gamma")
     parser.add_argument("--rs-samples", default="1000,2000,5000,10000", help="estimation samples of the RS re-runs")
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
@@ -126,13 +135,14 @@ def main() -> None:
     rows = [("original (cache)", args.n, cache.certificates, cpu, wall)]
     print(f"original certified: {cpu:.1f} CPU s, {wall:.1f} wall s", flush=True)
     irs_rows = []
-    for n_fallback in [int(value) for value in (args.n_fallback or str(args.n_zeta)).split(",")]:
-        irs, cpu, wall = timed(lambda n_fallback=n_fallback: certify_incremental(
-            cache, smoothed, n_zeta=args.n_zeta, alpha_zeta=args.alpha_zeta, gamma=args.gamma, n_fallback=n_fallback))  # fmt: skip
-        irs_rows.append((f"IRS (fallback n={n_fallback})", args.n_zeta, irs, cpu, wall))
+    n_fallbacks = [int(value) for value in (args.n_fallback or str(args.n_zeta)).split(",")]
+    for gamma, n_fallback in itertools.product([float(value) for value in args.gamma.split(",")], n_fallbacks):
+        irs, cpu, wall = timed(lambda gamma=gamma, n_fallback=n_fallback: certify_incremental(
+            cache, smoothed, n_zeta=args.n_zeta, alpha_zeta=args.alpha_zeta, gamma=gamma, n_fallback=n_fallback))  # fmt: skip
+        irs_rows.append((f"IRS (gamma {gamma:g}, fallback n={n_fallback})", args.n_zeta, irs, cpu, wall))
         fallback = np.array([c.fallback for c in irs])
         zetas = np.array([c.zeta for c in irs if c.zeta is not None])
-        print(f"IRS, fallback n={n_fallback}: {cpu:.1f} CPU s, {wall:.1f} wall s; fallback on {fallback.sum()}/{len(irs)} "
+        print(f"IRS, gamma {gamma:g}, fallback n={n_fallback}: {cpu:.1f} CPU s, {wall:.1f} wall s; fallback on {fallback.sum()}/{len(irs)} "
               f"inputs; zeta on the incremental path: median {np.median(zetas) if zetas.size else float('nan'):.4f}, "
               f"max {zetas.max() if zetas.size else float('nan'):.4f}", flush=True)  # fmt: skip
     rows += irs_rows
@@ -146,8 +156,8 @@ def main() -> None:
         print(f"RS n={n}: {cpu:.1f} CPU s, {wall:.1f} wall s", flush=True)
 
     print(f"\n{len(images)} images, sigma {sigma}, modified = {args.weights} weights; original n0={args.n0} "
-          f"n={args.n} alpha={args.alpha}; IRS n_zeta={args.n_zeta} alpha_zeta={args.alpha_zeta} gamma={args.gamma}")  # fmt: skip
-    print(f"{'certification':<24} {'samples':>7} {'CPU s':>8} {'wall s':>8} {'RS/IRS CPU':>10} {'ACR':>7} "
+          f"n={args.n} alpha={args.alpha}; IRS n_zeta={args.n_zeta} alpha_zeta={args.alpha_zeta}")  # fmt: skip
+    print(f"{'certification':<36} {'samples':>7} {'CPU s':>8} {'wall s':>8} {'RS/IRS CPU':>10} {'ACR':>7} "
           f"{'cert acc r=0 / 0.25 / 0.5 / 0.75':>34}")  # fmt: skip
     acrs = {}
     for name, samples, certificates, cpu, wall in rows:
@@ -155,7 +165,7 @@ def main() -> None:
         acrs[name, samples] = summary.average_certified_radius
         accuracies = " / ".join(f"{a:.3f}" for a in summary.certified_accuracy)
         ratio = f"{cpu / irs_rows[0][3]:10.2f}" if name.startswith("RS") else " " * 10
-        print(f"{name:<24} {samples:7d} {cpu:8.1f} {wall:8.1f} {ratio} {summary.average_certified_radius:7.4f} {accuracies:>34}")
+        print(f"{name:<36} {samples:7d} {cpu:8.1f} {wall:8.1f} {ratio} {summary.average_certified_radius:7.4f} {accuracies:>34}")
     reruns = [(n, cpu, acrs[name, n]) for name, n, _, cpu, _ in rows if name.startswith("RS")]
     for name, samples, _, irs_cpu, _ in irs_rows:
         irs_acr = acrs[name, samples]
