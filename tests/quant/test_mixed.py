@@ -154,8 +154,10 @@ def test_bit_policy_json_round_trip_and_validation(tmp_path) -> None:
         with pytest.raises(ValueError, match=match):
             BitPolicy(weight, act)
     (tmp_path / "broken.json").write_text("{")
-    with pytest.raises(ValueError, match="not a JSON bit policy"):
-        BitPolicy.load(tmp_path / "broken.json")
+    (tmp_path / "binary.json").write_bytes(b"\x80\xff")
+    for broken in ("broken.json", "binary.json"):
+        with pytest.raises(ValueError, match=f"{broken} is not a JSON bit policy"):
+            BitPolicy.load(tmp_path / broken)
 
 
 def test_from_actions_follows_eq_10() -> None:

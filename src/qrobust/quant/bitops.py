@@ -192,7 +192,7 @@ class BitPolicy:
         """Read a policy written by ``save``; ValueError if the file is not one."""
         try:
             fields = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file's decode error would not name it
             raise ValueError(f"{path} is not a JSON bit policy: {error}") from None
         return cls.from_dict(fields)
 
