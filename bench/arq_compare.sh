@@ -5,7 +5,7 @@
 # plain randomized smoothing; bench/arq_summary.py turns the results into tables and plots.
 #
 # Usage: bench/arq_compare.sh            (env: SIGMAS="0.25 0.5 1.0" BITS="3 4" EPISODES=12 WARMUP=4 JOBS=2
-#                                        METHODS="arq haq fixed")
+#                                        METHODS="arq haq fixed" VALIDATION=100 MODEL=cnn)
 # The paper's ablations are two more METHODS: arq-cert (reward: certified accuracy at r = 0.5, Table 3)
 # and arq-rs (each candidate certified by plain RS with as many samples as IRS replays, Table 4).
 # Needs the noise-trained fp32 models runs/intrs/cnn-SIGMA.pt (bench/intrs_table2.sh makes them).
@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIGMAS=${SIGMAS:-"0.25 0.5 1.0"} BITS=${BITS:-"3 4"} EPISODES=${EPISODES:-12} WARMUP=${WARMUP:-4} JOBS=${JOBS:-2}
 MODEL=${MODEL:-cnn} RUNS=${RUNS:-runs/arq} OUT=${OUT:-results/arq} IMAGES=${IMAGES:-200} N=${N:-1000}
-METHODS=${METHODS:-"arq haq fixed"}
-export SIGMAS BITS EPISODES WARMUP MODEL RUNS OUT IMAGES N
+METHODS=${METHODS:-"arq haq fixed"} VALIDATION=${VALIDATION:-100}  # reward images of each search
+export SIGMAS BITS EPISODES WARMUP MODEL RUNS OUT IMAGES N VALIDATION
 mkdir -p "$RUNS" "$OUT"
 
 job() {  # job METHOD SIGMA BITS
@@ -44,7 +44,7 @@ BitPolicy.uniform(len(layers), $bits).save('$dir/policy.json')" ;;
             # shellcheck disable=SC2086
             /usr/bin/time -f "%e" -o "$dir/search-seconds.txt" $B/qrobust search "$fp32" --sigma "$sigma" \
             --budget "$budget" $options --episodes "$EPISODES" --warmup "$WARMUP" --finetune-images 2000 \
-            --n 2000 --n-zeta 500 --seed 0 --output "$dir" > "$dir/search.log" 2>&1 ;;
+            --validation-images "$VALIDATION" --n 2000 --n-zeta 500 --seed 0 --output "$dir" > "$dir/search.log" 2>&1 ;;
     esac
     [ -f "$dir/model.pt" ] || $B/qrobust finetune "$fp32" --policy "$dir/policy.json" --sigma "$sigma" --epochs 1 \
         --train-subset 20000 --seed 0 --output "$dir/model.pt" > "$dir/finetune.log" 2>&1

@@ -3,7 +3,7 @@
 Writes to OUT: ``tables.md`` (per sigma: BitOPs %, ACR, certified accuracy at radii, search time, the
 policy), ``ablations.md`` (the paper's Table 3, reward choice, and Table 4, IRS vs RS inside the search,
 where bench/arq_compare.sh ran METHODS arq-cert / arq-rs), ``acr-vs-bitops.png`` (ARQ paper, Fig. 1
-analog), ``bits-per-layer.png`` (Fig. 2 analog), and copies each run's policy, search log and
+analog), ``bits-per-layer.png`` (Fig. 2 analog), and copies each run's policy, search log, search time and
 certification TSV to OUT/runs/.
 
 Usage: .venv/bin/python bench/arq_summary.py [RUNS] [OUT] [MODEL]   (defaults: runs/arq results/arq cnn;
@@ -52,7 +52,7 @@ def main() -> None:
             "acr": summary.average_certified_radius, "accuracy": summary.certified_accuracy,
             "search_seconds": float(seconds.read_text()) if seconds.exists() else None,
         })  # fmt: skip
-        for name in ("policy.json", "search.jsonl", "certify.tsv", "certify.json"):
+        for name in ("policy.json", "search.jsonl", "search-seconds.txt", "certify.tsv", "certify.json"):
             if (directory / name).exists():
                 shutil.copy(directory / name, out / "runs" / f"{directory.name}-{name}")
     fp32 = {sigma: summarize_rows(read_certify_tsv(runs / f"fp32-{spelled[sigma]}.tsv"), RADII) for sigma in results}
