@@ -169,6 +169,7 @@ def quantize_command(
     certify_images: Annotated[int, typer.Option(help="--certified: correctly classified training images the percentile is taken over.")] = 100,
     iterations: Annotated[int | None, typer.Option(help=f"admm/lb: ADMM iterations (default {ADMMConfig.iterations}).")] = None,
     steps: Annotated[int | None, typer.Option(help=f"admm/lb: SGD steps per ADMM iteration (default {ADMMConfig.steps}).")] = None,
+    input_margin: Annotated[int | None, typer.Option(help="int8 from a float checkpoint (PTQ): the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise); a QAT checkpoint keeps the margin it was trained with.")] = None,
     data_root: DataRoot = None,
     seed: Annotated[int, typer.Option(help="Seed of the calibration subset and its noise (int8), or of the minibatches (admm, lb).")] = 0,
     overwrite: Overwrite = False,
@@ -179,6 +180,8 @@ def quantize_command(
     if output.exists() and not overwrite:
         raise QRobustError(f"{output} exists; pass --overwrite to replace it")
     lowbit_options = {"--bits": bits, "--percentile": percentile, "--iterations": iterations, "--steps": steps}
+    if method in ADMM_METHODS and input_margin is not None:
+        raise QRobustError("--input-margin applies to --method int8")
     if method in ADMM_METHODS:
         _quantize_admm(checkpoint, output, method, bits, certified, percentile, certify_images, iterations, steps, data_root, seed)
         return
@@ -190,10 +193,14 @@ def quantize_command(
     model, saved = load_model(checkpoint)
     info = saved.dataset_info
     noise = TrainConfig(sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")).noise_method()
+    trained_margin = (saved.metadata.get("qat") or {}).get("input_margin", 0)
+    if saved.metadata.get("qat") is not None and input_margin not in (None, trained_margin):
+        raise QRobustError(f"{checkpoint} was trained quantization-aware with input margin {trained_margin}; --input-margin cannot change it")
     if saved.metadata.get("qat") is None:
         check_count("calibration images", calibration_images)
         images = load_dataset(info.name, "train", data_root).subset(calibration_images, seed).images
-        model = calibrate(prepare_qat(model), model_inputs(images, noise, torch.Generator().manual_seed(seed)))
+        ptq = prepare_qat(model, QuantConfig(input_margin=input_margin or 0))
+        model = calibrate(ptq, model_inputs(images, noise, torch.Generator().manual_seed(seed)))
     int8 = convert(model)
     test_set = load_dataset(info.name, "test", data_root)
     test_set = test_set.subset(min(1000, len(test_set)), seed)

@@ -10,6 +10,7 @@ import torch
 from qrobust.data import dataset_info
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.quant import load_int8
 from qrobust.smoothing import CERTIFY_HEADER, PREDICT_HEADER, read_certify_tsv
 
 
@@ -180,6 +181,17 @@ def test_float_checkpoint_is_calibrated_for_post_training_quantization(run, chec
     code, out, err = run("quantize", checkpoint, "--calibration-images", 64, "--output", tmp_path / "ptq.int8.pt")
     assert code == 0, err
     assert "int8 model (ptq)" in out
+    assert load_int8(tmp_path / "ptq.int8.pt").model.input_margin == 0
+
+
+def test_post_training_quantization_takes_an_input_margin(run, checkpoint, tmp_path):
+    code, _, err = run("quantize", checkpoint, "--calibration-images", 64, "--input-margin", 40, "--output", tmp_path / "m.int8.pt")
+    assert code == 0, err
+    assert load_int8(tmp_path / "m.int8.pt").model.input_margin == 40
+    for args, message in ((["--input-margin", -1], "input_margin"), (["--method", "admm", "--input-margin", 40], "--input-margin applies to --method int8")):
+        code, _, err = run("quantize", checkpoint, *args, "--output", tmp_path / "bad.pt")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "bad.pt").exists()
 
 
 def test_low_bit_adversarial_training_then_attack_table(run, tmp_path):
