@@ -137,6 +137,9 @@ def certify_incremental(
         ``seed``), at the cache's level alpha. The reference code runs it at alpha + alpha_zeta (and
         n0 = n_zeta // 10); since the route depends on the cached sample, the argument below then bounds
         the failure only by alpha + 2 alpha_zeta, while level alpha keeps it at alpha + alpha_zeta.
+        The paper's gamma is 0.99; a lower one (0.9-0.95) with ``n_fallback`` = the cached n sends more
+        confident inputs, whose radius suffers most from subtracting zeta, to the fallback: slower, but
+        closer to re-running RS (measured in results/arq/README.md).
       * the original abstained: abstain without sampling (pA_lower - zeta <= pA_lower <= 1/2).
       * otherwise: replay the first ``n_zeta`` estimation noise draws, zeta = one-sided Clopper-Pearson
         upper bound at level ``alpha_zeta`` on the rate of draws that f sends to c_A and f_p elsewhere;
