@@ -487,10 +487,10 @@ def search_command(
     )  # fmt: skip
     model, saved = _float_model(checkpoint, "search")
     log = output / "search.jsonl"
+    search = PolicySearch(model, load_dataset(saved.dataset_info.name, "train", data_root), config)  # checks the budget
     console.print(("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "
                   f"{budget:g}% BitOPs, sigma {sigma}" + ("" if reward == "haq" else
                   f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"))  # fmt: skip
-    search = PolicySearch(model, load_dataset(saved.dataset_info.name, "train", data_root), config)
     _write_json(output / "config.json", {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(), "model": saved.metadata})
     search.fixed_policy.save(output / "fixed-policy.json")
     metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], saved.dataset_info,
