@@ -2,7 +2,7 @@
 
 Writes to OUT: ``tables.md`` (per sigma: BitOPs %, ACR, certified accuracy at radii, search time, the
 policy), ``ablations.md`` (the paper's Table 3, reward choice, and Table 4, IRS vs RS inside the search,
-where bench/arq_compare.sh ran METHODS arq-cert / arq-rs), ``acr-vs-bitops.png`` (ARQ paper, Fig. 1
+where bench/arq_compare.sh ran METHODS arq-cert / arq-rs; only if it did), ``acr-vs-bitops.png`` (ARQ paper, Fig. 1
 analog), ``bits-per-layer.png`` (Fig. 2 analog), and copies each run's policy, search log, search time and
 certification TSV to OUT/runs/.
 
@@ -77,7 +77,8 @@ def main() -> None:
             )
         lines.append("")
     (out / "tables.md").write_text("\n".join(lines))
-    (out / "ablations.md").write_text(_ablations(results, model))
+    if any(row["method"] in ("arq-cert", "arq-rs") for rows in results.values() for row in rows):
+        (out / "ablations.md").write_text(_ablations(results, model))
     _plot_acr(results, fp32, out / "acr-vs-bitops.png")
     _plot_bits(results, out / "bits-per-layer.png")
     (out / "summary.json").write_text(json.dumps(
