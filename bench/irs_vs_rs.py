@@ -38,7 +38,7 @@ from qrobust.data import LatticeDataset, dataset_info, load_dataset
 from qrobust.models import build_model
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import lowbit_project
-from qrobust.quant.numerics import quantize_weight
+from qrobust.quant.numerics import fake_quantize_affine
 from qrobust.smoothing import (
     FloatRS,
     SmoothedClassifier,
@@ -70,15 +70,10 @@ def base_model(args: argparse.Namespace) -> tuple[nn.Module, float]:
 
 WEIGHTS = {
     "int8": lambda w: lowbit_project(w, 8),
-    "int8-channel": lambda w: _per_channel(*quantize_weight(w)),
+    "int8-channel": lambda w: fake_quantize_affine(w, None, torch.ones(()))[0],  # the int8 engine's weights
     "int4": lambda w: lowbit_project(w, 4),
     "bf16": lambda w: w.to(torch.bfloat16).float(),
 }
-
-
-def _per_channel(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Integer codes (O, ...) times their per-output-channel scales (O,)."""
-    return codes * scales.view(-1, *[1] * (codes.dim() - 1))
 
 
 def rounded_copy(model: nn.Module, weights: str) -> nn.Module:
