@@ -184,6 +184,7 @@ def test_input_quantizer_rounds_lattice_values_exactly_as_the_engine(margin: int
 
 
 @pytest.mark.parametrize("margin", [0, 255])
+@pytest.mark.filterwarnings("ignore:epochs 1-2.*chance level")  # random labels: nothing to learn, and it says so
 def test_qat_model_trains_with_the_existing_loop_under_noise(margin: int) -> None:
     info = make_info((1, 8, 8), num_classes=3)
     images = lattice_images(96, info.shape, seed=5)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -22,11 +24,20 @@ def test_noise_training_learns_digits(digits):
     train_set, test_set = digits
     model = _model(train_set.info)
     config = TrainConfig(epochs=4, batch_size=32, lr=0.05, sigma=0.1, seed=0)
-    history = train(model, train_set, config, test_set=test_set, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run that learns is not warned about
+        history = train(model, train_set, config, test_set=test_set, progress=False)
     assert [stats.epoch for stats in history] == [1, 2, 3, 4]
     assert history[-1].loss < history[0].loss
     assert history[-1].test_accuracy == pytest.approx(accuracy(model, test_set))
     assert accuracy(model, test_set) > 0.85
+
+
+def test_a_run_that_learns_nothing_is_warned(digits):
+    train_set, _ = digits
+    config = TrainConfig(epochs=2, batch_size=32, lr=1e4, seed=0)  # diverges at once
+    with pytest.warns(UserWarning, match=r"epochs 1-2: training accuracy 0\.\d+, 0\.\d+ is at chance level \(10 classes\)"):
+        train(_model(train_set.info), train_set, config, progress=False)
 
 
 def test_learning_rate_steps(digits):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,6 +113,10 @@ class TrainConfig:
         return None if lowbit is None else WeightQuantizer(model, **asdict(lowbit))
 
 
+CHANCE_FACTOR = 1.2  # training accuracy at most this times 1 / classes two epochs running: warn that nothing is learnt
+# (one such epoch is common at the start of adversarial training)
+
+
 @dataclass(frozen=True)
 class EpochStats:
     """One finished epoch: training loss and accuracy on the (noisy) batches, clean test accuracy if measured."""
@@ -186,6 +191,11 @@ def train(
             with quantized():
                 test_accuracy = accuracy(model, test_set) if test_set is not None else None
             history.append(EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started))
+            classes = train_set.info.num_classes
+            if len(history) >= 2 and all(stats.accuracy <= CHANCE_FACTOR / classes for stats in history[-2:]):
+                warnings.warn(f"epochs {epoch - 1}-{epoch}: training accuracy {history[-2].accuracy:.3f}, "
+                              f"{history[-1].accuracy:.3f} is at chance level ({classes} classes): the model is not "
+                              f"learning; a smaller learning rate usually helps", stacklevel=2)  # fmt: skip
             if progress:
                 bar.console.log(_describe(history[-1]))
             if checkpoint_path is not None:
