@@ -19,6 +19,11 @@ METHODS=${METHODS:-"arq haq fixed"} VALIDATION=${VALIDATION:-100}  # reward imag
 export SIGMAS BITS EPISODES WARMUP MODEL RUNS OUT IMAGES N VALIDATION
 mkdir -p "$RUNS" "$OUT"
 
+fail() {  # fail LOG: say which job failed and where to look; returns 1
+    echo "FAILED $method sigma=$sigma bits=$bits: see $1 ($(tail -n 1 "$1"))" >&2
+    return 1
+}
+
 job() {  # job METHOD SIGMA BITS
     local method=$1 sigma=$2 bits=$3 B=.venv/bin
     local fp32="runs/intrs/$MODEL-$sigma.pt" dir="$RUNS/$method-$sigma-b$bits"
@@ -44,15 +49,15 @@ BitPolicy.uniform(len(layers), $bits).save('$dir/policy.json')" ;;
             # shellcheck disable=SC2086
             /usr/bin/time -f "%e" -o "$dir/search-seconds.txt" $B/qrobust search "$fp32" --sigma "$sigma" \
             --budget "$budget" $options --episodes "$EPISODES" --warmup "$WARMUP" --finetune-images 2000 \
-            --validation-images "$VALIDATION" --n 2000 --n-zeta 500 --seed 0 --output "$dir" > "$dir/search.log" 2>&1 ;;
+            --validation-images "$VALIDATION" --n 2000 --n-zeta 500 --seed 0 --output "$dir" > "$dir/search.log" 2>&1 || fail "$dir/search.log" || return ;;
     esac
     [ -f "$dir/model.pt" ] || $B/qrobust finetune "$fp32" --policy "$dir/policy.json" --sigma "$sigma" --epochs 1 \
-        --train-subset 20000 --seed 0 --output "$dir/model.pt" > "$dir/finetune.log" 2>&1
+        --train-subset 20000 --seed 0 --output "$dir/model.pt" > "$dir/finetune.log" 2>&1 || fail "$dir/finetune.log" || return
     [ -f "$dir/certify.tsv" ] || $B/qrobust certify "$dir/model.pt" --sigma "$sigma" --n0 100 --n "$N" --alpha 0.001 \
-        --num-examples "$IMAGES" --seed 0 --output "$dir/certify.tsv" > "$dir/certify.log" 2>&1
+        --num-examples "$IMAGES" --seed 0 --output "$dir/certify.tsv" > "$dir/certify.log" 2>&1 || fail "$dir/certify.log" || return
     echo "done $method sigma=$sigma bits=$bits budget=$budget%"
 }
-export -f job
+export -f job fail
 
 for sigma in $SIGMAS; do  # the fp32 reference on the same images
     [ -f "$RUNS/fp32-$sigma.tsv" ] || .venv/bin/qrobust certify "runs/intrs/$MODEL-$sigma.pt" --sigma "$sigma" --n0 100 \
