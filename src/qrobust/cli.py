@@ -11,6 +11,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from collections.abc import Iterator
@@ -193,10 +194,10 @@ def quantize_command(
     model, saved = load_model(checkpoint)
     info = saved.dataset_info
     noise = TrainConfig(sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")).noise_method()
-    trained_margin = (saved.metadata.get("qat") or {}).get("input_margin", 0)
-    if saved.metadata.get("qat") is not None and input_margin not in (None, trained_margin):
-        raise QRobustError(f"{checkpoint} was trained quantization-aware with input margin {trained_margin}; --input-margin cannot change it")
-    if saved.metadata.get("qat") is None:
+    qat = saved.metadata.get("qat")
+    if qat is not None and input_margin not in (None, qat.get("input_margin", 0)):
+        raise QRobustError(f"{checkpoint} was trained quantization-aware with input margin {qat.get('input_margin', 0)}; --input-margin cannot change it")
+    if qat is None:
         check_count("calibration images", calibration_images)
         images = load_dataset(info.name, "train", data_root).subset(calibration_images, seed).images
         ptq = prepare_qat(model, QuantConfig(input_margin=input_margin or 0))
@@ -208,7 +209,7 @@ def quantize_command(
         predictions, float_predictions = int8(test_set.images).argmax(1), model(test_set.floats()).argmax(1)
     accuracy_int8 = float((predictions == test_set.labels).float().mean())
     agreement = float((predictions == float_predictions).float().mean())
-    quantization = "qat" if saved.metadata.get("qat") else "ptq"
+    quantization = "qat" if qat else "ptq"
     metadata = saved.metadata | {"quantization": quantization, "source": str(checkpoint), "int8_accuracy": accuracy_int8}
     size = save_int8(output, int8, metadata)
     buffer = io.BytesIO()
@@ -765,15 +766,22 @@ def _parse_radii(text: str) -> tuple[float, ...]:
 
 def main() -> None:
     """Entry point of the ``qrobust`` console script."""
-    try:
-        code = app(standalone_mode=False)
-    except typer.TyperException as error:  # usage errors: unknown option, bad type, missing argument
-        _fail(error.format_message(), getattr(error, "exit_code", 2))
-    except (QRobustError, ValueError, OSError) as error:
-        _fail(str(error), 2)
-    except (KeyboardInterrupt, typer.Abort):
-        _fail("interrupted", 130)
+    with warnings.catch_warnings():  # the library's warnings as one line each, not Python's file:line form
+        warnings.showwarning = _warn
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's notices to developers, hidden as Python does by default
+        try:
+            code = app(standalone_mode=False)
+        except typer.TyperException as error:  # usage errors: unknown option, bad type, missing argument
+            _fail(error.format_message(), getattr(error, "exit_code", 2))
+        except (QRobustError, ValueError, OSError) as error:
+            _fail(str(error), 2)
+        except (KeyboardInterrupt, typer.Abort):
+            _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _warn(message, category, filename, lineno, file=None, line=None) -> None:  # the warnings.showwarning signature
+    Console(stderr=True).print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:

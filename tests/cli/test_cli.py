@@ -194,6 +194,14 @@ def test_post_training_quantization_takes_an_input_margin(run, checkpoint, tmp_p
         assert not (tmp_path / "bad.pt").exists()
 
 
+def test_a_diverged_training_run_is_warned_in_one_line(run, tmp_path):
+    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=2", "--model-option",
+                       "width=16", "--epochs", 2, "--lr", 1e4, "--output", tmp_path / "m.pt")  # fmt: skip
+    assert code == 0, err
+    assert err.startswith("warning: epochs 1-2: training accuracy") and "UserWarning" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_low_bit_adversarial_training_then_attack_table(run, tmp_path):
     path = tmp_path / "br.pt"
     code, out, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=2",
