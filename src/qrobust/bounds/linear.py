@@ -284,7 +284,9 @@ class _Level:
     relu(u) - relu(l) and the lower line's slope (0 or 1) there, 0 in the padding; ``vectors`` (M, A, 1
     or 2) are relu(l) and, below a layer, slope * b. ``gap`` and ``offset`` (M, U) are the upper line's
     slope minus the lower one and its offset -u l / (u - l) on the first U live neurons (U the largest
-    number of unstable ones), 0 where they are stable; ``upper_bias`` = gap * b + offset.
+    number of unstable ones), 0 where they are stable; ``upper_bias`` = gap * b + offset. Below a layer,
+    ``lower_weights`` (M, A, A_below) and ``upper_weights`` (M, U, A_below) are slope * W and gap * W on the
+    live neurons of both levels.
     """
 
     def __init__(
@@ -295,7 +297,7 @@ class _Level:
         weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> None:
-        self.lower, self.upper, self.below = lower, upper, below
+        self.lower, self.upper = lower, upper
         live, unstable = upper > 0, (lower < 0) & (upper > 0)  # (M, n)
         counts = (live.sum(1, keepdim=True), unstable.sum(1, keepdim=True))  # (M, 1) each
         widths = [int(count.max()) if len(lower) else 0 for count in counts]
@@ -317,21 +319,15 @@ class _Level:
         self.bias = self.slope * live_bias
         self.vectors = torch.stack([low, self.bias], -1)  # (M, A, 2)
         self.upper_bias = self.gap * live_bias[:, : widths[1]] + self.offset  # (M, U)
-        self._weight = weight  # padded (n + 1, n_below + 1)
-        self._ready = torch.zeros(len(lower), dtype=torch.bool)
-        self._lower_weights = lower.new_empty(len(lower), widths[0], below.live.shape[1])  # filled by weights()
-        self._upper_weights = lower.new_empty(len(lower), widths[1], below.live.shape[1])
+        # slope * W and gap * W on the live neurons here and below; the slope is 1 on stable live neurons
+        weight = weight[self.live.unsqueeze(-1), below.live.unsqueeze(1)]  # (M, A, A_below) from the padded W
+        self.upper_weights = weight[:, : widths[1]] * self.gap.unsqueeze(-1)  # (M, U, A_below)
+        weight[:, : widths[1]] *= self.slope[:, : widths[1]].unsqueeze(-1)
+        self.lower_weights = weight
 
     def weights(self, owner: _Owner) -> tuple[torch.Tensor, torch.Tensor]:
-        """slope * W (B, A, A_below) and gap * W on the first U rows (B, U, A_below), on the live neurons of
-        the inputs ``owner`` (B,) here and below; made for an input the first time it is asked for."""
-        missing = owner.index[~owner.pick(self._ready)]
-        if len(missing):
-            weight = self._weight[self.live[missing].unsqueeze(-1), self.below.live[missing].unsqueeze(1)]  # (B', A, A_below)
-            self._lower_weights.index_copy_(0, missing, weight * self.slope[missing].unsqueeze(-1))
-            self._upper_weights.index_copy_(0, missing, weight[:, : self.gap.shape[1]] * self.gap[missing].unsqueeze(-1))
-            self._ready[missing] = True
-        return owner.pick(self._lower_weights), owner.pick(self._upper_weights)
+        """slope * W (B, A, A_below) and gap * W on the first U rows (B, U, A_below) of the inputs ``owner``."""
+        return owner.pick(self.lower_weights), owner.pick(self.upper_weights)
 
 
 class _Owner:
