@@ -1,5 +1,6 @@
-"""The batched linear bounds (live-neuron compression, chunks, pairs, regrouping, reused boxes) equal a
-plain per-input, per-neuron computation of the same bounds (Weng et al., AAAI 2020, Theorem 0.1)."""
+"""The batched linear bounds (live-neuron compression, chunks, pairs, regrouping, zonotopes, reused boxes)
+equal a plain per-input, per-neuron computation of the same bounds (Weng et al., AAAI 2020, Theorem 0.1),
+and every box they use contains the pre-activations of sampled perturbed networks."""
 
 import math
 
@@ -15,10 +16,11 @@ from qrobust.bounds.perturbation import dual_norm
 from .conftest import trained
 
 
-def reference_margins(network, image, label, k, eps, norm, bias):
+def reference_margins(network, image, label, k, eps, norm, bias, zonotopes):
     """Margin lower bounds (classes,) of one image, written out plainly on full-width vectors.
 
-    Boxes layer by layer: an interval step, then for each neuron it leaves unstable the rows of l and -u
+    Boxes layer by layer: an interval step, intersected from z_2 on (if ``zonotopes``) with the box of a
+    zonotope started at z_1 from the box of z_0, then for each neuron left unstable the rows of l and -u
     back-substituted together through the ReLU relaxations, concretised on the box of each relu(z_g) after
     the first, stopping once either is > 0; the margins go down to the perturbed layer's output z_0, where
     Hoelder's inequality bounds the weight ball. Every bound met is kept if better.
@@ -58,10 +60,22 @@ def reference_margins(network, image, label, k, eps, norm, bias):
             consts, rows = consts + lam @ after[g - 1].bias, lam @ after[g - 1].weight
             g -= 1
 
+    zonotope = None  # (center (n_h,), generators (n_h, symbols)) of z_h
     for h in range(1, len(after)):
         layer, (lower, upper) = after[h - 1], boxes[-1]
         mid, half = (F.relu(upper) + F.relu(lower)) / 2, (F.relu(upper) - F.relu(lower)) / 2
         lower, upper = layer(mid) - layer.weight.abs() @ half, layer(mid) + layer.weight.abs() @ half
+        if zonotopes and h >= 2:
+            if zonotope is None:  # z_1 = after[0](relu(z_0)), each relu(z_0) in its box on its own symbol
+                low, high = (F.relu(bound) for bound in boxes[0])
+                zonotope = (after[0]((low + high) / 2), after[0].weight * ((high - low) / 2))
+            (middle, generators), (below_lower, below_upper) = zonotope, boxes[-1]
+            unstable = (below_lower < 0) & (below_upper > 0)
+            scale = torch.where(below_lower >= 0, 1.0, torch.where(unstable, below_upper / (below_upper - below_lower), 0.0))
+            mu = torch.where(unstable, -scale * below_lower / 2, 0.0)  # relu(z) = scale z + mu +- mu
+            zonotope = (layer(middle * scale + mu), layer.weight @ torch.cat([generators * scale.unsqueeze(1), torch.diag(mu)], 1))
+            reach = zonotope[1].abs().sum(1)
+            lower, upper = torch.maximum(lower, zonotope[0] - reach), torch.minimum(upper, zonotope[0] + reach)
         for j in torch.nonzero((lower < 0) & (upper > 0)).flatten().tolist():
             rows, consts = torch.stack([layer.weight[j], -layer.weight[j]]), torch.stack([layer.bias[j], -layer.bias[j]])
             found = bound(rows, consts, h - 1, stop=True)
@@ -74,12 +88,15 @@ def reference_margins(network, image, label, k, eps, norm, bias):
 
 
 CASES = [("mlp-4", 0, math.inf, False), ("mlp-4", 1, 2.0, True), ("mlp-3", 0, 1.0, False), ("conv_linear", 0, 2.0, True)]
+CASES += [("mlp-6", 0, math.inf, False), ("mlp-6", 1, 2.0, True)]  # zonotopes over several layers
+DEPTHS = {"mlp-3": 3, "mlp-4": 4, "mlp-6": 6}
 
 
+@pytest.mark.parametrize("zonotopes", [False, True])
 @pytest.mark.parametrize("name, k, norm, bias", CASES)
-def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, digit_images, monkeypatch):
-    depth = {"mlp-4": 4, "mlp-3": 3}
-    model = trained("mlp", depth=depth[name], width=24) if name in depth else trained(name)
+def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, zonotopes, digit_images, monkeypatch):
+    monkeypatch.setattr(linear, "ZONOTOPE_FROM", -1.0 if zonotopes else math.inf)  # always from z_2 on, or never
+    model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
     network = ReluNetwork.from_model(model)
     images, _ = digit_images
     x = images[:6].double() / 255
@@ -88,15 +105,17 @@ def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, digit_i
     assert bool((radii > 0).all())
     for scale in (0.5, 1.0, 3.0):  # below, at and above the radius: few, some and many unstable neurons
         eps = radii * scale
-        expected = torch.stack([reference_margins(network, x[i], labels[i], k, float(eps[i]), norm, bias) for i in range(len(x))])
+        expected = torch.stack([reference_margins(network, x[i], labels[i], k, float(eps[i]), norm, bias, zonotopes) for i in range(len(x))])
         for chunk in (linear.CHUNK, 64):  # all inputs in one chunk, or a few (and regrouped) at a time
             monkeypatch.setattr(linear, "CHUNK", chunk)
             batched = SingleLayerBound(network, x, k, norm, bias).margins(eps, labels)
             torch.testing.assert_close(batched, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_boxes_kept_from_a_larger_radius_only_tighten_the_bounds(digit_images):
-    """After a call at a larger radius (not certified), a call below it reuses its boxes: never looser."""
+def test_boxes_kept_from_a_larger_radius_only_tighten_the_bounds(digit_images, monkeypatch):
+    """After a call at a larger radius (not certified), a call below it reuses its boxes: never looser
+    than the same bounds without them (zonotopes, which such calls skip, are left out of both)."""
+    monkeypatch.setattr(linear, "ZONOTOPE_FROM", math.inf)
     network = ReluNetwork.from_model(trained("mlp", depth=4, width=24))
     images, _ = digit_images
     x = images[:6].double() / 255
@@ -108,3 +127,31 @@ def test_boxes_kept_from_a_larger_radius_only_tighten_the_bounds(digit_images):
     fresh = SingleLayerBound(network, x, 0, math.inf, False).margins(radii * 0.9, labels)
     finite = torch.isfinite(fresh)
     assert bool((reused[finite] >= fresh[finite] - 1e-12).all())
+
+
+@pytest.mark.parametrize("zonotopes", [False, True])
+@pytest.mark.parametrize("k", [0, 2])
+def test_every_box_contains_sampled_pre_activations(k, zonotopes, digit_images, monkeypatch):
+    """The boxes of z_0, z_1, ... (interval steps, zonotopes, back-substitution) hold the pre-activations of
+    networks with sampled weights of layer k in the ball, box corners included, below and above the radius."""
+    monkeypatch.setattr(linear, "ZONOTOPE_FROM", -1.0 if zonotopes else math.inf)
+    network = ReluNetwork.from_model(trained("mlp", depth=6, width=24))
+    images, _ = digit_images
+    x = images[:3].double() / 255
+    labels = network(x).argmax(1)
+    radii = certified_eps(network, x, labels, (k,))
+    generator = torch.Generator().manual_seed(k)
+    weight = network.layers[k].weight
+    for scale in (1.0, 3.0):
+        eps = radii * scale
+        single = SingleLayerBound(network, x, k, math.inf, False)
+        levels = single._levels(linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x)))
+        for i in range(len(x)):
+            corners = torch.randint(0, 2, (1000, *weight.shape), generator=generator).double() * 2 - 1
+            uniform = torch.rand(1000, *weight.shape, generator=generator, dtype=torch.float64) * 2 - 1
+            deltas = torch.cat([corners, uniform]) * float(eps[i])
+            z = (weight + deltas) @ network.layer_input(x[i : i + 1], k).flatten() + network.layers[k].bias  # (S, n_0)
+            for g, level in enumerate(levels):
+                if g:
+                    z = single.after[g - 1](F.relu(z))
+                assert bool((z >= level.lower[i] - 1e-9).all() and (z <= level.upper[i] + 1e-9).all()), f"z_{g} left its box"
