@@ -96,6 +96,7 @@ DEPTHS = {"mlp-3": 3, "mlp-4": 4, "mlp-6": 6}
 @pytest.mark.parametrize("name, k, norm, bias", CASES)
 def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, zonotopes, digit_images, monkeypatch):
     monkeypatch.setattr(linear, "ZONOTOPE_FROM", -1.0 if zonotopes else math.inf)  # always from z_2 on, or never
+    monkeypatch.setattr(linear, "ZONOTOPE_DTYPE", torch.float64)  # as the reference (float32 is tested below)
     model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
     network = ReluNetwork.from_model(model)
     images, _ = digit_images
@@ -155,3 +156,32 @@ def test_every_box_contains_sampled_pre_activations(k, zonotopes, digit_images, 
                 if g:
                     z = single.after[g - 1](F.relu(z))
                 assert bool((z >= level.lower[i] - 1e-9).all() and (z <= level.upper[i] + 1e-9).all()), f"z_{g} left its box"
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
+def test_float32_zonotopes_contain_the_exact_ones(scale, digit_images, monkeypatch):
+    """Zonotopes stored in float32 widen their boxes by a bound on the rounding: each box contains the box
+    of the same zonotope in float64, on a 6-layer MLP with weights spread over 12 orders of magnitude."""
+    torch.manual_seed(0)
+    network = ReluNetwork.from_model(trained("mlp", depth=6, width=24))
+    for layer in network.layers:
+        layer.weight.mul_(10 ** (torch.rand(layer.weight.shape, dtype=torch.float64) * 12 - 6))
+    images, _ = digit_images
+    x = images[:4].double() / 255
+    single = SingleLayerBound(network, x, 0, math.inf, False)
+    eps = torch.full((len(x),), 1e-3 * scale, dtype=torch.float64)
+    levels = single._levels(linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x)))
+    boxes = {}
+    for dtype in (torch.float32, torch.float64):
+        monkeypatch.setattr(linear, "ZONOTOPE_DTYPE", dtype)
+        zonotope = linear._Zonotope(single.after[0], levels[0].lower, levels[0].upper)
+        found = [zonotope.bounds()]
+        for g in range(1, len(levels)):
+            zonotope.step(single.after[g], levels[g].lower, levels[g].upper)
+            found.append(zonotope.bounds())
+        boxes[dtype] = found
+    widened = 0.0
+    for (lower32, upper32), (lower64, upper64) in zip(boxes[torch.float32], boxes[torch.float64]):
+        assert bool((lower32 <= lower64).all() and (upper32 >= upper64).all())
+        widened = max(widened, float(((lower64 - lower32) / (upper64 - lower64)).max()))
+    assert 0 < widened < 1e-3  # widened, by a little
