@@ -188,9 +188,11 @@ def _search(
     power of it; each step tries the root of the power law through lo and hi, or before any failure
     through the last two certified radii (from eps = 0 at first a straight line, whose root is often 2-3
     times too far, so ``FIRST_STEP`` of it is tried: bounds far above the radius are slow). The step
-    is kept inside the bracket, snapped to lo (1 + rtol) or hi / (1 + rtol) when that close (so that
-    the next result can end the search), and a bisection in log eps follows a step that did not shrink
-    the log bracket by a third. Margins fall with eps, so the bracket stays valid.
+    is kept inside the bracket, snapped to lo (1 + rtol) or hi / (1 + rtol) when within a factor
+    (1 + rtol) of it (so that the next result can end the search; in a bracket narrower than
+    (1 + rtol)^2 its geometric middle ends it either way), and a bisection in log eps follows a step
+    that did not shrink the log bracket by a third, unless the root looks that close to lo. Margins fall
+    with eps, so the bracket stays valid.
     """
     lo, margin_lo, hi, margin_hi = lo.clone(), margin_lo.clone(), hi.clone(), margin_hi.clone()
     prev, margin_prev = torch.zeros_like(lo), exact.clone()
@@ -212,11 +214,12 @@ def _search(
         estimate = torch.where(other > 0, estimate, estimate * FIRST_STEP)
         estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(l * MIN_GROWTH, l * MAX_GROWTH)
         share = ((estimate.log() - l.log()) / (h.log() - l.log())).clamp(0.02, 0.98)  # position in the log bracket
-        share = torch.where(slow[todo], 0.5, share)
+        share = torch.where(slow[todo] & (estimate > l * (1 + rtol) ** 2), 0.5, share)  # unless the root looks within reach
         step = torch.where(closed, l * (h / l) ** share, torch.minimum(estimate, h))
-        step = torch.where(closed & (step < l * (1 + rtol)), l * (1 + rtol), step)  # a failure there ends the search
+        step = torch.where(closed & (step < l * (1 + rtol) ** 2), l * (1 + rtol), step)  # a failure there ends the search
         last = h / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
-        step = torch.where(closed & (step > last), last, step)
+        step = torch.where(closed & (step > last / (1 + rtol)), last, step)
+        step = torch.where(closed & (h <= l * (1 + rtol) ** 2), (l * h).sqrt(), step)  # either result ends it there
         margin = _worst(bound, step, index[todo])
         ok = margin > 0
         kept = torch.where(ok, h.log() - step.log(), step.log() - l.log()) / (h.log() - l.log())

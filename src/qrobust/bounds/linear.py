@@ -407,8 +407,13 @@ ZONOTOPE_DTYPE = torch.float32  # of the generators (see _Zonotope)
 
 
 def _row_sums(blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """sum_i |G_i| per neuron and input (n, M), accumulated in ``dtype``."""
-    return sum(block.abs().sum(-1, dtype=dtype) for block in blocks)
+    """An upper bound in ``dtype`` of sum_i |G_i| per neuron and input (n, M): each block's sum in its own
+    dtype, raised by the most a sum of S non-negative terms can lose to rounding, (S - 1) u (Higham, ch. 4)."""
+    total = 0.0
+    for block in blocks:
+        finfo = torch.finfo(block.dtype)
+        total = total + block.abs().sum(-1).to(dtype) * (1 + block.shape[-1] * finfo.eps / 2 * (1 + 1e-3))
+    return total
 
 
 def _stored_error(block: torch.Tensor, rounding: bool) -> torch.Tensor:
