@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps
 from qrobust.bounds import linear
+from qrobust.bounds.interval import LayerBall, interval_margins
 from qrobust.bounds.linear import _following_linear_layers
 from qrobust.bounds.perturbation import dual_norm
 
@@ -185,3 +186,21 @@ def test_float32_zonotopes_contain_the_exact_ones(scale, digit_images, monkeypat
         assert bool((lower32 <= lower64).all() and (upper32 >= upper64).all())
         widened = max(widened, float(((lower64 - lower32) / (upper64 - lower64)).max()))
     assert 0 < widened < 1e-3  # widened, by a little
+
+
+@pytest.mark.parametrize("name, k, norm, bias", CASES)
+def test_linear_bounds_are_never_looser_than_interval_bounds(name, k, norm, bias, digit_images):
+    """certified_eps uses linear bounds alone: they are at least the interval ones, below and above the radius."""
+    model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
+    network = ReluNetwork.from_model(model)
+    images, _ = digit_images
+    x = images[:6].double() / 255
+    labels = network(x).argmax(1)
+    radii = certified_eps(network, x, labels, (k,), norm, bias=bias)
+    for scale in (0.3, 1.0, 3.0, 30.0):
+        eps = radii * scale
+        balls = {k: LayerBall(eps, norm, bias)}
+        interval = interval_margins(network, x, labels, balls)
+        finite = torch.isfinite(interval)
+        linear_bounds = SingleLayerBound(network, x, k, norm, bias).margins(eps, labels)
+        assert bool((linear_bounds[finite] >= interval[finite] - 1e-12).all())
