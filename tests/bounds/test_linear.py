@@ -93,17 +93,21 @@ CASES += [("mlp-6", 0, math.inf, False), ("mlp-6", 1, 2.0, True)]  # zonotopes o
 DEPTHS = {"mlp-3": 3, "mlp-4": 4, "mlp-6": 6}
 
 
+def case(name, k, norm, bias, digit_images):
+    """The network of a case, six digit images, their predicted labels and certified radii."""
+    model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
+    network = ReluNetwork.from_model(model)
+    x = digit_images[0][:6].double() / 255
+    labels = network(x).argmax(1)
+    return network, x, labels, certified_eps(network, x, labels, (k,), norm, bias=bias)
+
+
 @pytest.mark.parametrize("zonotopes", [False, True])
 @pytest.mark.parametrize("name, k, norm, bias", CASES)
 def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, zonotopes, digit_images, monkeypatch):
     monkeypatch.setattr(linear, "ZONOTOPE_FROM", -1.0 if zonotopes else math.inf)  # always from z_2 on, or never
     monkeypatch.setattr(linear, "ZONOTOPE_DTYPE", torch.float64)  # as the reference (float32 is tested below)
-    model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
-    network = ReluNetwork.from_model(model)
-    images, _ = digit_images
-    x = images[:6].double() / 255
-    labels = network(x).argmax(1)
-    radii = certified_eps(network, x, labels, (k,), norm, bias=bias)
+    network, x, labels, radii = case(name, k, norm, bias, digit_images)
     assert bool((radii > 0).all())
     for scale in (0.5, 1.0, 3.0):  # below, at and above the radius: few, some and many unstable neurons
         eps = radii * scale
@@ -191,12 +195,7 @@ def test_float32_zonotopes_contain_the_exact_ones(scale, digit_images, monkeypat
 @pytest.mark.parametrize("name, k, norm, bias", CASES)
 def test_linear_bounds_are_never_looser_than_interval_bounds(name, k, norm, bias, digit_images):
     """certified_eps uses linear bounds alone: they are at least the interval ones, below and above the radius."""
-    model = trained("mlp", depth=DEPTHS[name], width=24) if name in DEPTHS else trained(name)
-    network = ReluNetwork.from_model(model)
-    images, _ = digit_images
-    x = images[:6].double() / 255
-    labels = network(x).argmax(1)
-    radii = certified_eps(network, x, labels, (k,), norm, bias=bias)
+    network, x, labels, radii = case(name, k, norm, bias, digit_images)
     for scale in (0.3, 1.0, 3.0, 30.0):
         eps = radii * scale
         balls = {k: LayerBall(eps, norm, bias)}
