@@ -203,3 +203,19 @@ def test_linear_bounds_are_never_looser_than_interval_bounds(name, k, norm, bias
         finite = torch.isfinite(interval)
         linear_bounds = SingleLayerBound(network, x, k, norm, bias).margins(eps, labels)
         assert bool((linear_bounds[finite] >= interval[finite] - 1e-12).all())
+
+
+@pytest.mark.parametrize("name, k, norm, bias", [*CASES, ("mlp-4", 3, math.inf, True)])
+def test_descent_is_the_slope_of_the_bounds_at_zero(name, k, norm, bias, digit_images):
+    """Far below the radius no neuron is unstable and the bounds are the line exact - eps * descent."""
+    network, x, labels, radii = case(name, k, norm, bias, digit_images)
+    single = SingleLayerBound(network, x, k, norm, bias)
+    logits = network(x)
+    exact = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf)
+    descent = single.descent(labels)
+    assert bool((descent > 0).sum(1).eq(logits.shape[1] - 1).all()) and bool((descent.gather(1, labels.view(-1, 1)) == 0).all())
+    eps = radii * 1e-6
+    drop = exact - single.margins(eps, labels)
+    line = eps.view(-1, 1) * descent
+    finite = torch.isfinite(exact)
+    torch.testing.assert_close(drop[finite], line[finite], rtol=1e-5, atol=0.0)

@@ -145,12 +145,15 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
 
     Interval bounds bracket the radius first (they are cheap); linear bounds then start from there and
     ``_search`` closes in on their root, mostly from below: linear bounds are slow far above the radius,
-    where many neurons are unstable, and fast just below a radius found not certified, whose boxes they reuse.
+    where many neurons are unstable, and fast just below a radius found not certified, whose boxes they
+    reuse. Far below the radius the linear bounds are the line ``SingleLayerBound.descent``, which the
+    search fits instead of bounding ``low``; that is bounded only if nothing above it is certified.
     """
     everyone = torch.arange(len(x))
-    with torch.no_grad():  # the exact margin at eps = 0, which every bound reaches as eps -> 0
+    with torch.no_grad():  # the exact margins at eps = 0, which every bound reaches as eps -> 0
         logits = network(x)
-    exact = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf).amin(1)
+    gaps = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf)  # (N, classes)
+    exact = gaps.amin(1)
     interval = _bounder(network, x, labels, perturbation, "interval")
     lo, hi = torch.full((len(x),), low, dtype=network.dtype), torch.full((len(x),), high, dtype=network.dtype)
     margin_lo, margin_hi = _worst(interval, lo, everyone), _worst(interval, hi, everyone)
@@ -160,13 +163,18 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     lo[inside], margin_lo[inside] = found
     if method == "interval":
         return torch.where(at_high, high, torch.where(at_low, lo, 0.0))
-    linear = _bounder(network, x, labels, perturbation, "linear")
-    retry = torch.nonzero(~at_low).flatten()  # linear bounds may certify low where interval ones do not
-    margin_lo[retry] = _worst(linear, lo[retry], retry)
-    rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()  # where interval bounds certify lo, linear ones do too
+    (layer,) = perturbation.layers
+    single = SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias)
+    linear = _linear(single, labels, perturbation)
+    line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(1)  # linear bounds at lo, to first order
+    margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # certified by interval bounds, or a guess
+    rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()
     unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
     result = torch.where(at_high, high, 0.0).to(network.dtype)
     result[rest] = _search(linear, rest, exact[rest], lo[rest], margin_lo[rest], hi[rest], unknown, rtol)[0]
+    unchecked = torch.nonzero(~at_low & (exact > 0) & (result <= low)).flatten()  # is low certified at all?
+    if len(unchecked):
+        result[unchecked] = torch.where(_worst(linear, lo[unchecked], unchecked) > 0, low, 0.0).to(network.dtype)
     return result
 
 
@@ -277,7 +285,12 @@ def _bounder(network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, pertur
     if method == "interval":
         return interval
     (layer,) = perturbation.layers
-    single = SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias)
+    return _linear(SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias), labels, perturbation)
+
+
+def _linear(single: SingleLayerBound, labels: torch.Tensor, perturbation: WeightPerturbation) -> Bounder:
+    """``single``'s margin lower bounds as a ``Bounder`` of ``perturbation``'s only layer."""
+    (layer,) = perturbation.layers
 
     def linear(scale: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return single.margins(scale * perturbation.eps_of(layer), labels[index], index)

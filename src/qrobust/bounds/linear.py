@@ -115,6 +115,25 @@ class SingleLayerBound:
         self._remember(inputs, eps, lower.amin(1) <= 0, levels)
         return lower
 
+    @torch.no_grad()
+    def descent(self, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """D (M, classes) with ``margins`` = exact margins - eps D for every eps small enough that no neuron
+        turns unstable (0 at the label): there every relaxation is exact, so the back-substituted rows are
+        the margins' gradients with respect to z_0 at the centre, and D is their dual norm (eqs. 12-13).
+        One backward pass with the shared weights: a search for the radius starts from the root of this line."""
+        inputs = torch.arange(len(self.z_center)) if inputs is None else inputs
+        z = self.z_center[inputs]
+        if not self.after:  # rows c and j move by eps each
+            return (2 * self.patch_norms[inputs, :1]).expand(-1, z.shape[1]).scatter(1, labels.view(-1, 1), 0.0)
+        active = []  # z_g > 0 at the centre, g = 0 .. L - 1
+        for layer in self.after:
+            active.append(z > 0)
+            z = layer(F.relu(z))
+        rows = self.after[-1].weight[labels].unsqueeze(1) - self.after[-1].weight  # (M, J, n_L) on relu(z_{L-1})
+        for layer, mask in zip(self.after[-2::-1], active[:0:-1]):
+            rows = (rows * mask.unsqueeze(1)) @ layer.weight  # through relu(z_g) and z_g = W relu(z_{g-1}) + b
+        return self._dual(rows * active[0].unsqueeze(1), self.patches[inputs], self.patch_norms[inputs])
+
     def _first_bounds(self, batch: _Batch) -> Box:
         """Exact pre-activation box of the perturbed layer: centre +- eps ||[patch, 1]||_q, (M, n0)."""
         radius = batch.eps.view(-1, 1, 1) * batch.patch_norms.unsqueeze(1)  # (M, 1, P): the same for every output channel
@@ -259,18 +278,22 @@ class SingleLayerBound:
         (S, B, R, A_0) on the live neurons of z_0 (``level``), block b holding rows of input ``owner.index[b]``."""
         live = owner.pick(level.live)  # (B, A_0)
         value = const + _dot(coefficients, owner.pick(F.pad(batch.z_center, (0, 1))).gather(1, live))  # (S, B, R)
-        sides, blocks, rows, _ = coefficients.shape
-        positions = batch.patches.shape[2]
-        if positions == 1:  # Linear: ||G_o||_q = |Lambda_o| ||[Phi, 1]||_q
-            dual = coefficients.abs().sum(-1) * owner.pick(batch.patch_norms)  # (S, B, R)
-        else:  # back on all of z_0 (O channels x P positions), then G_o = sum_p Lambda_{o,p} [patch_p, 1]
+        if batch.patches.shape[2] > 1:  # back on all of z_0 (O channels x P positions)
+            sides, blocks, rows, _ = coefficients.shape
             full = coefficients.new_zeros(sides, blocks, rows, batch.z_center.shape[1] + 1)
-            full = full.scatter(3, live[None, :, None, :].expand(sides, -1, rows, -1), coefficients)[..., :-1]  # (S, B, R, O P)
-            patches = owner.pick(batch.patches).transpose(1, 2)  # (B, P, K)
-            grads = full.reshape(sides, blocks, rows * self.out_channels, positions) @ patches  # (S, B, R O, K)
-            norms = grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)
-            dual = norms.view(sides, blocks, rows, self.out_channels).sum(-1)
-        return value - owner.pick(batch.eps).view(-1, 1) * dual
+            coefficients = full.scatter(3, live[None, :, None, :].expand(sides, -1, rows, -1), coefficients)[..., :-1]  # (S, B, R, O P)
+        return value - owner.pick(batch.eps).view(-1, 1) * self._dual(coefficients, owner.pick(batch.patches), owner.pick(batch.patch_norms))
+
+    def _dual(self, coefficients: torch.Tensor, patches: torch.Tensor, patch_norms: torch.Tensor) -> torch.Tensor:
+        """sum_o ||G_o||_q, G_o = sum_p Lambda_{o,p} [patch_p, 1], for rows Lambda (..., B, R, n) on z_0 of the
+        inputs with ``patches`` (B, K, P) and ``patch_norms`` (B, P); for a Linear layer (P = 1) n may be any
+        subset of z_0's neurons that holds every non-zero coefficient: ||G_o||_q = |Lambda_o| ||[Phi, 1]||_q."""
+        positions = patches.shape[2]
+        if positions == 1:
+            return coefficients.abs().sum(-1) * patch_norms  # (..., B, R)
+        grads = coefficients.unflatten(-1, (self.out_channels, positions)) @ patches.transpose(1, 2).unsqueeze(1)  # (..., B, R, O, K)
+        norms = grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)
+        return norms.sum(-1)
 
     def _remember(self, inputs: torch.Tensor, eps: torch.Tensor, failed: torch.Tensor, levels: list[_Level]) -> None:
         """Keep the boxes of the inputs not certified at an eps below their known one (they hold below it)."""
