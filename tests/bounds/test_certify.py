@@ -257,3 +257,19 @@ def test_search_agrees_with_bisection_on_fresh_bounds(name, k, digit_images):
             bound = margin_bounds(network, x[i : i + 1], labels[i : i + 1], WeightPerturbation((k,), mid))
             lo, hi = (mid, hi) if bool(bound.amin() > 0) else (lo, mid)
         assert lo / 1.003 <= float(radii[i]) <= hi * 1.01
+
+
+@pytest.mark.parametrize("method", ["linear", "interval"])
+def test_certified_eps_keeps_to_eps_range(method, digit_images):
+    """0 where the low end is not certified, exactly the high end where it is, else the radius found over the
+    whole range (within rtol)."""
+    network = network_of("mlp")
+    x, labels = inputs(network, digit_images, 8)
+    radii = certified_eps(network, x, labels, (1,), method=method)
+    assert bool((radii > 0).all())
+    above = float(radii.max()) * 3
+    assert bool((certified_eps(network, x, labels, (1,), method=method, eps_range=(above, 2 * above)) == 0).all())
+    below = float(radii.min()) / 2
+    assert bool((certified_eps(network, x, labels, (1,), method=method, eps_range=(below / 100, below)) == below).all())
+    narrower = certified_eps(network, x, labels, (1,), method=method, eps_range=(below, 2 * above))
+    assert bool(((narrower / radii - 1).abs() <= 0.0201).all())  # both within a factor 1 + rtol of the root

@@ -170,11 +170,11 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # certified by interval bounds, or a guess
     rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()
     unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
-    result = torch.where(at_high, high, 0.0).to(network.dtype)
+    result = torch.where(at_high, hi, 0.0)  # (a tensor: two Python floats would make float32)
     result[rest] = _search(linear, rest, exact[rest], lo[rest], margin_lo[rest], hi[rest], unknown, rtol)[0]
     unchecked = torch.nonzero(~at_low & (exact > 0) & (result <= low)).flatten()  # is low certified at all?
     if len(unchecked):
-        result[unchecked] = torch.where(_worst(linear, lo[unchecked], unchecked) > 0, low, 0.0).to(network.dtype)
+        result[unchecked] = torch.where(_worst(linear, lo[unchecked], unchecked) > 0, lo[unchecked], 0.0)
     return result
 
 
