@@ -167,7 +167,7 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     single = SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias)
     linear = _linear(single, labels, perturbation)
     line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(1)  # linear bounds at lo, to first order
-    margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # certified by interval bounds, or a guess
+    margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # for the fit only: lo is certified by interval bounds or checked below
     rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()
     unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
     result = torch.where(at_high, hi, 0.0)  # (a tensor: two Python floats would make float32)
