@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from typing import overload
 
 import numpy as np
 import torch
@@ -130,6 +131,10 @@ def _search(signed: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(signed, keys, right=True)
 
 
+@overload
+def discrete_gaussian_from_uniform(words: np.ndarray, sigma_int: float) -> np.ndarray: ...
+@overload
+def discrete_gaussian_from_uniform(words: torch.Tensor, sigma_int: float) -> torch.Tensor: ...
 def discrete_gaussian_from_uniform(words: torch.Tensor | np.ndarray, sigma_int: float) -> torch.Tensor | np.ndarray:
     """The fast sampler's int16 output for given uniform 64-bit words, shaped and typed like them.
 
@@ -142,8 +147,8 @@ def discrete_gaussian_from_uniform(words: torch.Tensor | np.ndarray, sigma_int: 
     if isinstance(words, np.ndarray):
         if words.dtype != np.uint64:
             raise ValueError(f"numpy words must have dtype uint64, got {words.dtype}")
-        flat = np.require(words.reshape(-1), requirements=["C", "W"]).view(np.int64)
-        return discrete_gaussian_from_uniform(torch.from_numpy(flat), sigma_int).numpy().reshape(words.shape)
+        bits = np.require(words.reshape(-1), requirements=["C", "W"]).view(np.int64)
+        return discrete_gaussian_from_uniform(torch.from_numpy(bits), sigma_int).numpy().reshape(words.shape)
     if words.dtype not in (torch.int64, torch.uint64):
         raise ValueError(f"torch words must have dtype int64 or uint64, got {words.dtype}")
     flat = words.reshape(-1).view(torch.int64)

@@ -108,12 +108,12 @@ def inverse_cdf_table(sigma_int: float) -> InverseCdfTable:
         l1 = sum(abs(mpmath.mpf(hi - lo) / scale - p) for lo, hi, p in zip(edges, edges[1:], pmf))
         tv_distance = (l1 + tail) / 2
 
-    thresholds = np.array(thresholds, dtype=np.uint64)
+    words = np.array(thresholds, dtype=np.uint64)
     return InverseCdfTable(
         sigma_int=sigma_int,
         offset=offset,
-        thresholds=_read_only(thresholds),
-        guide=_read_only(_guide(thresholds, offset)),
+        thresholds=_read_only(words),
+        guide=_read_only(_guide(words, offset)),
         tail_mass=float(tail),
         tv_distance=float(tv_distance),
     )

@@ -16,8 +16,8 @@ x + noise) to those codes, by an integer rounding division (``numerics.lattice_c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ INT32_MAX = 2**31 - 1
 LATTICE_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # what int8 models read
 
 
-def run_program(ops: Sequence[nn.Module], inputs: Sequence[tuple[int, ...]], x: torch.Tensor) -> torch.Tensor:
+def run_program(ops: Iterable[nn.Module], inputs: Sequence[tuple[int, ...]], x: torch.Tensor) -> torch.Tensor:
     """Run a straight-line program (see the module docstring), dropping each value after its last use."""
     last_use = {index: step for step, args in enumerate(inputs) for index in args}
     values: list[torch.Tensor | None] = [x]
@@ -44,7 +44,7 @@ def run_program(ops: Sequence[nn.Module], inputs: Sequence[tuple[int, ...]], x: 
         for index in set(args):
             if last_use[index] == step:
                 values[index] = None
-    return values[-1]
+    return cast(torch.Tensor, values[-1])  # the output: no later op reads it, so it is never dropped
 
 
 def _windows(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
@@ -71,6 +71,12 @@ class _IntAffine(IntOp):
     ``weight_scale`` (float) is kept only to describe the model (saving, dequantizing, building a
     backend that needs real scales); the integer forward pass never reads it.
     """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    multiplier: torch.Tensor
+    shift: torch.Tensor
+    weight_scale: torch.Tensor
 
     def __init__(self, weight_shape: Sequence[int], in_zero_point: int, out_zero_point: int, relu: bool, logits: bool):
         super().__init__()
@@ -119,6 +125,7 @@ class IntConv2d(_IntAffine):
     """
 
     kind = "conv"
+    pad_value: torch.Tensor
 
     def __init__(self, weight_shape: Sequence[int], stride: Sequence[int], padding: Sequence[int], **affine: Any):
         super().__init__(weight_shape, **affine)
@@ -133,7 +140,7 @@ class IntConv2d(_IntAffine):
         x = self._centered(x)  # (N, C, H, W) int32
         if any(self.padding):
             x = pad_channels(x, self.padding, self._centered(self.pad_value))
-        windows = _windows(x.contiguous(), tuple(self.weight.shape[2:]), self.stride)  # (N, C, OH, OW, kh, kw)
+        windows = _windows(x.contiguous(), (self.weight.shape[2], self.weight.shape[3]), self.stride)  # (N, C, OH, OW, kh, kw)
         n, c, out_h, out_w, kh, kw = windows.shape
         columns = windows.permute(0, 2, 3, 1, 4, 5).reshape(n, out_h, out_w, c * kh * kw)  # im2col, one copy
         acc = self._accumulate(columns)  # (N, OH, OW, O) int32
@@ -158,6 +165,8 @@ class IntAdd(IntOp):
     """
 
     kind = "add"
+    multipliers: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, zero_points: Sequence[int], out_zero_point: int, shift: int, relu: bool):
         super().__init__()
@@ -327,7 +336,10 @@ class Int8Model(nn.Module):
     def spec(self) -> dict[str, Any]:
         """The program's JSON description; with ``state_dict()`` it rebuilds the model (``from_spec``)."""
         return {
-            "ops": [{"kind": op.kind, "inputs": list(args), **op.spec()} for op, args in zip(self.ops, self.inputs)],
+            "ops": [
+                {"kind": op.kind, "inputs": list(args), **cast(IntOp, op).spec()}
+                for op, args in zip(self.ops, self.inputs)
+            ],
             "value_qparams": [list(pair) for pair in self.value_qparams],
             "input_margin": self.input_margin,
         }
