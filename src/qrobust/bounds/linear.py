@@ -206,7 +206,7 @@ class SingleLayerBound:
         best = torch.full((2 if pairs else 1, spare + 1), -math.inf, dtype=const.dtype)  # (S, B R + 1)
         slot = torch.arange(spare).view(blocks, r)  # (B, R): each row's place in best
         g = len(levels) - 1
-        if not pairs:
+        if neurons is None:
             coefficients, const = coefficients.unsqueeze(0), const.unsqueeze(0)  # (1, B, R, A_g), (1, B, R)
         elif g == 0:
             slot = torch.where(neurons, slot, spare)
@@ -218,8 +218,8 @@ class SingleLayerBound:
             negative = torch.stack([unstable.clamp(max=0), unstable.neg().clamp_(max=0)])  # (2, B, R, U_g)
             lower_weight, upper_weight = level.weights(owner)
             half = coefficients @ lower_weight  # (B, R, A_{g-1})
-            through = const + _dot(coefficients, owner.pick(level.bias))
-            const = torch.stack([through, -through]) + _dot(negative, owner.pick(level.upper_bias))  # (2, B, R)
+            shared = const + _dot(coefficients, owner.pick(level.bias))
+            const = torch.stack([shared, -shared]) + _dot(negative, owner.pick(level.upper_bias))  # (2, B, R)
             coefficients = half.new_empty(2, *half.shape)
             torch.baddbmm(half, negative[0], upper_weight, out=coefficients[0])
             torch.baddbmm(half, negative[1], upper_weight, beta=-1, out=coefficients[1])  # (2, B, R, A_{g-1})
@@ -351,7 +351,9 @@ class _Level:
         self.offset = torch.where(unstable, -slope_up * l_u, 0.0)
         low = l.clamp_min(0)
         self.width = u - low
-        if below is None:
+        if below is None or weight is None or bias is None:
+            if not (below is None and weight is None and bias is None):
+                raise ValueError("a level above the first needs the level below, its weight and its bias")
             self.vectors = low.unsqueeze(-1)  # (M, A, 1)
             return
         live_bias = bias[self.live]  # (M, A)
@@ -436,7 +438,7 @@ ZONOTOPE_DTYPE = torch.float32  # of the generators (see _Zonotope)
 def _row_sums(blocks: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """An upper bound in ``dtype`` of sum_i |G_i| per neuron and input (n, M): each block's sum in its own
     dtype, raised by the most a sum of S non-negative terms can lose to rounding, (S - 1) u (Higham, ch. 4)."""
-    total = 0.0
+    total = torch.zeros((), dtype=dtype)
     for block in blocks:
         finfo = torch.finfo(block.dtype)
         total = total + block.abs().sum(-1).to(dtype) * (1 + block.shape[-1] * finfo.eps / 2 * (1 + 1e-3))
@@ -467,7 +469,7 @@ ZONOTOPE_FROM = 1 / 8  # the share of unstable neurons left by interval steps fr
 def _zonotope_pays(lower: torch.Tensor, upper: torch.Tensor, symbols: int) -> bool:
     """Whether to start a zonotope for boxes (F, n) left by interval steps: they leave many neurons unstable
     (a zonotope costs about as much as back-substituting an eighth of them), and it fits the budget."""
-    unstable = ((lower < 0) & (upper > 0)).to(lower.dtype).mean() if lower.numel() else 0.0
+    unstable = float(((lower < 0) & (upper > 0)).to(lower.dtype).mean()) if lower.numel() else 0.0
     return unstable > ZONOTOPE_FROM and lower.shape[1] * len(lower) * symbols <= ZONOTOPE_BUDGET
 
 
