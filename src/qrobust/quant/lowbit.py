@@ -23,7 +23,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -307,7 +307,9 @@ class WeightQuantizer:
 def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Parameter]:
     """The weights to quantize by module name: every Conv2d and Linear, or the named ones."""
     modules = dict(model.named_modules())
-    quantizable = {name: m.weight for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    quantizable = {
+        name: cast(nn.Parameter, m.weight) for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
     if layers is None:
         selected = quantizable
     else:
