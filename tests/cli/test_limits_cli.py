@@ -37,7 +37,7 @@ def _refused(tmp_path, *args):
 
 @pytest.mark.parametrize("command", ["certify", "predict"])
 def test_n_of_10_to_the_12_is_refused(checkpoint, tmp_path, command):
-    line = _refused(tmp_path, command, checkpoint, "--sigma", "0.25", "--n", 10**12)
+    line = _refused(tmp_path, command, checkpoint, "--sigma", "0.25", "--n", 10**12, "--num-examples", 1)
     assert line == ("error: n = 1,000,000,000,000 noisy samples (an int64 prediction each) needs ~7,451 GiB, above the "
                     f"memory limit of {line.split('memory limit of ')[1].split(' GiB')[0]} GiB; pass --memory-limit "
                     "to raise it or lower --n")  # fmt: skip
