@@ -5,6 +5,7 @@ import sys
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from qrobust import jobs
 from qrobust.data import dataset_info
@@ -12,6 +13,7 @@ from qrobust.errors import QRobustError
 from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8
 
 
 @pytest.mark.parametrize(
@@ -43,16 +45,33 @@ class DataLoaded(Exception):
 
 
 @pytest.fixture
-def fashion_cnn(tmp_path, monkeypatch):
-    """An untrained Fashion-MNIST-shaped CNN checkpoint; opening a job stops where the data would load."""
-    info = dataset_info("fashion-mnist")
-    path = tmp_path / "cnn.pt"
-    save_checkpoint(path, Checkpoint(build_model("cnn", info).state_dict(), model_metadata("cnn", {}, info)))
+def no_data(monkeypatch):
+    """Opening a job stops where the dataset would load, past every memory check."""
 
     def load_dataset(*args, **kwargs):
         raise DataLoaded
 
     monkeypatch.setattr(jobs, "load_dataset", load_dataset)
+
+
+@pytest.fixture
+def fashion_cnn(tmp_path, no_data):
+    """An untrained Fashion-MNIST-shaped CNN checkpoint."""
+    info = dataset_info("fashion-mnist")
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, Checkpoint(build_model("cnn", info).state_dict(), model_metadata("cnn", {}, info)))
+    return str(path)
+
+
+@pytest.fixture
+def fashion_int8(tmp_path, no_data):
+    """A small Fashion-MNIST-shaped int8 MLP, calibrated on random images."""
+    info = dataset_info("fashion-mnist")
+    torch.manual_seed(0)
+    qat = prepare_qat(build_model("mlp", info, depth=2, width=16), QuantConfig())
+    int8 = convert(calibrate(qat, torch.randint(0, 256, (16, *info.shape), dtype=torch.uint8)))
+    path = tmp_path / "mlp.int8.pt"
+    save_int8(path, int8, model_metadata("mlp", {"depth": 2, "width": 16}, info))
     return str(path)
 
 
@@ -77,6 +96,15 @@ def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_
     job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, **settings)
     with pytest.raises(QRobustError, match=message):
         job.open()
+
+
+def test_an_int_noise_bank_counts_int16_noise(fashion_int8):
+    """The issue's n = 10^7 bank of discrete noise for an int8 model: 2 bytes a value."""
+    job = SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, noise_bank=True, memory_limit=8)
+    with pytest.raises(QRobustError, match="a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB"):
+        job.open()
+    with pytest.raises(DataLoaded):  # without the bank, its default batch is well within the limit
+        SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, memory_limit=1).open()
 
 
 def test_a_job_within_the_limit_gets_past_the_checks(fashion_cnn):
