@@ -1,11 +1,19 @@
-"""Certify and predict jobs: validated settings, and a clear message when Ray is missing."""
+"""Certify and predict jobs: validated settings, memory checked before allocating, and a clear message when Ray is missing."""
 
+import pickle
 import sys
+from dataclasses import asdict
 
 import pytest
+import torch
 
+from qrobust import jobs
+from qrobust.data import dataset_info
 from qrobust.errors import QRobustError
 from qrobust.jobs import SmoothingJob, run_ray
+from qrobust.models import build_model
+from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8
 
 
 @pytest.mark.parametrize(
@@ -30,3 +38,84 @@ def test_ray_backend_without_ray_says_how_to_install(monkeypatch):
     job = SmoothingJob("certify", "model.pt", "float-fp", 0.25, 100, 0.01)
     with pytest.raises(QRobustError, match=r"pip install 'qrobust\[ray\]'"):
         list(run_ray(job, [0, 1], workers=2))
+
+
+class DataLoaded(Exception):
+    """Raised in place of loading the dataset: the job got past every memory check."""
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Opening a job stops where the dataset would load, past every memory check."""
+
+    def load_dataset(*args, **kwargs):
+        raise DataLoaded
+
+    monkeypatch.setattr(jobs, "load_dataset", load_dataset)
+
+
+@pytest.fixture
+def fashion_cnn(tmp_path, no_data):
+    """An untrained Fashion-MNIST-shaped CNN checkpoint."""
+    info = dataset_info("fashion-mnist")
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, Checkpoint(build_model("cnn", info).state_dict(), model_metadata("cnn", {}, info)))
+    return str(path)
+
+
+@pytest.fixture
+def fashion_int8(tmp_path, no_data):
+    """A small Fashion-MNIST-shaped int8 MLP, calibrated on random images."""
+    info = dataset_info("fashion-mnist")
+    torch.manual_seed(0)
+    qat = prepare_qat(build_model("mlp", info, depth=2, width=16), QuantConfig())
+    int8 = convert(calibrate(qat, torch.randint(0, 256, (16, *info.shape), dtype=torch.uint8)))
+    path = tmp_path / "mlp.int8.pt"
+    save_int8(path, int8, model_metadata("mlp", {"depth": 2, "width": 16}, info))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["certify", "predict"])
+def test_a_huge_n_is_refused_when_the_job_is_made(command):
+    with pytest.raises(QRobustError) as error:
+        SmoothingJob(command, "absent.pt", "float-fp", 0.25, 10**12, 0.01, memory_limit=100)
+    assert str(error.value) == ("n = 1,000,000,000,000 noisy samples (an int64 prediction each) needs ~7,451 GiB, "
+                                "above the memory limit of 100 GiB; pass --memory-limit to raise it or lower --n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n": 3 * 10**6, "noise_bank": True, "memory_limit": 4},
+         "a noise bank of 3,000,100 noise images of 1x28x28 needs ~8.76 GiB, above the memory limit of 4 GiB"),
+        ({"batch_size": 10**6, "memory_limit": 64}, "a batch of 1,000,000 noisy samples needs ~570 GiB, above the memory limit of 64 GiB"),
+    ],
+)  # fmt: skip
+def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_is_allocated(fashion_cnn, change, message):
+    settings = {"n": 1000, "alpha": 0.01, "fast": False} | change
+    job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, **settings)
+    with pytest.raises(QRobustError, match=message):
+        job.open()
+
+
+def test_an_int_noise_bank_counts_int16_noise(fashion_int8):
+    """The issue's n = 10^7 bank of discrete noise for an int8 model: 2 bytes a value."""
+    job = SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, noise_bank=True, memory_limit=8)
+    with pytest.raises(QRobustError, match="a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB"):
+        job.open()
+    with pytest.raises(DataLoaded):  # without the bank, its default batch is well within the limit
+        SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, memory_limit=1).open()
+
+
+def test_a_job_within_the_limit_gets_past_the_checks(fashion_cnn):
+    """Default settings on a Fashion-MNIST CNN need about 0.15 GiB; the bank of n = 10^5 0.3 GiB."""
+    job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, 10**5, 0.01, fast=False, noise_bank=True, memory_limit=0.5)
+    with pytest.raises(DataLoaded):
+        job.open()
+
+
+def test_the_memory_limit_is_not_a_setting_of_the_results():
+    """It stays out of the run config (``asdict``) and equality, and travels with the job to Ray workers."""
+    job = SmoothingJob("certify", "model.pt", "float-fp", 0.25, 100, 0.01, memory_limit=3.5)
+    assert "memory_limit" not in asdict(job) and job == SmoothingJob("certify", "model.pt", "float-fp", 0.25, 100, 0.01)
+    assert pickle.loads(pickle.dumps(job))._memory_limit == 3.5

@@ -369,6 +369,7 @@ Backend = Annotated[str, typer.Option(help="Where to run: local (this process) o
 Workers = Annotated[int, typer.Option(help="With --backend ray: worker processes, one CPU and one torch thread each.")]
 Runtime = Annotated[str, typer.Option(help="Base model runtime: torch (see --fast) or onnxruntime (the model exported to ONNX, as on an edge device; pip install 'qrobust[onnx]').")]
 Address = Annotated[str | None, typer.Option(help="With --backend ray: an existing cluster (host:port or auto); default: start a local one.")]
+MemoryLimit = Annotated[float | None, typer.Option(help="GiB the run may use (model file, noise bank, batches), checked before allocating (default: 80% of RAM).")]
 
 
 @app.command("certify")
@@ -395,10 +396,11 @@ def certify_command(
     address: Address = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    memory_limit: MemoryLimit = None,
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
     job = SmoothingJob("certify", str(checkpoint), method, sigma, n, alpha, n0, fast, noise_bank, batch_size, seed, split,
-                       None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None, runtime)  # fmt: skip
+                       None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None, runtime, memory_limit)  # fmt: skip
     _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 
@@ -423,11 +425,12 @@ def predict_command(
     address: Address = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    memory_limit: MemoryLimit = None,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
     job = SmoothingJob("predict", str(checkpoint), method, sigma, n, alpha, fast=fast, noise_bank=noise_bank,
                        batch_size=batch_size, seed=seed, split=split, data_root=None if data_root is None else str(data_root),
-                       runtime=runtime)  # fmt: skip
+                       runtime=runtime, memory_limit=memory_limit)  # fmt: skip
     _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
 
 

@@ -10,14 +10,16 @@ resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
 from qrobust.errors import QRobustError
+from qrobust.limits import check_limit, check_memory
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import fast_backend, load_int8
 from qrobust.smoothing import (
@@ -45,6 +47,11 @@ class SmoothingJob:
     ``n0`` is the selection sample count of certify (unused by predict); ``settle_radii`` makes certify
     adaptive (``qrobust.smoothing.adaptive``); ``runtime`` "onnxruntime" runs the base model exported to
     ONNX (``qrobust.quant.export``) instead of on torch (where ``fast`` picks the path).
+
+    ``memory_limit`` (GiB; None: the default of ``qrobust.limits``) bounds what the job may allocate: n is
+    checked when the job is made, the model file, the noise bank and a batch when it is opened, each
+    before it is allocated. It is a bound of this process, not a setting of the results, so it is not a
+    field: it stays out of ``asdict`` (the run config) and a resumed run may use another.
     """
 
     command: str
@@ -62,8 +69,9 @@ class SmoothingJob:
     data_root: str | None = None
     settle_radii: tuple[float, ...] | None = None
     runtime: str = "torch"
+    memory_limit: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, memory_limit: float | None) -> None:
         if self.command not in COMMANDS:
             raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {self.command!r}")
         if self.runtime not in RUNTIMES:
@@ -74,20 +82,26 @@ class SmoothingJob:
         for name in ("n", "n0", "batch_size"):
             check_count(name, getattr(self, name))
         check_alpha(self.alpha)
+        object.__setattr__(self, "_memory_limit", None if memory_limit is None else check_limit(memory_limit))
+        most = max(self.n0, self.n) if self.command == "certify" else self.n
+        check_memory(f"n = {most:,} noisy samples (an int64 prediction each)", 8 * most, self._memory_limit, "--n")
 
     def open(self) -> tuple[SmoothedClassifier, LatticeDataset, dict[str, Any]]:
         """The smoothed classifier, the dataset split and the model's metadata, read from the files."""
         smoothing = METHODS[self.method](self.sigma)
         int8 = isinstance(smoothing, FloatRSQuant | IntRS)
         if int8:
-            saved = load_int8(self.checkpoint)
+            saved = load_int8(self.checkpoint, self._memory_limit)
             info, metadata, model = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata, saved.model
         else:
-            model, saved = load_model(self.checkpoint)
+            model, saved = load_model(self.checkpoint, self._memory_limit)
             info, metadata = saved.dataset_info, saved.metadata
+        self._check_memory(model, info.shape, smoothing)
         if self.runtime == "onnxruntime":
             try:
-                from qrobust.quant.export import onnx_runtime_model  # onnx is an optional extra
+                from qrobust.quant.export import (
+                    onnx_runtime_model,  # onnx is an optional extra
+                )
             except ImportError:
                 raise QRobustError("the onnxruntime runtime needs onnx: pip install 'qrobust[onnx]'") from None
             base = onnx_runtime_model(model if int8 else self.checkpoint)
@@ -99,12 +113,48 @@ class SmoothingJob:
         bank_seed = self.seed if self.noise_bank else None
         return SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed), data, metadata
 
+    def _check_memory(self, model: nn.Module, shape: tuple[int, ...], smoothing: SmoothingMethod) -> None:
+        """Refuse a batch or a noise bank above the memory limit, before any is allocated.
+
+        Per noisy sample a batch holds the noise, the noisy input and a float copy (counted as three
+        float32 images) and the model's activations: three times its largest module output on one sample
+        (an input, an output and a skip connection alive at once), counted at 8 bytes per value, the
+        widest accumulator of an int8 model; this errs on the high side by about 2x for float models.
+        """
+        image, generator = torch.zeros(1, *shape, dtype=torch.uint8), torch.Generator().manual_seed(0)
+        activations = 3 * 8 * _largest_output(model, smoothing.apply(image, smoothing.sample_noise(image.shape, generator)))
+        batch = self.batch_size * (3 * 4 * image.numel() + activations)
+        check_memory(f"a batch of {self.batch_size:,} noisy samples", batch, self._memory_limit, "--batch-size")
+        if self.noise_bank:
+            rows = self.n + (self.n0 if self.command == "certify" else 0)
+            bank = rows * image.numel() * smoothing.sample_noise((1,), generator).element_size()
+            what = f"a noise bank of {rows:,} noise images of {'x'.join(map(str, shape))}"
+            check_memory(what, bank, self._memory_limit, "--n (or leave out --noise-bank)")
+
     def rows(self, smoothed: SmoothedClassifier, data: LatticeDataset, indices: Sequence[int]) -> Iterator[CertifyRow | PredictRow]:
         """Run the job on ``data`` at ``indices``, one row per example in order."""
         if self.command == "certify":
             return certify_examples(smoothed, data, indices, n0=self.n0, n=self.n, alpha=self.alpha, seed=self.seed,
                                     settle_radii=self.settle_radii)  # fmt: skip
         return predict_examples(smoothed, data, indices, n=self.n, alpha=self.alpha, seed=self.seed)
+
+
+def _largest_output(model: nn.Module, sample: torch.Tensor) -> int:
+    """The number of values in the largest tensor that ``model`` or any of its modules outputs on ``sample``."""
+    sizes = [sample.numel()]
+
+    def record(module: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel())
+
+    handles = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        with torch.inference_mode():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(sizes)
 
 
 def run_ray(job: SmoothingJob, indices: Sequence[int], workers: int, address: str | None = None,

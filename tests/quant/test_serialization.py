@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qrobust.errors import CheckpointError
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
 from qrobust.quant import load_int8, save_int8
+from qrobust.quant.engine import Int8Model
 from qrobust.quant.serialization import FORMAT
 
 from .conftest import SHAPES, intrs_noisy, make_info
@@ -110,3 +111,42 @@ def test_save_checks_its_arguments(quantized, tmp_path: Path) -> None:
         save_int8(tmp_path / "m.pt", quantized("mlp").int8, {"bad": object()})
     with pytest.raises(ValueError, match="takes an Int8Model"):
         save_int8(tmp_path / "m.pt", quantized("mlp").qat)
+
+
+def _tamper(path: Path, change) -> None:
+    """Apply ``change`` to the program spec of the int8 file ``path``, as a crafted file would."""
+    payload = torch.load(path, weights_only=True)
+    program = json.loads(payload["program"])
+    change(program)
+    payload["program"] = json.dumps(program)
+    torch.save(payload, path)
+
+
+@pytest.fixture
+def built_only_on_meta(monkeypatch):
+    """Fail a test whose int8 model is built for real (its memory allocated) before the checks refuse it."""
+    real = Int8Model.from_spec.__func__
+
+    def from_spec(cls, spec):
+        assert torch.get_default_device().type == "meta", "the int8 model was built for real before its checks"
+        return real(cls, spec)
+
+    monkeypatch.setattr(Int8Model, "from_spec", classmethod(from_spec))
+
+
+def test_a_crafted_program_is_refused_before_the_model_is_built(quantized, tmp_path: Path, built_only_on_meta) -> None:
+    path = tmp_path / "model.int8.pt"
+    save_int8(path, quantized("mlp").int8)
+    _tamper(path, lambda program: program["ops"][2].update(weight_shape=[45_000, 45_000]))  # 2 GB of int8
+    with pytest.raises(CheckpointError, match=r"do not fit the int8 model: ops.2.weight has shape \[256, 256\] in the file but \[45000, 45000\] in the model$"):
+        load_int8(path)
+    _tamper(path, lambda program: program["ops"].extend(program["ops"][1:2] * 1000))
+    with pytest.raises(CheckpointError, match="its metadata describes more than"):
+        load_int8(path)
+
+
+def test_an_int8_file_above_the_memory_limit_is_not_read(quantized, tmp_path: Path) -> None:
+    path = tmp_path / "model.int8.pt"
+    save_int8(path, quantized("mlp").int8)
+    with pytest.raises(QRobustError, match=r"^reading .* needs ~0.000\d+ GiB, above the memory limit of 0.0001 GiB"):
+        load_int8(path, memory_limit=0.0001)

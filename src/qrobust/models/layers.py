@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,7 @@ class Normalize(nn.Module):
                 f"mean and std must be non-empty sequences of equal length, "
                 f"got mean={list(mean)} and std={list(std)}"
             )
-        if not bool(torch.all(std_t > 0)) or not bool(torch.all(torch.isfinite(std_t))):
+        if not all(math.isfinite(s) and s > 0 for s in map(float, std)):  # floats: also checks in a meta-device build
             raise ValueError(f"std must be finite and > 0 in every channel, got {list(std)}")
         self.register_buffer("mean", mean_t)  # (C,)
         self.register_buffer("std", std_t)  # (C,)

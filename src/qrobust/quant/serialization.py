@@ -20,7 +20,12 @@ from typing import Any
 import torch
 
 from qrobust.errors import CheckpointError
-from qrobust.models.checkpoint import read_archive, write_archive
+from qrobust.models.checkpoint import (
+    build_skeleton,
+    check_skeleton,
+    read_archive,
+    write_archive,
+)
 from qrobust.quant.engine import Int8Model
 
 FORMAT = "qrobust-int8"
@@ -65,7 +70,7 @@ def _unpack(packed: dict[str, torch.Tensor], layout: dict[str, list]) -> dict[st
 def save_int8(path: str | Path, model: Int8Model, metadata: dict[str, Any] | None = None) -> int:
     """Write ``model`` and JSON-serialisable ``metadata`` to ``path`` atomically; return the file's size in bytes."""
     if not isinstance(model, Int8Model):
-        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")
+        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")  # noqa: TRY004 -- qrobust's user errors are ValueErrors
     try:
         metadata_json = json.dumps(metadata or {})
     except TypeError as error:
@@ -82,12 +87,19 @@ def save_int8(path: str | Path, model: Int8Model, metadata: dict[str, Any] | Non
     return write_archive(Path(path), payload)
 
 
-def load_int8(path: str | Path) -> Int8Checkpoint:
-    """Read an int8 file; anything missing, truncated, foreign or carrying pickled code raises CheckpointError."""
-    payload = read_archive(path, FORMAT, FORMAT_VERSION, "int8 model")
+def load_int8(path: str | Path, memory_limit: float | None = None) -> Int8Checkpoint:
+    """Read an int8 file; anything missing, truncated, foreign or carrying pickled code raises CheckpointError.
+
+    A file or model above ``memory_limit`` GiB (None: the default of ``qrobust.limits``) is refused: the
+    program is built on the meta device first and its tensors checked against the layout's shapes.
+    """
+    payload = read_archive(path, FORMAT, FORMAT_VERSION, "int8 model", memory_limit)
     try:
-        model = Int8Model.from_spec(json.loads(payload["program"]))
-        model.load_state_dict(_unpack(payload["tensors"], json.loads(payload["layout"])))
+        spec, layout = json.loads(payload["program"]), json.loads(payload["layout"])
+        skeleton = build_skeleton(lambda: Int8Model.from_spec(spec), len(layout), "the int8 model")
+        check_skeleton(skeleton, {name: shape for name, (_, _, shape) in layout.items()}, "the int8 model", memory_limit)
+        model = Int8Model.from_spec(spec)
+        model.load_state_dict(_unpack(payload["tensors"], layout))
         return Int8Checkpoint(model, json.loads(payload["metadata"]))
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
