@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 from torch import nn
 
 from qrobust.data import LatticeDataset
@@ -25,6 +26,7 @@ from qrobust.smoothing import (
     predict_examples,
 )
 from qrobust.smoothing.adaptive import SampleSchedule, certify_adaptive
+from qrobust.smoothing.confidence import clopper_pearson_lower
 
 SHAPE = (1, 2, 2)
 NAN, INF = float("nan"), float("inf")
@@ -81,10 +83,15 @@ class Hashed(nn.Module):
         return logits  # (B, width)
 
 
+def _votes(logits: torch.Tensor) -> torch.Tensor:
+    """The reference vote of each row (B, K) of logits: its argmax if all finite, else -1 (no class)."""
+    return torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), -1)
+
+
 def _finite_votes(logits: torch.Tensor, num_classes: int) -> tuple[np.ndarray, int]:
     """The reference count: (votes per class of the all-finite rows, number of other rows)."""
-    finite = torch.isfinite(logits).all(dim=1)
-    return np.bincount(logits[finite].argmax(dim=1).numpy(), minlength=num_classes), int((~finite).sum())
+    votes = _votes(logits).numpy()
+    return np.bincount(votes[votes >= 0], minlength=num_classes), int((votes < 0).sum())
 
 
 def _image(seed: int = 0) -> torch.Tensor:
@@ -270,6 +277,58 @@ def _property_case(case: int) -> str:
     if certificate.abstained:
         return "abstained"
     return "certified despite faulty rows" if certificate.no_class else "certified"
+
+
+def test_property_irs_never_exceeds_what_the_finite_votes_support():
+    """IRS with random faulty original and modified models (sharing the hash, so faults of one fall on votes of
+    the other): every certificate's class exists, and no radius exceeds sigma Phi^-1(pA_lower - zeta) with
+    pA_lower and zeta from the finite votes alone (a non-finite row of f_p departs from c_A) or, on the
+    fallback, the plain certificate of the finite votes."""
+    outcomes = [route for case in range(40) for route in _irs_property_case(case)]
+    assert outcomes.count("incremental") >= 20 and outcomes.count("fallback") >= 5
+
+
+def _irs_property_case(case: int) -> list[str]:
+    """One random pair of models on 4 inputs; returns the route of each certificate ("abstained" if none)."""
+    rng = np.random.default_rng([17, case])
+    num_classes, sigma, n0, n, n_zeta = int(rng.integers(2, 6)), 0.25, 20, 400, 200
+    alpha, alpha_zeta, gamma = 0.01, 0.01, float(rng.uniform(0.7, 1.0))
+
+    probs = rng.dirichlet(np.full(num_classes, 0.3))
+    original, modified = (
+        Hashed(min(1.0, rng.uniform(low, 1.2)) * probs, num_classes, int(rng.integers(num_classes)), seed=case)
+        for low in (0.9, 0.7)
+    )  # the modified model: the same votes, shifted by its faults, where more inputs are faulty
+    images = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(case))
+    cache = certify_original(SmoothedClassifier(original, num_classes, FloatRS(sigma)), images, n0=n0, n=n, alpha=alpha)
+    modified_smoothed = SmoothedClassifier(modified, num_classes, FloatRS(sigma))
+    certificates = certify_incremental(cache, modified_smoothed, n_zeta=n_zeta, alpha_zeta=alpha_zeta, gamma=gamma)
+    before = torch.cat(original.seen).split(n0 + n)  # per input
+    after = torch.cat([torch.empty(0, num_classes), *modified.seen])  # in call order; nothing when all abstain
+    routes, used = [], 0
+    for cached, certificate, rows in zip(cache.certificates, certificates, before, strict=True):
+        if certificate.fallback:
+            fresh, used = after[used : used + n0 + n_zeta], used + n0 + n_zeta
+            counts, _ = _finite_votes(fresh[n0:], num_classes)
+            label = certificate.label
+            supported = None if label is None else FloatRS(sigma).radius(int(counts[label]), n_zeta, alpha)
+        elif cached.abstained:
+            supported = None
+        else:
+            replayed, used = after[used : used + n_zeta], used + n_zeta
+            departures = int(
+                ((_votes(rows[n0 : n0 + n_zeta]) == cached.label) & (_votes(replayed) != cached.label)).sum()
+            )
+            zeta = 1.0 - clopper_pearson_lower(n_zeta - departures, n_zeta, alpha_zeta)
+            counts, _ = _finite_votes(rows[n0:], num_classes)
+            p_lower = clopper_pearson_lower(int(counts[cached.label]), n, alpha) - zeta
+            supported = sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else None
+        if not certificate.abstained:
+            assert 0 <= certificate.label < num_classes, case
+            assert supported is not None and certificate.radius <= supported, case
+        routes.append("abstained" if certificate.abstained else "fallback" if certificate.fallback else "incremental")
+    assert used == len(after), case
+    return routes
 
 
 def _dataset(info) -> LatticeDataset:
