@@ -3,11 +3,12 @@
 The smoothed classifier is g(x) = argmax_c P[f(x + e) = c] with e the noise of a smoothing method and f
 the base classifier. Radii are l2 distances in [0, 1] pixel units.
 
-A base model whose logit row on a noisy input is not all finite (NaN, +inf or -inf anywhere) has no
-class there: f(x + e) is then "no class", an outcome that counts among the samples but is no class's
-vote, so it can only lower every class's estimate. The guarantees below hold for f extended this way,
-and g(x) = "no class" is never reported as a class. A model whose output is not (batch, num_classes)
-is refused (``SmoothingError``) on its first batch.
+Non-finite logits: a noisy sample whose logit row is not all finite (NaN, +inf or -inf anywhere) is
+classified as "no class", so f takes values in {0, ..., num_classes - 1, no class} and g(x) is the most
+likely of them. A vote for no class counts among the n samples but for no class, so it can only lower
+pA_lower; every guarantee below holds for this f, and "no class" is never returned as a label (certify
+and predict abstain instead). A base model whose output is not a (batch, num_classes) tensor is refused
+with ``SmoothingError`` on its first batch.
 """
 
 from __future__ import annotations
@@ -114,9 +115,11 @@ class SmoothedClassifier:
         samples, and return the method's radius for that count (sigma * Phi^-1(pA_lower) for Gaussian
         noise, pA_lower the Clopper-Pearson bound at level ``alpha``), abstaining when it has none.
 
-        Guarantee (``Certificate``): with probability at least 1 - alpha, g(x') = ``label`` for every x'
-        within l2 ``radius`` of x ([0, 1] pixel units), where samples with non-finite logits are votes for
-        no class: they count in n, so they only lower pA_lower, and abstain when all n0 are such votes.
+        Guarantee: with probability at least 1 - alpha over the noise, a certificate that is not abstained
+        is correct: g(x') = ``label`` for every x' with ||x' - x||_2 <= ``radius`` ([0, 1] pixel units; the
+        lattice points of that ball for IntRS), g the smoothed classifier of f with a non-finite logit row
+        read as "no class". Such samples count in n but for no class, so they only lower pA_lower, and
+        when all n0 selection samples are such, the certificate abstains.
 
         Raises:
             SmoothingError: a bad argument (``x`` not an image the method takes, ``n0``/``n`` not integers
@@ -135,7 +138,7 @@ class SmoothedClassifier:
         """The certificate of top-class ``guess`` (chosen on samples independent of ``counts``; None to
         abstain) from the votes ``counts`` (num_classes,) and ``no_class`` votes for no class of the
         n = counts.sum() + no_class estimation samples: the method's radius for counts[guess] of n at level
-        ``alpha``, or an abstention when it has none."""
+        ``alpha``, or an abstention when it has none (with p_lower 0 when ``guess`` is None)."""
         n = int(counts.sum()) + no_class
         if guess is None:
             return Certificate(None, 0.0, 0.0, counts, no_class=no_class)
