@@ -114,23 +114,32 @@ def certify_adaptive(
     Guess the top class from ``n0`` samples, then draw estimation samples in the rounds of ``schedule``
     until the certified radius is settled with respect to ``radii`` (l2, [0, 1] pixel units). With
     probability >= 1 - alpha the smoothed classifier returns ``label`` on the whole l2 ball of the
-    returned radius. ``counts`` holds the votes of the estimation samples actually drawn, so
-    ``counts.sum()`` is the number used (at most ``schedule.n_max``).
+    returned radius. ``counts`` and ``no_class`` hold the votes of the estimation samples actually drawn,
+    so ``counts.sum() + no_class`` is the number used (at most ``schedule.n_max``). Samples with
+    non-finite logits are votes for no class, as in ``SmoothedClassifier.certify``; when all n0 are,
+    the certificate abstains without drawing.
     """
+    smoothed.method.check_image(x)
     check_count("n0", n0)
     check_alpha(alpha)
     bank = smoothed.noise_bank(x, n0 + schedule.n_max)
-    guess = int(np.argmax(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
+    guess = smoothed.top_class(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
     counts = np.zeros(smoothed.num_classes, dtype=np.int64)
+    if guess is None:
+        return smoothed.certificate(None, counts, alpha)
+    drawn = 0
 
     def draw(k: int) -> int:
-        start = n0 + int(counts.sum())
+        nonlocal drawn
+        start = n0 + drawn
         new = smoothed.sample_counts(x, k, generator, None if bank is None else bank[start : start + k])
         counts[:] += new
+        drawn += k
         return int(new[guess])
 
-    certified, votes, drawn = sequential_radius(draw, smoothed.method.radius, schedule, alpha, radii)
-    p_lower = clopper_pearson_lower(votes, drawn, alpha / len(schedule.checkpoints))
+    certified, votes, used = sequential_radius(draw, smoothed.method.radius, schedule, alpha, radii)
+    p_lower = clopper_pearson_lower(votes, used, alpha / len(schedule.checkpoints))
+    no_class = used - int(counts.sum())
     if certified is None:
-        return Certificate(None, 0.0, p_lower, counts)
-    return Certificate(guess, certified, p_lower, counts)
+        return Certificate(None, 0.0, p_lower, counts, no_class=no_class)
+    return Certificate(guess, certified, p_lower, counts, no_class=no_class)

@@ -2,18 +2,25 @@
 
 The smoothed classifier is g(x) = argmax_c P[f(x + e) = c] with e the noise of a smoothing method and f
 the base classifier. Radii are l2 distances in [0, 1] pixel units.
+
+Non-finite logits: a noisy sample whose logit row is not all finite (NaN, +inf or -inf anywhere) is
+classified as "no class", so f takes values in {0, ..., num_classes - 1, no class} and g(x) is the most
+likely of them. A vote for no class counts among the n samples but for no class, so it can only lower
+pA_lower; every guarantee below holds for this f, and "no class" is never returned as a label (certify
+and predict abstain instead). A base model whose output is not a (batch, num_classes) tensor is refused
+with ``SmoothingError`` on its first batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
+from qrobust.smoothing.confidence import SmoothingError, check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.methods import SmoothingMethod
 
 
@@ -23,6 +30,7 @@ class Prediction:
 
     label: int | None
     counts: np.ndarray  # (num_classes,) votes of the n noisy samples
+    no_class: int = field(default=0, kw_only=True)  # samples with non-finite logits: n = counts.sum() + no_class
 
     @property
     def abstained(self) -> bool:
@@ -34,14 +42,17 @@ class Certificate:
     """Output of ``SmoothedClassifier.certify``.
 
     When not abstained, with probability at least 1 - alpha over the sampling, the smoothed classifier
-    returns ``label`` for every input within l2 distance ``radius`` of x. When abstained, ``label`` is
-    None and ``radius`` is 0.
+    returns ``label`` for every input within l2 distance ``radius`` of x: P[f(x' + e) = label] exceeds the
+    probability of every other class and of "no class" (non-finite logits) there. ``label`` is always in
+    [0, num_classes), and samples with non-finite logits count in n but for no class. When abstained,
+    ``label`` is None and ``radius`` is 0.
     """
 
     label: int | None
     radius: float
     p_lower: float  # one-sided (1 - alpha) Clopper-Pearson lower bound on P[f(x + e) = label]
     counts: np.ndarray  # (num_classes,) votes of the n estimation samples
+    no_class: int = field(default=0, kw_only=True)  # estimation samples with non-finite logits
 
     @property
     def abstained(self) -> bool:
@@ -53,6 +64,7 @@ class SmoothedClassifier:
 
     Args:
         base: maps the method's noisy inputs (B, C, H, W) to logits (B, num_classes); put in eval mode.
+            A row that is not all finite is a vote for no class; any other output shape is refused.
         num_classes: number of classes of ``base``.
         method: the smoothing method (``FloatRS``, ``FloatRSQuant``, ...): noise and radius rule.
         batch_size: noisy samples per forward pass (memory vs. speed); the noise stream of a seeded
@@ -72,10 +84,8 @@ class SmoothedClassifier:
         batch_size: int = 256,
         noise_bank_seed: int | None = None,
     ):
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_count("num_classes", num_classes, minimum=2)
+        check_count("batch_size", batch_size)
         self.base = base.eval()
         self.num_classes = num_classes
         self.method = method
@@ -84,49 +94,75 @@ class SmoothedClassifier:
         self._bank: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, generator: torch.Generator | None = None) -> Prediction:
-        """Predict g(x) from ``n`` noisy samples, abstaining unless a two-sided binomial test on the
-        top-two counts rejects a tie at level ``alpha``; then P[label != g(x)] <= alpha."""
+        """PREDICT of Cohen et al.: predict g(x) from ``n`` noisy samples, abstaining unless a two-sided
+        binomial test on the top-two counts rejects a tie at level ``alpha``; then P[label is not None and
+        label != g(x)] <= alpha. "No class" (samples with non-finite logits) competes as an outcome of
+        its own: when it is the top one, the prediction abstains, so a label is never backed by them."""
+        self.method.check_image(x)
         check_count("n", n)
         check_alpha(alpha)
         counts = self.sample_counts(x, n, generator, self.noise_bank(x, n))
-        second, top = np.argsort(counts, kind="stable")[-2:]
-        test = binomtest(int(counts[top]), int(counts[top] + counts[second]), p=0.5)
-        label = int(top) if test.pvalue <= alpha else None
-        return Prediction(label, counts)
+        outcomes = np.append(counts, n - counts.sum())  # (num_classes + 1,), the last is "no class"
+        second, top = np.argsort(outcomes, kind="stable")[-2:]
+        test = binomtest(int(outcomes[top]), int(outcomes[top] + outcomes[second]), p=0.5)
+        label = int(top) if top < self.num_classes and test.pvalue <= alpha else None
+        return Prediction(label, counts, no_class=int(outcomes[-1]))
 
     def certify(
         self, x: torch.Tensor, n0: int, n: int, alpha: float, generator: torch.Generator | None = None
     ) -> Certificate:
         """CERTIFY of Cohen et al.: guess the top class from ``n0`` samples, count its votes in ``n`` fresh
         samples, and return the method's radius for that count (sigma * Phi^-1(pA_lower) for Gaussian
-        noise, pA_lower the Clopper-Pearson bound at level ``alpha``), abstaining when it has none."""
+        noise, pA_lower the Clopper-Pearson bound at level ``alpha``), abstaining when it has none.
+
+        Guarantee: with probability at least 1 - alpha over the noise, a certificate that is not abstained
+        is correct: g(x') = ``label`` for every x' with ||x' - x||_2 <= ``radius`` ([0, 1] pixel units; the
+        lattice points of that ball for IntRS), g the smoothed classifier of f with a non-finite logit row
+        read as "no class". Such samples count in n but for no class, so they only lower pA_lower, and
+        when all n0 selection samples are such, the certificate abstains.
+
+        Raises:
+            SmoothingError: a bad argument (``x`` not an image the method takes, ``n0``/``n`` not integers
+                >= 1, ``alpha`` not in (0, 1)), or ``base`` output that is not (batch, num_classes).
+        """
+        self.method.check_image(x)
         check_count("n0", n0)
         check_count("n", n)
         check_alpha(alpha)
         bank = self.noise_bank(x, n0 + n)
-        guess = int(np.argmax(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
+        guess = self.top_class(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
         counts = self.sample_counts(x, n, generator, None if bank is None else bank[n0:])
-        return self.certificate(guess, counts, alpha)
+        return self.certificate(guess, counts, alpha, no_class=n - int(counts.sum()))
 
-    def certificate(self, guess: int, counts: np.ndarray, alpha: float) -> Certificate:
-        """The certificate of top-class ``guess`` (chosen on samples independent of ``counts``) from the
-        votes ``counts`` (num_classes,) of n = counts.sum() estimation samples: the method's radius for
-        counts[guess] of n at level ``alpha``, or an abstention when it has none."""
-        n = int(counts.sum())
+    def certificate(self, guess: int | None, counts: np.ndarray, alpha: float, no_class: int = 0) -> Certificate:
+        """The certificate of top-class ``guess`` (chosen on samples independent of ``counts``; None to
+        abstain) from the votes ``counts`` (num_classes,) and ``no_class`` votes for no class of the
+        n = counts.sum() + no_class estimation samples: the method's radius for counts[guess] of n at level
+        ``alpha``, or an abstention when it has none (with p_lower 0 when ``guess`` is None)."""
+        n = int(counts.sum()) + no_class
+        if guess is None:
+            return Certificate(None, 0.0, 0.0, counts, no_class=no_class)
         radius = self.method.radius(int(counts[guess]), n, alpha)
         p_lower = clopper_pearson_lower(int(counts[guess]), n, alpha)
         if radius is None:
-            return Certificate(None, 0.0, p_lower, counts)
-        return Certificate(guess, radius, p_lower, counts)
+            return Certificate(None, 0.0, p_lower, counts, no_class=no_class)
+        return Certificate(guess, radius, p_lower, counts, no_class=no_class)
+
+    @staticmethod
+    def top_class(counts: np.ndarray) -> int | None:
+        """The class with the most votes in ``counts`` (num_classes,), the lowest on ties; None when no
+        sample voted for a class (all had non-finite logits)."""
+        return int(np.argmax(counts)) if counts.any() else None
 
     def sample_counts(
         self, x: torch.Tensor, num: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> np.ndarray:
         """Votes of the base classifier on ``num`` noisy copies of ``x``: an int64 array (num_classes,).
 
+        Samples with non-finite logits vote for no class and are left out, so the sum may be below ``num``.
         The noise is fresh from ``generator``, or the first ``num`` rows of ``noise`` (num, *x.shape).
         """
-        return np.bincount(self.sample_predictions(x, num, generator, noise), minlength=self.num_classes)
+        return count_votes(self.sample_predictions(x, num, generator, noise), self.num_classes)[0]
 
     @torch.inference_mode()
     def sample_predictions(
@@ -134,8 +170,10 @@ class SmoothedClassifier:
     ) -> np.ndarray:
         """The base classifier's class on each of ``num`` noisy copies of ``x``: an int64 array (num,), in draw order.
 
-        The noise is fresh from ``generator``, drawn in batches of ``batch_size`` (one ``method.perturb``
-        call per batch), or the first ``num`` rows of ``noise`` (num, *x.shape).
+        A sample whose logit row is not all finite gets ``num_classes``, the vote for no class. The noise
+        is fresh from ``generator``, drawn in batches of ``batch_size`` (one ``method.perturb`` call per
+        batch), or the first ``num`` rows of ``noise`` (num, *x.shape). Raises SmoothingError when
+        ``base`` returns anything but a (batch, num_classes) tensor.
         """
         predictions = torch.empty(num, dtype=torch.int64, device=x.device)
         for start in range(0, num, self.batch_size):
@@ -145,7 +183,12 @@ class SmoothedClassifier:
                 inputs = self.method.perturb(batch, generator)
             else:
                 inputs = self.method.apply(batch, noise[start : start + size])
-            predictions[start : start + size] = self.base(inputs).argmax(dim=1)
+            logits = self.base(inputs)  # (size, num_classes)
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (size, self.num_classes):
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise SmoothingError(f"base model must return logits of shape ({size}, {self.num_classes}), got {got}")
+            finite = torch.isfinite(logits).all(dim=1)  # (size,)
+            predictions[start : start + size] = torch.where(finite, logits.argmax(dim=1), self.num_classes)
         return predictions.cpu().numpy()
 
     def noise_bank(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -157,3 +200,10 @@ class SmoothedClassifier:
             generator = torch.Generator().manual_seed(self.noise_bank_seed)
             self._bank = (key, self.method.sample_noise(key, generator))
         return self._bank[1]
+
+
+def count_votes(predictions: np.ndarray, num_classes: int) -> tuple[np.ndarray, int]:
+    """The votes of ``predictions`` (num,) from ``sample_predictions``: (counts (num_classes,) int64, the
+    number of votes for no class, i.e. of entries equal to ``num_classes``)."""
+    counts = np.bincount(predictions, minlength=num_classes + 1)  # (num_classes + 1,)
+    return counts[:num_classes], int(counts[num_classes])

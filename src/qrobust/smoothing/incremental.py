@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
-from qrobust.smoothing.core import Certificate, SmoothedClassifier
+from qrobust.smoothing.confidence import SmoothingError, check_alpha, check_count, clopper_pearson_lower
+from qrobust.smoothing.core import Certificate, SmoothedClassifier, count_votes
 from qrobust.smoothing.methods import SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, summarize
 from qrobust.smoothing.run import example_generator
@@ -63,6 +63,7 @@ class CertificationCache:
     images: torch.Tensor  # (N, C, H, W), uint8 lattice or float in [0, 1]
     certificates: tuple[Certificate, ...]  # (N,) of the original smoothed classifier
     predictions: np.ndarray  # (N, n) original base classifier's class on each estimation sample, in draw order
+    # (num_classes for a sample with non-finite logits, a vote for no class)
     method: SmoothingMethod
     num_classes: int
     n0: int
@@ -103,15 +104,19 @@ def certify_original(
     check_alpha(alpha)
     if smoothed.noise_bank_seed is not None:
         raise ValueError("IRS replays per-input noise: the original classifier's noise_bank_seed must be None")
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise SmoothingError(f"images must be a non-empty (N, C, H, W) tensor, got {shape}")
+    for x in images:
+        smoothed.method.check_image(x)
     certificates, predictions = [], []
     for index, x in enumerate(images):
         generator = example_generator(seed, index)
-        guess = int(np.argmax(smoothed.sample_counts(x, n0, generator)))
+        guess = smoothed.top_class(smoothed.sample_counts(x, n0, generator))
         votes = smoothed.sample_predictions(x, n, generator)  # (n,)
-        certificates.append(smoothed.certificate(guess, np.bincount(votes, minlength=smoothed.num_classes), alpha))
-        predictions.append(votes.astype(np.min_scalar_type(smoothed.num_classes - 1)))
+        counts, no_class = count_votes(votes, smoothed.num_classes)
+        certificates.append(smoothed.certificate(guess, counts, alpha, no_class))
+        predictions.append(votes.astype(np.min_scalar_type(smoothed.num_classes)))
     return CertificationCache(
         images, tuple(certificates), np.stack(predictions), smoothed.method, smoothed.num_classes,
         n0, alpha, seed, smoothed.batch_size,
@@ -154,7 +159,9 @@ def certify_incremental(
     an incremental certificate can only be wrong on A or Z, a fallback one on its own failure F (<= alpha,
     independent of the route). If P[f(x + e) = c_A] < gamma, falling back implies A, so
     P[fail] <= P[A, no fallback] + P[Z] + alpha P[fallback] <= alpha + alpha_zeta; otherwise no
-    incremental certificate fails on A and P[fail] <= P[Z] + alpha.
+    incremental certificate fails on A and P[fail] <= P[Z] + alpha. A sample on which f or f_p returns
+    non-finite logits is a vote for no class (``SmoothedClassifier``): a replayed draw where f says c_A
+    and f_p has no class counts as a departure, so such outputs only raise zeta.
 
     ``modified`` must draw the same noise as the cached classifier (same kind and sigma: FloatRS and
     FloatRSQuant share it) and have the same classes; its base model and how it reads noisy inputs may
@@ -166,8 +173,7 @@ def certify_incremental(
     check_count("n_fallback", n_fallback)
     if n_zeta > cache.n:
         raise ValueError(f"n_zeta must be <= the cached n={cache.n} (only those draws can be replayed), got {n_zeta}")
-    if not 0.0 < alpha_zeta < 1.0:
-        raise ValueError(f"alpha_zeta must be in (0, 1), got {alpha_zeta!r}")
+    check_alpha(alpha_zeta, "alpha_zeta")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     if modified.num_classes != cache.num_classes:
@@ -182,7 +188,11 @@ def certify_incremental(
     for index, (x, cached) in enumerate(zip(cache.images, cache.certificates, strict=True)):
         if cached.p_lower >= gamma:
             fresh = modified.certify(x, cache.n0, n_fallback, cache.alpha, _fallback_generator(cache.seed, index, seed))
-            results.append(IncrementalCertificate(fresh.label, fresh.radius, fresh.p_lower, fresh.counts, None, True))
+            results.append(
+                IncrementalCertificate(
+                    fresh.label, fresh.radius, fresh.p_lower, fresh.counts, None, True, no_class=fresh.no_class
+                )
+            )
         elif cached.abstained:
             nothing = np.zeros(cache.num_classes, dtype=np.int64)
             results.append(IncrementalCertificate(None, 0.0, cached.p_lower, nothing, None, False))
@@ -192,12 +202,12 @@ def certify_incremental(
             departures = int(np.count_nonzero((original == cached.label) & (votes != cached.label)))
             zeta = 1.0 - clopper_pearson_lower(n_zeta - departures, n_zeta, alpha_zeta)  # upper bound
             p_lower = max(0.0, cached.p_lower - zeta)
-            counts = np.bincount(votes, minlength=cache.num_classes)
+            counts, no_class = count_votes(votes, cache.num_classes)
             if p_lower > 0.5:
-                radius = modified.method.sigma * float(norm.ppf(p_lower))
-                results.append(IncrementalCertificate(cached.label, radius, p_lower, counts, zeta, False))
+                label, radius = cached.label, modified.method.sigma * float(norm.ppf(p_lower))
             else:
-                results.append(IncrementalCertificate(None, 0.0, p_lower, counts, zeta, False))
+                label, radius = None, 0.0
+            results.append(IncrementalCertificate(label, radius, p_lower, counts, zeta, False, no_class=no_class))
     return results
 
 

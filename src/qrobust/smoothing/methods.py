@@ -19,7 +19,7 @@ from scipy.stats import norm
 
 from qrobust.data import to_unit_interval
 from qrobust.noise import DiscreteGaussianNoise, GaussianNoise, sample_discrete_gaussian
-from qrobust.smoothing.confidence import check_unit_image, clopper_pearson_lower
+from qrobust.smoothing.confidence import check_image, check_unit_image, clopper_pearson_lower
 from qrobust.smoothing.lattice import LatticeRadiusTable
 
 
@@ -43,6 +43,10 @@ class SmoothingMethod(Protocol):
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         """The certified radius for ``count`` of ``n`` votes at level ``alpha``; None to abstain."""
+        ...
+
+    def check_image(self, x: torch.Tensor) -> None:
+        """Raise SmoothingError unless ``x`` is a clean (C, H, W) image this method can add its noise to."""
         ...
 
 
@@ -76,6 +80,10 @@ class FloatRS(_Additive):
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         p_lower = clopper_pearson_lower(count, n, alpha)
         return self.sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else None
+
+    def check_image(self, x: torch.Tensor) -> None:
+        """uint8 lattice images, or float images in [0, 1] of the noise's dtype (the default, float32)."""
+        check_image(x, torch.get_default_dtype(), self.name)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,10 @@ class IntRS(_Additive):
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         return self.table(n, alpha).radius(count)
+
+    def check_image(self, x: torch.Tensor) -> None:
+        """uint8 lattice images only: the noise and the certificate live on the integer lattice."""
+        check_image(x, None, self.name)
 
     def table(self, n: int, alpha: float) -> LatticeRadiusTable:
         """The count -> certified squared radius table for ``n`` samples at level ``alpha`` (cached)."""

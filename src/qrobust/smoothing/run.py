@@ -10,6 +10,7 @@ import torch
 
 from qrobust.data import LatticeDataset
 from qrobust.smoothing.adaptive import SampleSchedule, certify_adaptive
+from qrobust.smoothing.confidence import check_alpha, check_count
 from qrobust.smoothing.core import SmoothedClassifier
 from qrobust.smoothing.records import ABSTAIN, CertifyRow, PredictRow
 
@@ -20,6 +21,7 @@ def example_generator(seed: int, index: int) -> torch.Generator:
     Seeding per example (not per run) makes each row independent of which examples ran before it,
     so a run can be split, resumed or reordered and still give the same rows.
     """
+    check_count("seed", seed, minimum=0)
     (state,) = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state))
 
@@ -38,9 +40,26 @@ def certify_examples(
     """Certify ``dataset`` at ``indices`` in order, yielding one row per example as it finishes.
 
     With ``settle_radii``, each example is certified adaptively (``certify_adaptive``): at most ``n``
-    estimation samples, in doubling rounds from 1,000, stopping once these radii are settled.
+    estimation samples, in doubling rounds from 1,000, stopping once these radii are settled. The
+    arguments are checked here, before the first example (SmoothingError).
     """
+    _check_run(n=n, n0=n0, alpha=alpha, seed=seed)
     schedule = None if settle_radii is None else SampleSchedule(n)
+    return _certify_rows(smoothed, dataset, indices, n0, n, alpha, seed, schedule, settle_radii)
+
+
+def _certify_rows(
+    smoothed: SmoothedClassifier,
+    dataset: LatticeDataset,
+    indices: Iterable[int],
+    n0: int,
+    n: int,
+    alpha: float,
+    seed: int,
+    schedule: SampleSchedule | None,
+    settle_radii: Sequence[float] | None,
+) -> Iterator[CertifyRow]:
+    """The rows of ``certify_examples``, computed as they are iterated."""
     for index in indices:
         started = time.perf_counter()
         x = dataset.images[index]  # (C, H, W) uint8
@@ -64,7 +83,16 @@ def predict_examples(
     alpha: float,
     seed: int = 0,
 ) -> Iterator[PredictRow]:
-    """Predict ``dataset`` at ``indices`` in order, yielding one row per example as it finishes."""
+    """Predict ``dataset`` at ``indices`` in order, yielding one row per example as it finishes. The
+    arguments are checked here, before the first example (SmoothingError)."""
+    _check_run(n=n, alpha=alpha, seed=seed)
+    return _predict_rows(smoothed, dataset, indices, n, alpha, seed)
+
+
+def _predict_rows(
+    smoothed: SmoothedClassifier, dataset: LatticeDataset, indices: Iterable[int], n: int, alpha: float, seed: int
+) -> Iterator[PredictRow]:
+    """The rows of ``predict_examples``, computed as they are iterated."""
     for index in indices:
         started = time.perf_counter()
         prediction = smoothed.predict(dataset.images[index], n=n, alpha=alpha, generator=example_generator(seed, index))
@@ -77,3 +105,11 @@ def evenly_spaced(total: int, count: int) -> list[int]:
     if not 1 <= count <= total:
         raise ValueError(f"number of examples must be in [1, {total}], got {count}")
     return [i * total // count for i in range(count)]
+
+
+def _check_run(alpha: float, seed: int, **counts: int) -> None:
+    """Raise SmoothingError on a bad sample count, ``alpha`` or ``seed`` of a run."""
+    for name, value in counts.items():
+        check_count(name, value)
+    check_alpha(alpha)
+    check_count("seed", seed, minimum=0)
