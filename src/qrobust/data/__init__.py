@@ -1,7 +1,13 @@
-"""Datasets on the uint8 input lattice: loaders from local files, and training augmentation."""
+"""Datasets on the uint8 input lattice: loaders from local files, your own data, and training augmentation.
+
+Named datasets come from ``load_dataset(name, split)``; your own from ``load_image_folder`` (class
+sub-folders of PNG/JPEG images), ``load_npz`` (``images`` and ``labels`` arrays) or, for any map-style
+PyTorch ``Dataset`` or ``DataLoader`` of (image, label), ``as_lattice_dataset``. Load the test split
+with ``info=train_set.info`` so both share classes, shape and normalisation statistics.
+"""
 
 from qrobust.data.augment import augmentation_for, random_crop_flip
-from qrobust.data.base import DatasetInfo, LatticeDataset, to_unit_interval
+from qrobust.data.base import DatasetInfo, LatticeDataset, channel_stats, dataset_from_lattice, to_unit_interval
 from qrobust.data.loaders import DATASET_NAMES, dataset_info, load_dataset
 
 __all__ = [
@@ -9,6 +15,8 @@ __all__ = [
     "DatasetInfo",
     "LatticeDataset",
     "augmentation_for",
+    "channel_stats",
+    "dataset_from_lattice",
     "dataset_info",
     "load_dataset",
     "random_crop_flip",
