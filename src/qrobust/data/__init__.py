@@ -8,12 +8,14 @@ with ``info=train_set.info`` so both share classes, shape and normalisation stat
 
 from qrobust.data.augment import augmentation_for, random_crop_flip
 from qrobust.data.base import DatasetInfo, LatticeDataset, channel_stats, dataset_from_lattice, to_unit_interval
+from qrobust.data.convert import as_lattice_dataset
 from qrobust.data.loaders import DATASET_NAMES, dataset_info, load_dataset
 
 __all__ = [
     "DATASET_NAMES",
     "DatasetInfo",
     "LatticeDataset",
+    "as_lattice_dataset",
     "augmentation_for",
     "channel_stats",
     "dataset_from_lattice",
