@@ -9,6 +9,7 @@ with ``info=train_set.info`` so both share classes, shape and normalisation stat
 from qrobust.data.augment import augmentation_for, random_crop_flip
 from qrobust.data.base import DatasetInfo, LatticeDataset, channel_stats, dataset_from_lattice, to_unit_interval
 from qrobust.data.convert import as_lattice_dataset
+from qrobust.data.files import load_image_folder, load_npz
 from qrobust.data.loaders import DATASET_NAMES, dataset_info, load_dataset
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "dataset_from_lattice",
     "dataset_info",
     "load_dataset",
+    "load_image_folder",
+    "load_npz",
     "random_crop_flip",
     "to_unit_interval",
 ]
