@@ -2,11 +2,14 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from qrobust.data import load_dataset
-from qrobust.errors import CheckpointError
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models import build_model
 from qrobust.models.checkpoint import load_checkpoint, model_metadata
+from qrobust.quant import calibrate, convert, fast_backend, prepare_qat
+from qrobust.smoothing import FloatRS, IntRS
 from qrobust.train import TrainConfig, accuracy, train
 
 
@@ -81,3 +84,43 @@ def test_resume_refuses_a_different_config(digits, tmp_path):
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+# --- plain PyTorch data and every kind of model (issue #18) ----------------------------------------
+
+
+def test_train_and_accuracy_take_plain_pytorch_datasets(digits):
+    train_set, test_set = digits
+    plain_train = TensorDataset(train_set.images, train_set.labels)  # uint8 lattice images
+    plain_test = DataLoader(TensorDataset(test_set.floats(), test_set.labels), batch_size=100)  # [0, 1] floats
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
+    expected = _model(train_set.info)
+    expected_history = train(expected, train_set, config, test_set=test_set, progress=False)
+    model = _model(train_set.info)
+    history = train(model, plain_train, config, test_set=plain_test, progress=False)
+    assert [(s.loss, s.test_accuracy) for s in history] == [(s.loss, s.test_accuracy) for s in expected_history]
+    assert accuracy(model, plain_test) == accuracy(expected, test_set) > 0.5
+
+
+def test_accuracy_of_an_int8_model_is_its_own_prediction_accuracy(digits):
+    train_set, test_set = digits
+    model = _model(train_set.info)
+    train(model, train_set, TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0), progress=False)
+    qat = calibrate(prepare_qat(model).eval(), train_set.images[:256])
+    int8 = convert(qat)
+    expected = (int8.predict(test_set.images) == test_set.labels).double().mean().item()
+    assert expected > 0.5
+    assert accuracy(int8, test_set) == pytest.approx(expected)
+    assert accuracy(fast_backend(int8), test_set) == pytest.approx(expected)
+    assert accuracy(qat, test_set) == pytest.approx(expected, abs=0.02)  # the fake-quant twin, on floats
+
+
+def test_accuracy_of_an_int8_model_under_noise_uses_lattice_noise(digits):
+    train_set, test_set = digits
+    model = _model(train_set.info)
+    int8 = convert(calibrate(prepare_qat(model).eval(), train_set.images[:256]))
+    noisy = accuracy(int8, test_set, noise=IntRS(0.25), generator=torch.Generator().manual_seed(0))
+    expected = IntRS(0.25).perturb(test_set.images, torch.Generator().manual_seed(0))
+    assert noisy == pytest.approx((int8.predict(expected) == test_set.labels).double().mean().item())
+    with pytest.raises(QRobustError, match=r"int8 model reads integer lattice values, but .* gives floats: use IntRS"):
+        accuracy(int8, test_set, noise=FloatRS(0.25))
