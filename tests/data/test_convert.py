@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, TensorDataset
 
 from qrobust.data import DatasetInfo, as_lattice_dataset
 from qrobust.errors import QRobustError
@@ -39,7 +39,7 @@ def test_a_lattice_dataset_is_returned_as_it_is(toy_dataset):
 
 
 @pytest.mark.parametrize("kind", ["uint8", "float32", "float64", "numpy"])
-@pytest.mark.parametrize("wrap", ["tensor-dataset", "dataset", "loader", "unbatched-loader"])
+@pytest.mark.parametrize("wrap", ["tensor-dataset", "dataset", "loader", "batch-sampler-loader", "unbatched-loader"])
 def test_every_container_and_dtype_gives_the_same_lattice_images(lattice, kind, wrap):
     images, labels = lattice
     x = {
@@ -52,6 +52,9 @@ def test_every_container_and_dtype_gives_the_same_lattice_images(lattice, kind, 
         "tensor-dataset": lambda: TensorDataset(torch.as_tensor(x), labels),
         "dataset": lambda: Pairs([(x[i], int(labels[i])) for i in range(len(x))]),
         "loader": lambda: DataLoader(TensorDataset(torch.as_tensor(x), labels), batch_size=5),
+        "batch-sampler-loader": lambda: DataLoader(
+            TensorDataset(torch.as_tensor(x), labels), batch_sampler=BatchSampler(SequentialSampler(x), 5, False)
+        ),
         "unbatched-loader": lambda: DataLoader(Pairs([(x[i], labels[i]) for i in range(len(x))]), batch_size=None),
     }[wrap]()
     converted = as_lattice_dataset(data)

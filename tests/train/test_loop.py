@@ -102,25 +102,49 @@ def test_train_and_accuracy_take_plain_pytorch_datasets(digits):
     assert accuracy(model, plain_test) == accuracy(expected, test_set) > 0.5
 
 
-def test_accuracy_of_an_int8_model_is_its_own_prediction_accuracy(digits):
-    train_set, test_set = digits
+@pytest.fixture(scope="module")
+def quantized(digits):
+    """A digits MLP trained one epoch, its calibrated fake-quant twin and the int8 model converted from it."""
+    train_set, _ = digits
     model = _model(train_set.info)
     train(model, train_set, TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0), progress=False)
     qat = calibrate(prepare_qat(model).eval(), train_set.images[:256])
-    int8 = convert(qat)
-    expected = (int8.predict(test_set.images) == test_set.labels).double().mean().item()
+    return qat, convert(qat)
+
+
+def _predict_accuracy(int8, images, labels) -> float:
+    return (int8.predict(images) == labels).double().mean().item()
+
+
+def test_accuracy_of_an_int8_model_is_its_own_prediction_accuracy(digits, quantized):
+    _, test_set = digits
+    qat, int8 = quantized
+    expected = _predict_accuracy(int8, test_set.images, test_set.labels)
     assert expected > 0.5
     assert accuracy(int8, test_set) == pytest.approx(expected)
     assert accuracy(fast_backend(int8), test_set) == pytest.approx(expected)
     assert accuracy(qat, test_set) == pytest.approx(expected, abs=0.02)  # the fake-quant twin, on floats
 
 
-def test_accuracy_of_an_int8_model_under_noise_uses_lattice_noise(digits):
-    train_set, test_set = digits
-    model = _model(train_set.info)
-    int8 = convert(calibrate(prepare_qat(model).eval(), train_set.images[:256]))
+def test_accuracy_of_int8_and_fp32_onnx_models(digits, quantized):
+    pytest.importorskip("onnxruntime")
+    from qrobust.quant.export import OnnxRuntimeModel, to_onnx
+
+    _, test_set = digits
+    _, int8 = quantized
+    assert accuracy(OnnxRuntimeModel(to_onnx(int8), threads=1), test_set) == pytest.approx(
+        _predict_accuracy(int8, test_set.images, test_set.labels)
+    )
+    model = _model(test_set.info)
+    fp32 = OnnxRuntimeModel(to_onnx(model, test_set.info.shape), threads=1)
+    assert accuracy(fp32, test_set) == pytest.approx(accuracy(model, test_set), abs=1 / len(test_set))
+
+
+def test_accuracy_of_an_int8_model_under_noise_uses_lattice_noise(digits, quantized):
+    _, test_set = digits
+    _, int8 = quantized
     noisy = accuracy(int8, test_set, noise=IntRS(0.25), generator=torch.Generator().manual_seed(0))
     expected = IntRS(0.25).perturb(test_set.images, torch.Generator().manual_seed(0))
-    assert noisy == pytest.approx((int8.predict(expected) == test_set.labels).double().mean().item())
+    assert noisy == pytest.approx(_predict_accuracy(int8, expected, test_set.labels))
     with pytest.raises(QRobustError, match=r"int8 model reads integer lattice values, but .* gives floats: use IntRS"):
         accuracy(int8, test_set, noise=FloatRS(0.25))

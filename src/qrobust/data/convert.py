@@ -56,7 +56,7 @@ def as_lattice_dataset(
             raise QRobustError(f"a TensorDataset of (image, label) needs 2 tensors, got {len(data.tensors)}")
         images, labels = _lattice(data.tensors[0], batched=True), data.tensors[1]
     elif isinstance(data, DataLoader):
-        images, labels = _collect(data, batched=data.batch_size is not None)
+        images, labels = _collect(data, batched=data.batch_sampler is not None)  # batch_size=None: single items
     elif isinstance(data, Dataset) and hasattr(data, "__len__"):
         images, labels = _collect((data[i] for i in range(len(data))), batched=False)
     else:
