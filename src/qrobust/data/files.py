@@ -63,8 +63,8 @@ def load_image_folder(
         raise QRobustError(f"{root} has no class sub-folders: put the images of class C in {root}/C/")
     classes = info.classes if info is not None else tuple(p.name for p in folders)
     unknown = [p.name for p in folders if p.name not in classes]
-    if unknown:
-        raise QRobustError(f"{root}: sub-folders {unknown} are not classes of {info.name if info else root}")
+    if info is not None and unknown:
+        raise QRobustError(f"{root}: sub-folders {unknown} are not classes of {info.name}")
     if channels not in (None, 1, 3):
         raise QRobustError(f"channels must be 1, 3 or None (from the images), got {channels!r}")
 
