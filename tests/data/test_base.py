@@ -1,11 +1,13 @@
-"""LatticeDataset: shape and dtype validation, the float view, and seeded subsets and splits."""
+"""LatticeDataset: shape and dtype validation, the float view, seeded subsets and splits, and built infos."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from qrobust.data import DatasetInfo, LatticeDataset, to_unit_interval
+from qrobust.data import DatasetInfo, LatticeDataset, channel_stats, dataset_from_lattice, to_unit_interval
+from qrobust.errors import QRobustError
 
 INFO = DatasetInfo("toy", (1, 4, 4), ("a", "b", "c"), (0.5,), (0.25,))
 
@@ -77,3 +79,52 @@ def test_split(toy_dataset):
 def test_split_fraction_is_checked(toy_dataset, fraction):
     with pytest.raises(ValueError, match=f"split fraction must be in \\(0, 1\\), got {fraction}"):
         toy_dataset.split(fraction)
+
+
+# --- statistics and the info of your own data ------------------------------------------------------
+
+
+def test_channel_stats_match_the_float_view():
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (7, 3, 5, 4), dtype=np.uint8))
+    mean, std = channel_stats(images)
+    floats = images.double() / 255
+    assert mean == pytest.approx(floats.mean((0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(floats.std((0, 2, 3), correction=0).tolist(), abs=1e-12)
+
+
+def test_dataset_from_lattice_computes_its_info_or_reuses_the_given_one(toy_dataset):
+    made = dataset_from_lattice(toy_dataset.images, toy_dataset.labels.int(), source="mine")
+    assert made.labels.dtype == torch.int64
+    assert (made.info.name, made.info.shape, made.info.classes) == ("mine", (1, 4, 4), ("0", "1", "2"))
+    assert made.info.mean == pytest.approx((9.5 / 255,))
+    named = dataset_from_lattice(toy_dataset.images, toy_dataset.labels, source="mine", classes=["x", "y", "z", "w"])
+    assert named.info.classes == ("x", "y", "z", "w")
+    reused = dataset_from_lattice(toy_dataset.images[:3], toy_dataset.labels[:3], source="test", info=made.info)
+    assert reused.info is made.info
+
+
+@pytest.mark.parametrize(
+    ("labels", "options", "message"),
+    [
+        (torch.zeros(20), {}, r"^mine: labels must be integer class indices, got dtype torch.float32$"),
+        (torch.zeros(19, dtype=torch.long), {}, r"^mine: labels must have shape \(20,\) to match the images, got \(19,\)$"),
+        (torch.arange(20) - 1, {}, r"^mine: labels must be in 0..18, got -1..18$"),
+        (torch.arange(20) % 3, {"classes": ["a", "b"]}, r"^mine: labels must be in 0..1, got 0..2$"),
+        (torch.arange(20) % 3, {"classes": ["a", "a", "b"]}, r"^mine: class names must be distinct"),
+        (torch.arange(20) % 3, {"info": INFO, "classes": ["a"]}, r"^mine: classes \['a'\] differ from those of toy$"),
+        (torch.arange(20) % 4, {"info": INFO}, r"^mine: labels must be in 0..2, got 0..3$"),
+    ],
+)
+def test_dataset_from_lattice_refuses_bad_labels(toy_dataset, labels, options, message):
+    with pytest.raises(QRobustError, match=message):
+        dataset_from_lattice(toy_dataset.images, labels, source="mine", **options)
+
+
+def test_dataset_from_lattice_refuses_other_shapes_constant_channels_and_nothing(toy_dataset):
+    wide = torch.zeros(2, 1, 4, 5, dtype=torch.uint8)
+    with pytest.raises(QRobustError, match=r"^mine: images have shape \(1, 4, 5\) \(C, H, W\), but toy has \(1, 4, 4\)$"):
+        dataset_from_lattice(wide, torch.zeros(2, dtype=torch.long), source="mine", info=INFO)
+    with pytest.raises(QRobustError, match=r"^mine: channel 0 is constant \(std 0\)"):
+        dataset_from_lattice(wide, torch.zeros(2, dtype=torch.long), source="mine")
+    with pytest.raises(QRobustError, match=r"^mine holds no images$"):
+        dataset_from_lattice(wide[:0], torch.zeros(0, dtype=torch.long), source="mine")

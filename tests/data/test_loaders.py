@@ -11,8 +11,7 @@ import pytest
 import scipy.io
 import torch
 
-from qrobust.data import DATASET_NAMES, DatasetInfo, dataset_info, load_dataset
-from qrobust.data import loaders
+from qrobust.data import DATASET_NAMES, DatasetInfo, dataset_info, load_dataset, loaders
 from qrobust.errors import DatasetNotFoundError, QRobustError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -60,7 +59,7 @@ def test_dataset_info_class_names():
 
 def test_unknown_name_lists_valid_names(tmp_path):
     for call in (lambda: dataset_info("imagenet"), lambda: load_dataset("imagenet", data_root=tmp_path)):
-        with pytest.raises(ValueError, match="'imagenet'.*fashion-mnist, mnist, cifar10, cifar100, svhn, digits"):
+        with pytest.raises(ValueError, match=r"'imagenet'.*fashion-mnist, mnist, cifar10, cifar100, svhn, digits"):
             call()
 
 
@@ -174,7 +173,7 @@ def test_idx_label_count_and_range_are_checked(tmp_path, write_idx_split, idx_by
     with pytest.raises(QRobustError, match="must hold 4 labels"):
         load_dataset("mnist", data_root=tmp_path)
     labels_path.write_bytes(idx_bytes(np.array([0, 1, 10, 2], dtype=np.uint8)))
-    with pytest.raises(QRobustError, match="labels must be in 0..9, got 0..10"):
+    with pytest.raises(QRobustError, match=r"labels must be in 0..9, got 0..10"):
         load_dataset("mnist", data_root=tmp_path)
 
 
@@ -292,7 +291,7 @@ def test_cifar_python_version_is_refused(name, tmp_path):
 def test_cifar_partial_dir_falls_back_to_missing(tmp_path, cifar_records):
     (tmp_path / "cifar-10-batches-bin").mkdir()
     (tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin").write_bytes(cifar_records(1, 1, 10)[0])
-    with pytest.raises(DatasetNotFoundError, match="data_batch_1.bin, data_batch_2.bin"):
+    with pytest.raises(DatasetNotFoundError, match=r"data_batch_1.bin, data_batch_2.bin"):
         load_dataset("cifar10", "train", data_root=tmp_path)
 
 
@@ -306,13 +305,13 @@ def test_cifar_bad_record_size(tmp_path, cifar_records):
 
 def test_cifar_tarball_missing_member(tmp_path, cifar_records, write_tar_gz):
     write_tar_gz(tmp_path / "cifar-10-binary.tar.gz", {"cifar-10-batches-bin/test_batch.bin": b""})
-    with pytest.raises(QRobustError, match="does not contain cifar-10-batches-bin/data_batch_1.bin"):
+    with pytest.raises(QRobustError, match=r"does not contain cifar-10-batches-bin/data_batch_1.bin"):
         load_dataset("cifar10", "train", data_root=tmp_path)
 
 
 def test_cifar_corrupt_tarball(tmp_path):
     (tmp_path / "cifar-100-binary.tar.gz").write_bytes(gzip.compress(b"not a tar file")[:-5])
-    with pytest.raises(QRobustError, match="is not a valid .tar.gz archive"):
+    with pytest.raises(QRobustError, match=r"is not a valid .tar.gz archive"):
         load_dataset("cifar100", data_root=tmp_path)
 
 

@@ -2,11 +2,14 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from qrobust.data import load_dataset
-from qrobust.errors import CheckpointError
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models import build_model
 from qrobust.models.checkpoint import load_checkpoint, model_metadata
+from qrobust.quant import calibrate, convert, fast_backend, prepare_qat
+from qrobust.smoothing import FloatRS, IntRS
 from qrobust.train import TrainConfig, accuracy, train
 
 
@@ -81,3 +84,67 @@ def test_resume_refuses_a_different_config(digits, tmp_path):
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+# --- plain PyTorch data and every kind of model (issue #18) ----------------------------------------
+
+
+def test_train_and_accuracy_take_plain_pytorch_datasets(digits):
+    train_set, test_set = digits
+    plain_train = TensorDataset(train_set.images, train_set.labels)  # uint8 lattice images
+    plain_test = DataLoader(TensorDataset(test_set.floats(), test_set.labels), batch_size=100)  # [0, 1] floats
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
+    expected = _model(train_set.info)
+    expected_history = train(expected, train_set, config, test_set=test_set, progress=False)
+    model = _model(train_set.info)
+    history = train(model, plain_train, config, test_set=plain_test, progress=False)
+    assert [(s.loss, s.test_accuracy) for s in history] == [(s.loss, s.test_accuracy) for s in expected_history]
+    assert accuracy(model, plain_test) == accuracy(expected, test_set) > 0.5
+
+
+@pytest.fixture(scope="module")
+def quantized(digits):
+    """A digits MLP trained one epoch, its calibrated fake-quant twin and the int8 model converted from it."""
+    train_set, _ = digits
+    model = _model(train_set.info)
+    train(model, train_set, TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0), progress=False)
+    qat = calibrate(prepare_qat(model).eval(), train_set.images[:256])
+    return qat, convert(qat)
+
+
+def _predict_accuracy(int8, images, labels) -> float:
+    return (int8.predict(images) == labels).double().mean().item()
+
+
+def test_accuracy_of_an_int8_model_is_its_own_prediction_accuracy(digits, quantized):
+    _, test_set = digits
+    qat, int8 = quantized
+    expected = _predict_accuracy(int8, test_set.images, test_set.labels)
+    assert expected > 0.5
+    assert accuracy(int8, test_set) == pytest.approx(expected)
+    assert accuracy(fast_backend(int8), test_set) == pytest.approx(expected)
+    assert accuracy(qat, test_set) == pytest.approx(expected, abs=0.02)  # the fake-quant twin, on floats
+
+
+def test_accuracy_of_int8_and_fp32_onnx_models(digits, quantized):
+    pytest.importorskip("onnxruntime")
+    from qrobust.quant.export import OnnxRuntimeModel, to_onnx
+
+    _, test_set = digits
+    _, int8 = quantized
+    assert accuracy(OnnxRuntimeModel(to_onnx(int8), threads=1), test_set) == pytest.approx(
+        _predict_accuracy(int8, test_set.images, test_set.labels)
+    )
+    model = _model(test_set.info)
+    fp32 = OnnxRuntimeModel(to_onnx(model, test_set.info.shape), threads=1)
+    assert accuracy(fp32, test_set) == pytest.approx(accuracy(model, test_set), abs=1 / len(test_set))
+
+
+def test_accuracy_of_an_int8_model_under_noise_uses_lattice_noise(digits, quantized):
+    _, test_set = digits
+    _, int8 = quantized
+    noisy = accuracy(int8, test_set, noise=IntRS(0.25), generator=torch.Generator().manual_seed(0))
+    expected = IntRS(0.25).perturb(test_set.images, torch.Generator().manual_seed(0))
+    assert noisy == pytest.approx(_predict_accuracy(int8, expected, test_set.labels))
+    with pytest.raises(QRobustError, match=r"int8 model reads integer lattice values, but .* gives floats: use IntRS"):
+        accuracy(int8, test_set, noise=FloatRS(0.25))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from qrobust.errors import QRobustError
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class LatticeDataset:
             raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=generator)
-        cut = int(round(fraction * len(self)))
+        cut = round(fraction * len(self))
         return self.select(order[:cut].sort().values), self.select(order[cut:].sort().values)
 
 
@@ -95,3 +98,70 @@ def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
     """Integer lattice values to float32 v / 255: uint8 images land in [0, 1], unclipped x + noise (int16)
     outside it, as a model with a wide input range (``QuantConfig.input_margin``) reads it."""
     return images.to(torch.float32).div_(255.0)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of the [0, 1] view of uint8 images (N, C, H, W).
+
+    Computed exactly from per-channel value histograms (256 bins), so memory stays O(C) whatever N.
+    """
+    channels = images.shape[1]
+    flat = images.transpose(0, 1).reshape(channels, -1).to(torch.int64)  # (C, N*H*W)
+    offsets = torch.arange(channels)[:, None] * 256
+    counts = torch.bincount((flat + offsets).reshape(-1), minlength=256 * channels).reshape(channels, 256)
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum(1).to(torch.float64)
+    mean = (counts * values).sum(1) / total
+    variance = ((counts * values.square()).sum(1) / total - mean.square()).clamp_(min=0.0)
+    return tuple(mean.tolist()), tuple(variance.sqrt().tolist())
+
+
+def dataset_from_lattice(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    source: str,
+    classes: Sequence[str] | None = None,
+    info: DatasetInfo | None = None,
+) -> LatticeDataset:
+    """A :class:`LatticeDataset` of uint8 ``images`` (N, C, H, W) and integer ``labels`` (N,) from ``source``.
+
+    With ``info`` (e.g. the training split's), its shape, classes and statistics are checked and reused,
+    so a test split is normalised with the training statistics. Without it, the info is named ``source``,
+    its classes are ``classes`` (default "0".."K-1" for K = max label + 1) and its mean and std are the
+    images' own. Raises :class:`QRobustError` naming ``source`` on bad labels, shapes or constant channels.
+    """
+    if len(images) == 0:
+        raise QRobustError(f"{source} holds no images")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise QRobustError(f"{source}: labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.shape != (len(images),):
+        raise QRobustError(
+            f"{source}: labels must have shape ({len(images)},) to match the images, got {tuple(labels.shape)}"
+        )
+    labels = labels.to(torch.int64)
+    shape = tuple(images.shape[1:])
+    if info is not None:
+        if classes is not None and tuple(classes) != info.classes:
+            raise QRobustError(f"{source}: classes {list(classes)} differ from those of {info.name}")
+        if shape != info.shape:
+            raise QRobustError(f"{source}: images have shape {shape} (C, H, W), but {info.name} has {info.shape}")
+        names = info.classes
+    else:
+        names = tuple(str(c) for c in classes) if classes is not None else None
+        if names is not None and len(set(names)) != len(names):
+            raise QRobustError(f"{source}: class names must be distinct, got {list(names)}")
+    num_classes = len(names) if names is not None else int(labels.max()) + 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise QRobustError(
+            f"{source}: labels must be in 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}"
+        )
+    if info is None:
+        mean, std = channel_stats(images)
+        if min(std) == 0.0:
+            raise QRobustError(
+                f"{source}: channel {std.index(0.0)} is constant (std 0), so it cannot be normalised; "
+                "pass the info of a varied training set"
+            )
+        info = DatasetInfo(source, shape, names or tuple(str(c) for c in range(num_classes)), mean, std)
+    return LatticeDataset(images.contiguous(), labels, info)

@@ -1,7 +1,8 @@
 """Loaders for the datasets qrobust knows, from local files only (no downloads, never unpickling).
 
 Every loader returns images on the uint8 lattice, shape (N, C, H, W), and int64 labels, wrapped in a
-:class:`LatticeDataset`. A missing dataset raises :class:`DatasetNotFoundError` whose one-line message
+:class:`LatticeDataset`. Besides the names in ``DATASET_NAMES``, ``load_dataset`` and ``dataset_info`` take
+your own data as "folder:DIR" or "npz:DIR" (``qrobust.data.files``). A missing dataset raises :class:`DatasetNotFoundError` whose one-line message
 names the files expected, where they were looked for and where to get them.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from qrobust.data.base import DatasetInfo, LatticeDataset
+from qrobust.data.files import SPEC_KINDS, is_spec, load_spec
 from qrobust.errors import DatasetNotFoundError, QRobustError
 
 SPLITS = ("train", "test")
@@ -71,9 +73,16 @@ DEFAULT_DATA_ROOT = Path("data")
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Shape, class names and training-set channel statistics of dataset ``name``, without reading files."""
+    """Shape, class names and training-set channel statistics of dataset ``name``.
+
+    A named dataset's are built in (no files read); those of a spec "folder:DIR" or "npz:DIR" come
+    from its train split, which is read for them.
+    """
+    if is_spec(name):
+        return load_spec(name, "train").info
     if name not in _INFOS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        specs = " or ".join(f"{kind}:DIR" for kind in SPEC_KINDS)
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}, or {specs}")
     return _INFOS[name]
 
 
@@ -83,10 +92,16 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
     ``data_root`` defaults to ``./data``, except for Fashion-MNIST, which then comes from
     /usr/share/datasets/fashion-mnist (Debian package ``dataset-fashion-mnist``); digits ships with
     scikit-learn and ignores it. Images are uint8 (N, C, H, W), labels int64 (N,).
+
+    Your own data: ``name`` "folder:DIR" reads DIR/<split>/<class>/*.png|jpg (images of one size),
+    "npz:DIR" reads DIR/<split>.npz; DIR is relative to the working directory, not ``data_root``. The
+    test split is normalised with the train split's statistics and must share its classes and shape.
     """
-    info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if is_spec(name):
+        return load_spec(name, split, None if split == "train" else dataset_info(name))
+    info = dataset_info(name)
     root = None if data_root is None else Path(data_root)
     images, labels = _LOADERS[name](split, root)
     if labels.size and not 0 <= labels.min() <= labels.max() < info.num_classes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,17 +21,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from qrobust.data import LatticeDataset, augmentation_for, to_unit_interval
-from qrobust.errors import CheckpointError
+from qrobust.data import LatticeDataset, as_lattice_dataset, augmentation_for, to_unit_interval
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qrobust.progress import progress_bar
+from qrobust.quant.backend import QuantizedBackend
+from qrobust.quant.engine import Int8Model
 from qrobust.quant.lowbit import METHODS as QUANT_METHODS
 from qrobust.quant.lowbit import LowBitConfig, WeightQuantizer
 from qrobust.smoothing import FloatRS, IntRS, SmoothingMethod
 from qrobust.train.losses import LOSSES, AttackConfig, Objective, make_objective
 
 NOISE_METHODS = {"gaussian": FloatRS, "discrete": IntRS}
+
+Data = LatticeDataset | Dataset | DataLoader  # anything ``as_lattice_dataset`` takes
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,10 @@ class EpochStats:
 
 def train(
     model: nn.Module,
-    train_set: LatticeDataset,
+    train_set: Data,
     config: TrainConfig,
     *,
-    test_set: LatticeDataset | None = None,
+    test_set: Data | None = None,
     checkpoint_path: str | Path | None = None,
     metadata: dict[str, Any] | None = None,
     resume: bool = False,
@@ -144,8 +150,12 @@ def train(
 
     After every epoch the model, optimizer, scheduler and random state go to ``checkpoint_path``
     (atomically, with ``metadata``), so ``resume=True`` continues an interrupted run exactly where
-    its last finished epoch left it.
+    its last finished epoch left it. ``train_set`` and ``test_set`` may be plain PyTorch datasets or
+    DataLoaders of (image, label), converted once by ``qrobust.data.as_lattice_dataset`` (the test set
+    with the training set's info); batches come from ``config``.
     """
+    train_set = as_lattice_dataset(train_set)
+    test_set = None if test_set is None else as_lattice_dataset(test_set, info=train_set.info)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -225,29 +235,52 @@ def train(
 @torch.inference_mode()
 def accuracy(
     model: nn.Module,
-    dataset: LatticeDataset,
+    dataset: Data,
     *,
     noise: SmoothingMethod | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
 ) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset``, on clean inputs or with one draw of ``noise`` per image."""
+    """Top-1 accuracy of ``model`` on ``dataset``, on clean inputs or with one draw of ``noise`` per image.
+
+    ``model`` may be a float or fake-quantized model (fed [0, 1] floats) or an int8 one (``Int8Model``,
+    its fast backend, an int8 ONNX model: fed integer lattice values, see ``reads_lattice``);
+    ``dataset`` anything ``qrobust.data.as_lattice_dataset`` takes.
+    """
+    dataset = as_lattice_dataset(dataset)
+    lattice = reads_lattice(model)
     model.eval()
     correct = 0
     for start in range(0, len(dataset), batch_size):
-        inputs = model_inputs(dataset.images[start : start + batch_size], noise, generator)
+        inputs = model_inputs(dataset.images[start : start + batch_size], noise, generator, lattice=lattice)
         correct += (model(inputs).argmax(1) == dataset.labels[start : start + batch_size]).sum().item()
     return correct / len(dataset)
 
 
-def model_inputs(images: torch.Tensor, noise: SmoothingMethod | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Float [0, 1] model inputs from uint8 images, with the smoothing method's noise if one is given.
+def reads_lattice(model: nn.Module) -> bool:
+    """Whether ``model`` reads integer lattice values (the int8 engines) rather than floats in [0, 1]."""
+    if isinstance(model, (Int8Model, QuantizedBackend)):
+        return True
+    export = sys.modules.get("qrobust.quant.export")  # an ONNX model exists only once its (onnx-heavy) module is imported
+    return export is not None and isinstance(model, export.OnnxRuntimeModel) and model.lattice
 
-    Methods that feed int8 models return noisy integer lattice values (unclipped); their float view
-    v / 255 is what a quantization-aware model trains on (its input quantizer clips).
+
+def model_inputs(
+    images: torch.Tensor, noise: SmoothingMethod | None, generator: torch.Generator | None, *, lattice: bool = False
+) -> torch.Tensor:
+    """Model inputs from uint8 images, with the smoothing method's noise if one is given.
+
+    By default float [0, 1] values: methods that feed int8 models return noisy integer lattice values
+    (unclipped), whose float view v / 255 is what a quantization-aware model trains on (its input
+    quantizer clips). With ``lattice`` (for an int8 model), integer lattice values, which only clean
+    images and the lattice methods (IntRS, FloatRSQuant) give.
     """
     inputs = images if noise is None else noise.perturb(images, generator)
-    return inputs if inputs.is_floating_point() else to_unit_interval(inputs)
+    if not lattice:
+        return inputs if inputs.is_floating_point() else to_unit_interval(inputs)
+    if inputs.is_floating_point():
+        raise QRobustError(f"an int8 model reads integer lattice values, but {noise} noise gives floats: use IntRS or FloatRSQuant")
+    return inputs
 
 
 def _restore(checkpoint: Checkpoint, model, optimizer, scheduler, generator, quantizer, config: TrainConfig) -> list[EpochStats]:
