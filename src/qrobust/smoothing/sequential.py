@@ -218,7 +218,9 @@ def certify_many(
         rows, cols = np.nonzero(open_)
         idx = active[rows]
         certified[idx, cols] = log_evidence_lower(votes[idx], drawn[idx], thresholds[cols]) >= lower
-        refuted[idx, cols] = ~certified[idx, cols] & (log_evidence_upper(votes[idx], drawn[idx], thresholds[cols]) >= upper)
+        refuted[idx, cols] = ~certified[idx, cols] & (
+            log_evidence_upper(votes[idx], drawn[idx], thresholds[cols]) >= upper
+        )
         still = (~(certified[active] | refuted[active])).any(axis=1) & (drawn[active] < n_max)
         active = active[still]
     p_lower, p_upper = cs_lower(votes, drawn, alpha), cs_upper(votes, drawn, alpha_refute or alpha)
@@ -233,8 +235,13 @@ def certify_many(
         p_hi = min(float(p_upper[i]), float(thresholds[refuted[i]].min(initial=1.0)))
         results.append(
             SequentialResult(
-                max(best) if best else None, int(votes[i]), int(drawn[i]), p_lo, p_hi,
-                tuple(bool(c) for c in certified[i]), tuple(bool(c) for c in refuted[i]),
+                max(best) if best else None,
+                int(votes[i]),
+                int(drawn[i]),
+                p_lo,
+                p_hi,
+                tuple(bool(c) for c in certified[i]),
+                tuple(bool(c) for c in refuted[i]),
             )
         )
     return results
@@ -276,7 +283,9 @@ def estimate_many(
         ]
         active = active[np.asarray(keep, dtype=bool)]
     return [
-        SequentialResult(radius_map.radius(float(p_lower[i])), int(votes[i]), int(drawn[i]), float(p_lower[i]), float(p_upper[i]))
+        SequentialResult(
+            radius_map.radius(float(p_lower[i])), int(votes[i]), int(drawn[i]), float(p_lower[i]), float(p_upper[i])
+        )
         for i in range(inputs)
     ]
 
