@@ -52,8 +52,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy.special import betainc, betaln
-from scipy.stats import norm
+from scipy.special import betainc, betaln, ndtr, ndtri
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.lattice import sound_squared_radius
@@ -86,11 +85,11 @@ class GaussianRadius:
             raise QRobustError(f"sigma must be a finite number > 0, got {self.sigma!r}")
 
     def radius(self, p: float) -> float | None:
-        return self.sigma * float(norm.ppf(p)) if p > 0.5 else None
+        return self.sigma * float(ndtri(p)) if p > 0.5 else None
 
     def p_needed(self, r: float) -> float:
         _check_radius(r)
-        return float(norm.cdf(r / self.sigma))
+        return float(ndtr(r / self.sigma))
 
 
 @dataclass(frozen=True)
