@@ -24,8 +24,7 @@ allowed alpha. Record the seed so a certificate can be reproduced.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import betainc
-from scipy.stats import binom
+from scipy.special import betainc, gammaln, xlog1py, xlogy
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import clopper_pearson_lower
@@ -61,4 +60,5 @@ def randomized_clopper_pearson_lower(successes, trials: int, alpha: float, rng: 
 def _p_value(k: np.ndarray, n: int, m: np.ndarray, u: np.ndarray) -> np.ndarray:
     """pi(m) = P_m[X > k] + u P_m[X = k] for X ~ Binomial(n, m)."""
     above = np.where(k < n, betainc(np.minimum(k + 1, n), np.maximum(n - k, 1), m), 0.0)
-    return above + u * binom.pmf(k, n, m)
+    log_pmf = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) + xlogy(k, m) + xlog1py(n - k, -m)
+    return above + u * np.exp(log_pmf)
