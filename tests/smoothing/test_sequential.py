@@ -169,3 +169,12 @@ def test_bad_arguments_raise(kwargs):
 def test_bad_votes_raise():
     with pytest.raises(QRobustError, match="vote counts"):
         sequential_certify(lambda k: k + 1, GAUSS, RADII, 0.01, 100)
+
+
+def test_futile_radii_are_refuted_early():
+    """A radius no input can certify within n_max is dropped at the first failing vote; one the true pA
+    cannot reach within n_max is dropped long before n_max."""
+    unreachable = certify_many(_votes(0.99, seed=9), 50, GAUSS, (0.0, 2.0), 0.001, n_max=10_000, batch=256)
+    assert all(r.certified == (True, False) and r.refuted[1] and r.samples <= 512 for r in unreachable)
+    far = certify_many(_votes(0.995, seed=9), 200, GAUSS, (0.75,), 0.001, n_max=100_000, batch=256)
+    assert all(r.refuted == (True,) for r in far) and np.mean([r.samples for r in far]) < 10_000

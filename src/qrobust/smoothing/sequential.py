@@ -39,9 +39,10 @@ How alpha is accounted for
   >= 1 - alpha, every certified radius is truly certified, for all radii, at every time, whatever the
   stopping rule. No union over radii or over looks is needed.
 * Certify / refute: only a false certification breaks soundness. Certification uses the lower side at
-  level ``alpha``; refutation (stop drawing for r_j because U_n < p_needed(r_j)) uses the upper side
-  at level ``alpha_refute`` (default alpha), whose errors only report a certifiable radius as not
-  certified, as an abstention does. P[some false certificate] <= alpha, for each input.
+  level ``alpha``; refutation (stop drawing for r_j: U_n is below the least pA that would typically
+  certify r_j within n_max samples) uses the upper side at level ``alpha_refute`` (default alpha).
+  Refutations are a futility rule: an error there only reports a certifiable radius as not certified,
+  as an abstention does. P[some false certificate] <= alpha, for each input.
 """
 
 from __future__ import annotations
@@ -209,17 +210,20 @@ def certify_many(
 ) -> list[SequentialResult]:
     """Decide, for each of ``inputs`` inputs and each requested radius, whether it is certified.
 
-    After every batch of ``batch`` samples, r_j is certified once M+_n(p_needed(r_j)) >= 1/alpha and
-    refuted once M-_n(p_needed(r_j)) >= 1/alpha_refute; an input stops when every radius is decided or
-    at ``n_max`` samples. With probability >= 1 - alpha per input, no certified radius exceeds the
-    radius of the true pA (module docstring). ``draw(indices, k)`` returns the votes for the guessed
-    class among k new samples of each input in ``indices``.
+    After every batch of ``batch`` samples, r_j is certified once M+_n(p_j) >= 1/alpha (p_j =
+    p_needed(r_j)) and refuted once M-_n(q_j) >= 1/alpha_refute, i.e. U_n < q_j, where q_j > p_j is the
+    least pA whose expected count pA * n_max would certify r_j by n_max (q_j = 1 when none would): more
+    samples are then unlikely to certify r_j. An input stops when every radius is decided or at
+    ``n_max`` samples. With probability >= 1 - alpha per input, no certified radius exceeds the radius
+    of the true pA (module docstring). ``draw(indices, k)`` returns the votes for the guessed class
+    among k new samples of each input in ``indices``.
     """
     _check_run(inputs, alpha, n_max, batch, alpha_refute)
     if not len(radii):
         raise QRobustError("radii must name at least one radius to decide")
     thresholds = np.array([radius_map.p_needed(r) for r in radii], dtype=float)
     lower, upper = math.log(1.0 / alpha), math.log(1.0 / (alpha_refute or alpha))
+    futile = _reachable(thresholds, n_max, lower)
     votes, drawn = np.zeros(inputs, dtype=np.int64), np.zeros(inputs, dtype=np.int64)
     certified = np.zeros((inputs, len(radii)), dtype=bool)
     refuted = np.zeros_like(certified)
@@ -232,9 +236,7 @@ def certify_many(
         rows, cols = np.nonzero(open_)
         idx = active[rows]
         certified[idx, cols] = log_evidence_lower(votes[idx], drawn[idx], thresholds[cols]) >= lower
-        refuted[idx, cols] = ~certified[idx, cols] & (
-            log_evidence_upper(votes[idx], drawn[idx], thresholds[cols]) >= upper
-        )
+        refuted[idx, cols] = ~certified[idx, cols] & (log_evidence_upper(votes[idx], drawn[idx], futile[cols]) >= upper)
         still = (~(certified[active] | refuted[active])).any(axis=1) & (drawn[active] < n_max)
         active = active[still]
     p_lower, p_upper = cs_lower(votes, drawn, alpha), cs_upper(votes, drawn, alpha_refute or alpha)
@@ -246,7 +248,7 @@ def certify_many(
         read = radius_map.radius(p_lo)
         if read is not None:
             best.append(read)
-        p_hi = min(float(p_upper[i]), float(thresholds[refuted[i]].min(initial=1.0)))
+        p_hi = min(float(p_upper[i]), float(futile[refuted[i]].min(initial=1.0)))
         results.append(
             SequentialResult(
                 max(best) if best else None,
@@ -329,6 +331,16 @@ def sequential_estimate(
 ) -> SequentialResult:
     """``estimate_many`` for one input: ``draw(k)`` returns the guessed class's votes among k new samples."""
     return estimate_many(_single(draw), 1, radius_map, tolerance, alpha, n_max, batch, r_max, alpha_refute)[0]
+
+
+def _reachable(thresholds: np.ndarray, n_max: int, lower: float) -> np.ndarray:
+    """For each threshold p_j, the least pA whose expected count pA * n_max makes M+_{n_max}(p_j) reach 1/alpha."""
+    lo, hi = thresholds.copy(), np.ones_like(thresholds)
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        reached = log_evidence_lower(mid * n_max, n_max, thresholds) >= lower
+        lo, hi = np.where(reached, lo, mid), np.where(reached, mid, hi)
+    return hi
 
 
 def _estimated(radius_map: RadiusMap, p_lower: float, p_upper: float, tolerance: float, r_max: float) -> bool:
