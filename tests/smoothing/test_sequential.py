@@ -4,20 +4,24 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.integrate import quad
 from scipy.stats import norm
 
 from qrobust.errors import QRobustError
+from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, SmoothedClassifier
 from qrobust.smoothing.confidence import clopper_pearson_lower
 from qrobust.smoothing.sequential import (
     GaussianRadius,
     LatticeRadius,
     certify_many,
+    certify_sequential,
     cs_lower,
     cs_upper,
     estimate_many,
     log_evidence_lower,
     log_evidence_upper,
+    radius_map_for,
     sequential_certify,
     sequential_estimate,
 )
@@ -178,3 +182,26 @@ def test_futile_radii_are_refuted_early():
     assert all(r.certified == (True, False) and r.refuted[1] and r.samples <= 512 for r in unreachable)
     far = certify_many(_votes(0.995, seed=9), 200, GAUSS, (0.75,), 0.001, n_max=100_000, batch=256)
     assert all(r.refuted == (True,) for r in far) and np.mean([r.samples for r in far]) < 10_000
+
+
+def test_radius_maps_agree_with_the_methods():
+    """Each method's radius(count, n, alpha) is its radius map at the Clopper-Pearson bound."""
+    n, alpha = 1000, 0.001
+    for method in (FloatRS(0.25), FloatRSQuant(0.5), IntRS(0.25)):
+        radius_map = radius_map_for(method)
+        for count in (400, 600, 800, 950, 990, 999, 1000):
+            expected = method.radius(count, n, alpha)
+            got = radius_map.radius(clopper_pearson_lower(count, n, alpha))
+            assert (got is None) == (expected is None) and (got is None or got == pytest.approx(expected, abs=1e-12))
+    with pytest.raises(QRobustError):
+        radius_map_for(object())
+
+
+def test_certify_sequential_is_sound_and_frugal(linear_binary):
+    """LinearBinary's smoothed radius is exactly |w.x + b| / ||w||; the sequential radius stays below it."""
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA), batch_size=500, noise_bank_seed=0)
+    x = torch.tensor([0.9, 0.1, 0.3, 0.7]).reshape(1, 2, 2)  # margin 0.36 (class 1)
+    certificate, result = certify_sequential(smoothed, x, n0=100, n_max=100_000, alpha=0.001, radii=(0.25,))
+    assert certificate.label == 1 and result.certified == (True,)
+    assert 0.25 <= certificate.radius <= linear_binary.margin(x)
+    assert certificate.counts.sum() == result.samples < 10_000 and certificate.p_lower == result.p_lower

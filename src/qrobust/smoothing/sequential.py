@@ -53,10 +53,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 from scipy.special import betainc, betaln, ndtr, ndtri
 
 from qrobust.errors import QRobustError
+from qrobust.smoothing.core import Certificate, SmoothedClassifier
 from qrobust.smoothing.lattice import sound_squared_radius
+from qrobust.smoothing.methods import FloatRS, IntRS, SmoothingMethod
 
 _BISECTIONS = 64  # halvings of [0, 1]: below the spacing of doubles
 _NEWTON_STEPS = 16
@@ -124,6 +127,16 @@ class LatticeRadius:
             else:
                 lo = mid
         return hi
+
+
+def radius_map_for(method: SmoothingMethod) -> RadiusMap:
+    """The radius-from-p map of a smoothing method (the rule its ``radius(count, n, alpha)`` applies to
+    the Clopper-Pearson bound): Gaussian for FloatRS and FloatRSQuant, the sound lattice radius for IntRS."""
+    if isinstance(method, FloatRS):
+        return GaussianRadius(method.sigma)
+    if isinstance(method, IntRS):
+        return LatticeRadius(method.sigma, float(method.scale))
+    raise QRobustError(f"no radius map for smoothing method {getattr(method, 'name', method)!r}")
 
 
 def log_evidence_lower(successes, trials, m):
@@ -341,6 +354,41 @@ def _reachable(thresholds: np.ndarray, n_max: int, lower: float) -> np.ndarray:
         reached = log_evidence_lower(mid * n_max, n_max, thresholds) >= lower
         lo, hi = np.where(reached, lo, mid), np.where(reached, mid, hi)
     return hi
+
+
+def certify_sequential(
+    smoothed: SmoothedClassifier,
+    x: torch.Tensor,
+    *,
+    n0: int,
+    n_max: int,
+    alpha: float,
+    radii: Sequence[float],
+    batch: int = 256,
+    alpha_refute: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Certificate, SequentialResult]:
+    """CERTIFY of Cohen et al. with ``sequential_certify`` as its estimation step.
+
+    Guess the top class from ``n0`` samples, then draw estimation samples in batches of ``batch`` until
+    every radius in ``radii`` is decided. With probability >= 1 - alpha the smoothed classifier returns
+    ``label`` on the whole l2 ball of the returned radius; ``Certificate.p_lower`` is the CS bound and
+    ``counts.sum()`` the estimation samples used (at most ``n_max``).
+    """
+    bank = smoothed.noise_bank(x, n0 + n_max)
+    guess = int(np.argmax(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
+    counts = np.zeros(smoothed.num_classes, dtype=np.int64)
+
+    def draw(k: int) -> int:
+        start = n0 + int(counts.sum())
+        new = smoothed.sample_counts(x, k, generator, None if bank is None else bank[start : start + k])
+        counts[:] += new
+        return int(new[guess])
+
+    result = sequential_certify(draw, radius_map_for(smoothed.method), radii, alpha, n_max, batch, alpha_refute)
+    if result.radius is None:
+        return Certificate(None, 0.0, result.p_lower, counts), result
+    return Certificate(guess, result.radius, result.p_lower, counts), result
 
 
 def _estimated(radius_map: RadiusMap, p_lower: float, p_upper: float, tolerance: float, r_max: float) -> bool:
