@@ -205,3 +205,10 @@ def test_certify_sequential_is_sound_and_frugal(linear_binary):
     assert certificate.label == 1 and result.certified == (True,)
     assert 0.25 <= certificate.radius <= linear_binary.margin(x)
     assert certificate.counts.sum() == result.samples < 10_000 and certificate.p_lower == result.p_lower
+
+
+def test_bad_counts_raise():
+    with pytest.raises(QRobustError, match="successes"):
+        cs_lower(11, 10, 0.01)
+    with pytest.raises(QRobustError, match="successes"):
+        log_evidence_upper(-1, 10, 0.5)

@@ -23,7 +23,7 @@ The upper bound U_n is the mirror image (bets on failures, M-_n) at level ``alph
 
 Why this construction: it is exact (a closed form through the regularised incomplete beta function,
 no discretised bet grid, no approximation in the guarantee), monotone in m (so the bound is one
-bisection, and a decision "is pA > m?" is one evaluation of M+_n(m), O(1) per batch), one-sided (no
+root-find, and a decision "is pA > m?" is one evaluation of M+_n(m), O(1) per batch), one-sided (no
 power spent on the side that cannot create a false certificate), and its prior on alternatives adapts
 to m: its density near q = m is 1 / (1 - m), which is what makes inputs with pA near 1, the common
 case, stop early. A two-sided beta-binomial mixture would lose log(1 / P_prior[q > m]) nats of
@@ -47,6 +47,7 @@ How alpha is accounted for
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,17 +117,22 @@ class LatticeRadius:
     def p_needed(self, r: float) -> float:
         """Bisection on the step function radius(p): returns p* with radius(p*) >= r (so every p > p* works)."""
         _check_radius(r)
-        lo, hi = 0.5, 1.0
-        for _ in range(_BISECTIONS):
-            mid = 0.5 * (lo + hi)
-            if mid in (lo, hi):
-                break
-            certified = self.radius(mid)
-            if certified is not None and certified >= r:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        return _lattice_p_needed(self, r)
+
+
+@functools.lru_cache(maxsize=256)
+def _lattice_p_needed(radius_map: LatticeRadius, r: float) -> float:
+    lo, hi = 0.5, 1.0
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        certified = radius_map.radius(mid)
+        if certified is not None and certified >= r:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def radius_map_for(method: SmoothingMethod) -> RadiusMap:
@@ -423,6 +429,8 @@ def _checked_votes(votes, expected: int, k: int) -> np.ndarray:
 
 def _as_counts(successes, trials, m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s, n = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
+    if np.any(s < 0) or np.any(s > n):
+        raise QRobustError(f"successes must be in [0, trials], got {successes} of {trials}")
     return s, n - s, np.asarray(m, dtype=float)
 
 
