@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta, binom
+from scipy.special import betainc, ndtri
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import clopper_pearson_lower
@@ -126,23 +126,24 @@ def largest_radius_sequential(radius_map: RadiusMap, n_max: int, alpha: float) -
 
 
 def _certification_probability(n: np.ndarray, alpha: float, needed: float, p_a: float) -> np.ndarray:
-    """P[Binomial(n, pA) >= k*(n)], k*(n) the least count whose Clopper-Pearson bound exceeds ``needed``."""
-    # CP(k, n) > p  <=>  P_p[Binomial(n, p) >= k] < alpha: a first guess by the binomial quantile, then
-    # moved one count at a time until it agrees with the bound itself (as CERTIFY computes it).
-    k = np.minimum(binom.isf(alpha, n, needed).astype(np.int64) + 1, n + 1)
+    """P[Binomial(n, pA) >= k*(n)], k*(n) the least count whose Clopper-Pearson bound exceeds ``needed``.
+
+    CP(k, n) > p  <=>  P_p[Binomial(n, p) >= k] = I_p(k, n - k + 1) < alpha; k* starts at the normal
+    approximation and moves one count at a time until it is exact.
+    """
+    k = np.clip(np.ceil(n * needed + ndtri(1 - alpha) * np.sqrt(n * needed * (1 - needed))), 1, n + 1).astype(np.int64)
     while True:
-        down = (k >= 2) & (_clopper_pearson(k - 1, n, alpha) > needed)
-        up = (k <= n) & ~(_clopper_pearson(k, n, alpha) > needed)
+        down = (k >= 2) & (_upper_tail(k - 1, n, needed) < alpha)
+        up = (k <= n) & ~(_upper_tail(k, n, needed) < alpha)
         if not (down.any() or up.any()):
-            return binom.sf(k - 1, n, p_a)
+            return _upper_tail(k, n, p_a)
         k = k - down + up
 
 
-def _clopper_pearson(k: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
-    """``confidence.clopper_pearson_lower`` for arrays of counts and trials (k > n reads as 1)."""
-    k = np.clip(k, 0, n + 1)
-    bound = beta.ppf(alpha, np.maximum(k, 1), np.maximum(n - k + 1, 1))
-    return np.where(k == 0, 0.0, np.where(k > n, 1.0, bound))
+def _upper_tail(k: np.ndarray, n: np.ndarray, p: float) -> np.ndarray:
+    """P_p[Binomial(n, p) >= k] for 1 <= k <= n + 1 (0 at k = n + 1)."""
+    inside = k <= n
+    return np.where(inside, betainc(np.minimum(k, n), np.where(inside, n - k + 1, 1), p), 0.0)
 
 
 def _first_monotone(holds: Callable[[int], bool]) -> int | None:
