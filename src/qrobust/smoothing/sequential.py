@@ -163,9 +163,10 @@ def log_evidence_upper(successes, trials, m):
 def cs_lower(successes, trials, alpha: float):
     """L_n: with probability >= 1 - alpha, pA >= L_n simultaneously for all n (any stopping rule).
 
-    The crossing of the monotone M+_n with 1/alpha, found by safeguarded Newton steps and returned only
-    at a point where M+_n >= 1/alpha is verified (bisection where a step fails), so the result is never
-    above the exact bound (below it by ~1e-12 for pA > 1/2, at most ~1e-8 anywhere). Arrays are evaluated at once.
+    The crossing of the monotone M+_n with 1/alpha, found by safeguarded Newton steps in log m and
+    returned only at a point where M+_n >= 1/alpha is verified (bisection where that fails), so the
+    result is never above the exact bound, and below it by about 1e-12 relative. Arrays are evaluated
+    at once.
     """
     _check_level("alpha", alpha)
     s, f, _ = _as_counts(successes, trials, 0.5)
@@ -175,11 +176,11 @@ def cs_lower(successes, trials, alpha: float):
     for _ in range(_NEWTON_STEPS):
         value, slope = _lower_gap(s, f, x, threshold)
         lo, hi = np.where(value >= 0, x, lo), np.where(value < 0, x, hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = x - value / slope
-        x = np.where(np.isfinite(step) & (step > lo) & (step < hi), step, 0.5 * (lo + hi))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            step = x * np.exp(-value / (x * slope))  # Newton in log m: well conditioned for small bounds too
+        x = np.where(np.isfinite(step) & (step >= lo) & (step <= hi), step, 0.5 * (lo + hi))
     candidate = x * (1.0 - _NEWTON_SLACK)
-    verified = _lower_gap(s, f, candidate, threshold)[0] >= 0
+    verified = (s == 0) | (_lower_gap(s, f, candidate, threshold)[0] >= 0)
     bound = np.where(verified & (candidate > lo), candidate, lo)
     for _ in range(_BISECTIONS if not verified.all() else 0):
         mid = 0.5 * (lo + hi)
