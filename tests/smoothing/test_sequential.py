@@ -212,3 +212,10 @@ def test_bad_counts_raise():
         cs_lower(11, 10, 0.01)
     with pytest.raises(QRobustError, match="successes"):
         log_evidence_upper(-1, 10, 0.5)
+
+
+def test_certify_sequential_rejects_bad_arguments(linear_binary):
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
+    x = torch.full((1, 2, 2), 0.5)
+    with pytest.raises(QRobustError, match="n0"):
+        certify_sequential(smoothed, x, n0=0, n_max=100, alpha=0.01, radii=RADII)

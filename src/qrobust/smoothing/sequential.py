@@ -382,6 +382,9 @@ def certify_sequential(
     ``label`` on the whole l2 ball of the returned radius; ``Certificate.p_lower`` is the CS bound and
     ``counts.sum()`` the estimation samples used (at most ``n_max``).
     """
+    if int(n0) != n0 or n0 < 1:
+        raise QRobustError(f"n0 must be an integer >= 1, got {n0!r}")
+    _check_run(1, alpha, n_max, batch, alpha_refute)
     bank = smoothed.noise_bank(x, n0 + n_max)
     guess = int(np.argmax(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
     counts = np.zeros(smoothed.num_classes, dtype=np.int64)
