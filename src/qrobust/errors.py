@@ -1,8 +1,11 @@
 """Errors a user can cause and fix; the CLI prints them as one line and exits with code 2."""
 
 
-class QRobustError(Exception):
-    """Base class for errors caused by user input (arguments, files, data)."""
+class QRobustError(ValueError):
+    """Base class for errors caused by user input (arguments, files, data).
+
+    It is a ``ValueError`` so that code catching the standard exception for bad values catches it too.
+    """
 
 
 class DatasetNotFoundError(QRobustError, FileNotFoundError):

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from qrobust.data import LatticeDataset
-from qrobust.smoothing import FloatRS
-from qrobust.smoothing import SmoothedClassifier, certify_examples, evenly_spaced, example_generator
+from qrobust.smoothing import FloatRS, SmoothedClassifier, certify_examples, evenly_spaced, example_generator
 
 
 def test_example_generators_are_reproducible_and_distinct():

@@ -1,6 +1,6 @@
 """Randomized smoothing: predict and certify with a noisy base classifier, and summarise the results."""
 
-from qrobust.smoothing.confidence import SmoothingError, clopper_pearson_lower
+from qrobust.smoothing.confidence import clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, Prediction, SmoothedClassifier
 from qrobust.smoothing.incremental import (
     CertificationCache,
@@ -40,7 +40,6 @@ __all__ = [
     "PredictRow",
     "Prediction",
     "SmoothedClassifier",
-    "SmoothingError",
     "SmoothingMethod",
     "acr",
     "certified_accuracy_curve",

@@ -11,10 +11,6 @@ from scipy.stats import beta
 from qrobust.errors import QRobustError
 
 
-class SmoothingError(QRobustError, ValueError):
-    """A bad argument of a smoothing entry point, or base model output that cannot be counted as votes."""
-
-
 def clopper_pearson_lower(successes, trials: int, alpha: float):
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion.
 
@@ -30,36 +26,36 @@ def clopper_pearson_lower(successes, trials: int, alpha: float):
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> None:
-    """Raise SmoothingError unless ``value`` is an integer >= ``minimum``: a Python or numpy integer, not a
+    """Raise QRobustError unless ``value`` is an integer >= ``minimum``: a Python or numpy integer, not a
     float (``100.0``) or a bool, which torch would reject or misread far from the call."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise SmoothingError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise QRobustError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_alpha(alpha: float, name: str = "alpha") -> None:
-    """Raise SmoothingError unless the failure probability ``alpha`` is a number in (0, 1)."""
+    """Raise QRobustError unless the failure probability ``alpha`` is a number in (0, 1)."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise SmoothingError(f"{name} must be in (0, 1), got {alpha!r}")
+        raise QRobustError(f"{name} must be in (0, 1), got {alpha!r}")
 
 
 def check_image(x: torch.Tensor, float_dtype: torch.dtype | None, method: str) -> None:
-    """Raise SmoothingError unless ``x`` is a non-empty (C, H, W) image that smoothing ``method`` reads: a
+    """Raise QRobustError unless ``x`` is a non-empty (C, H, W) image that smoothing ``method`` reads: a
     uint8 lattice image or, when ``float_dtype`` is given, a float image of that dtype in [0, 1]."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.numel() == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise SmoothingError(f"x must be a non-empty (C, H, W) image tensor, got {shape}")
+        raise QRobustError(f"x must be a non-empty (C, H, W) image tensor, got {shape}")
     if x.dtype not in (torch.uint8, float_dtype):
         floats = "" if float_dtype is None else f" or a {str(float_dtype).removeprefix('torch.')} image in [0, 1]"
-        raise SmoothingError(f"x must be a uint8 lattice image{floats} for {method} smoothing, got dtype {x.dtype}")
+        raise QRobustError(f"x must be a uint8 lattice image{floats} for {method} smoothing, got dtype {x.dtype}")
     if x.dtype != torch.uint8:
         check_unit_image(x)
 
 
 def check_unit_image(x: torch.Tensor) -> None:
-    """Raise SmoothingError unless ``x`` is a finite float tensor in [0, 1]."""
+    """Raise QRobustError unless ``x`` is a finite float tensor in [0, 1]."""
     if not torch.is_floating_point(x):
-        raise SmoothingError(f"x must be a uint8 lattice image or a float image in [0, 1], got dtype {x.dtype}")
+        raise QRobustError(f"x must be a uint8 lattice image or a float image in [0, 1], got dtype {x.dtype}")
     if not torch.isfinite(x).all():
-        raise SmoothingError("x contains NaN or infinite values")
+        raise QRobustError("x contains NaN or infinite values")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise SmoothingError(f"x must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+        raise QRobustError(f"x must lie in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]")

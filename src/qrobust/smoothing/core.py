@@ -8,7 +8,7 @@ classified as "no class", so f takes values in {0, ..., num_classes - 1, no clas
 likely of them. A vote for no class counts among the n samples but for no class, so it can only lower
 pA_lower; every guarantee below holds for this f, and "no class" is never returned as a label (certify
 and predict abstain instead). A base model whose output is not a (batch, num_classes) tensor is refused
-with ``SmoothingError`` on its first batch.
+with ``QRobustError`` on its first batch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
-from qrobust.smoothing.confidence import SmoothingError, check_alpha, check_count, clopper_pearson_lower
+from qrobust.errors import QRobustError
+from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.methods import SmoothingMethod
 
 
@@ -122,7 +123,7 @@ class SmoothedClassifier:
         when all n0 selection samples are such, the certificate abstains.
 
         Raises:
-            SmoothingError: a bad argument (``x`` not an image the method takes, ``n0``/``n`` not integers
+            QRobustError: a bad argument (``x`` not an image the method takes, ``n0``/``n`` not integers
                 >= 1, ``alpha`` not in (0, 1)), or ``base`` output that is not (batch, num_classes).
         """
         self.method.check_image(x)
@@ -172,7 +173,7 @@ class SmoothedClassifier:
 
         A sample whose logit row is not all finite gets ``num_classes``, the vote for no class. The noise
         is fresh from ``generator``, drawn in batches of ``batch_size`` (one ``method.perturb`` call per
-        batch), or the first ``num`` rows of ``noise`` (num, *x.shape). Raises SmoothingError when
+        batch), or the first ``num`` rows of ``noise`` (num, *x.shape). Raises QRobustError when
         ``base`` returns anything but a (batch, num_classes) tensor.
         """
         predictions = torch.empty(num, dtype=torch.int64, device=x.device)
@@ -186,7 +187,7 @@ class SmoothedClassifier:
             logits = self.base(inputs)  # (size, num_classes)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (size, self.num_classes):
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise SmoothingError(f"base model must return logits of shape ({size}, {self.num_classes}), got {got}")
+                raise QRobustError(f"base model must return logits of shape ({size}, {self.num_classes}), got {got}")
             finite = torch.isfinite(logits).all(dim=1)  # (size,)
             predictions[start : start + size] = torch.where(finite, logits.argmax(dim=1), self.num_classes)
         return predictions.cpu().numpy()

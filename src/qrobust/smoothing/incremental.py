@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from qrobust.smoothing.confidence import SmoothingError, check_alpha, check_count, clopper_pearson_lower
+from qrobust.errors import QRobustError
+from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, SmoothedClassifier, count_votes
 from qrobust.smoothing.methods import SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, summarize
@@ -106,7 +107,7 @@ def certify_original(
         raise ValueError("IRS replays per-input noise: the original classifier's noise_bank_seed must be None")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise SmoothingError(f"images must be a non-empty (N, C, H, W) tensor, got {shape}")
+        raise QRobustError(f"images must be a non-empty (N, C, H, W) tensor, got {shape}")
     for x in images:
         smoothed.method.check_image(x)
     certificates, predictions = [], []

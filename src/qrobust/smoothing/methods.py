@@ -46,7 +46,7 @@ class SmoothingMethod(Protocol):
         ...
 
     def check_image(self, x: torch.Tensor) -> None:
-        """Raise SmoothingError unless ``x`` is a clean (C, H, W) image this method can add its noise to."""
+        """Raise QRobustError unless ``x`` is a clean (C, H, W) image this method can add its noise to."""
         ...
 
 

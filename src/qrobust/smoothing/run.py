@@ -41,7 +41,7 @@ def certify_examples(
 
     With ``settle_radii``, each example is certified adaptively (``certify_adaptive``): at most ``n``
     estimation samples, in doubling rounds from 1,000, stopping once these radii are settled. The
-    arguments are checked here, before the first example (SmoothingError).
+    arguments are checked here, before the first example (QRobustError).
     """
     _check_run(n=n, n0=n0, alpha=alpha, seed=seed)
     schedule = None if settle_radii is None else SampleSchedule(n)
@@ -84,7 +84,7 @@ def predict_examples(
     seed: int = 0,
 ) -> Iterator[PredictRow]:
     """Predict ``dataset`` at ``indices`` in order, yielding one row per example as it finishes. The
-    arguments are checked here, before the first example (SmoothingError)."""
+    arguments are checked here, before the first example (QRobustError)."""
     _check_run(n=n, alpha=alpha, seed=seed)
     return _predict_rows(smoothed, dataset, indices, n, alpha, seed)
 
@@ -108,7 +108,7 @@ def evenly_spaced(total: int, count: int) -> list[int]:
 
 
 def _check_run(alpha: float, seed: int, **counts: int) -> None:
-    """Raise SmoothingError on a bad sample count, ``alpha`` or ``seed`` of a run."""
+    """Raise QRobustError on a bad sample count, ``alpha`` or ``seed`` of a run."""
     for name, value in counts.items():
         check_count(name, value)
     check_alpha(alpha)
