@@ -1,7 +1,7 @@
 """Samples per input of the confidence-sequence certifier vs the union-bound schedule, on simulated votes.
 
 For each true pA the votes are Bernoulli(pA) draws (no model): the sequential certifier of
-``qrobust.smoothing.sequential`` (batches of 256) and ``adaptive.sequential_radius`` (Clopper-Pearson at
+``qrobust.smoothing.sequential`` (batches of 256) and ``adaptive.union_bound_radius`` (Clopper-Pearson at
 alpha / K over K geometric checkpoints) decide the same table radii with at most n samples. Prints the
 mean samples / n of each and the share of inputs certified at each radius. Run:
     .venv/bin/python bench/sequential_simulation.py --sigma 0.25 --radii 0,0.25,0.5,0.75
@@ -14,8 +14,9 @@ import argparse
 import numpy as np
 
 from qrobust.smoothing import FloatRS
-from qrobust.smoothing.adaptive import SampleSchedule, sequential_radius
-from qrobust.smoothing.sequential import GaussianRadius, certify_many
+from qrobust.smoothing.adaptive import SampleSchedule, union_bound_radius
+from qrobust.smoothing.methods import GaussianRadius
+from qrobust.smoothing.sequential import certify_many
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def _simulate(
     results = certify_many(votes, args.inputs, radius_map, radii, args.alpha, args.n)
     schedule = SampleSchedule(args.n)
     union = [
-        sequential_radius(lambda k: int(rng.binomial(k, p)), method.radius, schedule, args.alpha, radii)[2]
+        union_bound_radius(lambda k: int(rng.binomial(k, p)), method.radius, schedule, args.alpha, radii)[2]
         for _ in range(max(1, args.inputs // 3))
     ]
     cs = float(np.mean([r.samples for r in results])) / args.n

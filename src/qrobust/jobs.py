@@ -10,7 +10,7 @@ resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,18 @@ from qrobust.smoothing import (
     FloatRS,
     FloatRSQuant,
     IntRS,
+    LatticeRS,
     SmoothedClassifier,
     SmoothingMethod,
     certify_examples,
     predict_examples,
 )
+from qrobust.smoothing.adaptive import check_radii, check_sequential
 from qrobust.smoothing.confidence import check_alpha, check_count
 from qrobust.smoothing.records import CertifyRow, PredictRow
 from qrobust.train import load_model
 
-METHODS: dict[str, type[SmoothingMethod]] = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS)}
+METHODS: dict[str, type[SmoothingMethod]] = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS, LatticeRS)}
 COMMANDS = ("certify", "predict")
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -45,8 +47,14 @@ class SmoothingJob:
     """The settings of one certify or predict run (everything but which examples).
 
     ``n0`` is the selection sample count of certify (unused by predict); ``settle_radii`` makes certify
-    adaptive (``qrobust.smoothing.adaptive``); ``runtime`` "onnxruntime" runs the base model exported to
-    ONNX (``qrobust.quant.export``) instead of on torch (where ``fast`` picks the path).
+    adaptive (``qrobust.smoothing.adaptive``: at most ``n`` samples per example, stopping once these
+    radii are decided) with the sequential test ``sequential`` ("cs", the confidence sequence, or
+    "union", the union-bound schedule, for comparison); ``randomized_bound`` makes fixed-n certify use
+    the randomized Clopper-Pearson bound, its coin seeded by ``seed`` and the example index
+    (``SmoothedClassifier.certificate`` says what it guarantees); ``runtime`` "onnxruntime" runs the
+    base model exported to ONNX (``qrobust.quant.export``) instead of on torch (where ``fast`` picks
+    the path). ``method`` picks the checkpoint kind: an fp32 checkpoint for "float-fp" and "lattice", an
+    int8 one for "float-quant" and "int" (``SmoothingMethod.model_kind``).
 
     ``memory_limit`` (GiB; None: the default of ``qrobust.limits``) bounds what the job may allocate: n is
     checked when the job is made, the model file, the noise bank and a batch when it is opened, each
@@ -70,6 +78,8 @@ class SmoothingJob:
     settle_radii: tuple[float, ...] | None = None
     runtime: str = "torch"
     memory_limit: InitVar[float | None] = None
+    sequential: str = field(default="cs", kw_only=True)
+    randomized_bound: bool = field(default=False, kw_only=True)
 
     def __post_init__(self, memory_limit: float | None) -> None:
         if self.command not in COMMANDS:
@@ -82,6 +92,11 @@ class SmoothingJob:
         for name in ("n", "n0", "batch_size"):
             check_count(name, getattr(self, name))
         check_alpha(self.alpha)
+        check_sequential(self.sequential)
+        if self.settle_radii is not None:
+            check_radii(self.settle_radii)
+        if self.randomized_bound and (self.command != "certify" or self.settle_radii is not None):
+            raise QRobustError("randomized_bound applies to fixed-n certify only (not predict, not settle_radii)")
         object.__setattr__(self, "_memory_limit", None if memory_limit is None else check_limit(memory_limit))
         most = max(self.n0, self.n) if self.command == "certify" else self.n
         check_memory(f"n = {most:,} noisy samples (an int64 prediction each)", 8 * most, self._memory_limit, "--n")
@@ -89,7 +104,7 @@ class SmoothingJob:
     def open(self) -> tuple[SmoothedClassifier, LatticeDataset, dict[str, Any]]:
         """The smoothed classifier, the dataset split and the model's metadata, read from the files."""
         smoothing = METHODS[self.method](self.sigma)
-        int8 = isinstance(smoothing, FloatRSQuant | IntRS)
+        int8 = smoothing.model_kind == "int8"
         if int8:
             saved = load_int8(self.checkpoint, self._memory_limit)
             info, metadata, model = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata, saved.model
@@ -135,7 +150,8 @@ class SmoothingJob:
         """Run the job on ``data`` at ``indices``, one row per example in order."""
         if self.command == "certify":
             return certify_examples(smoothed, data, indices, n0=self.n0, n=self.n, alpha=self.alpha, seed=self.seed,
-                                    settle_radii=self.settle_radii)  # fmt: skip
+                                    settle_radii=self.settle_radii, sequential=self.sequential,
+                                    randomized_bound=self.randomized_bound)  # fmt: skip
         return predict_examples(smoothed, data, indices, n=self.n, alpha=self.alpha, seed=self.seed)
 
 

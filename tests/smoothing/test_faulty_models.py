@@ -25,8 +25,10 @@ from qrobust.smoothing import (
     example_generator,
     predict_examples,
 )
-from qrobust.smoothing.adaptive import SampleSchedule, certify_adaptive
+from qrobust.smoothing.adaptive import certify_adaptive
 from qrobust.smoothing.confidence import clopper_pearson_lower
+from qrobust.smoothing.methods import radius_map_for
+from qrobust.smoothing.sequential import cs_lower
 
 SHAPE = (1, 2, 2)
 NAN, INF = float("nan"), float("inf")
@@ -117,11 +119,12 @@ def test_non_finite_logits_never_certify(row, method):
     assert certificate.counts.tolist() == [0, 0, 0] and certificate.no_class == 200
     prediction = smoothed.predict(x, n=200, alpha=0.01, generator=torch.Generator().manual_seed(0))
     assert prediction.abstained and prediction.no_class == 200
-    adaptive = certify_adaptive(
-        smoothed, x, n0=20, schedule=SampleSchedule(400, start=100), alpha=0.01, radii=(0.25,),
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
-    assert adaptive.abstained
+    for sequential in ("cs", "union"):
+        adaptive = certify_adaptive(
+            smoothed, x, n0=20, n_max=400, alpha=0.01, radii=(0.25,), sequential=sequential,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        assert adaptive.abstained
 
 
 def test_nan_only_on_noisy_inputs_never_certifies():
@@ -144,11 +147,12 @@ def test_non_finite_rows_on_a_random_subset_count_for_no_class():
     assert certificate.abstained
     assert 400 < certificate.no_class < 600 and certificate.counts.sum() + certificate.no_class == 1000
     assert smoothed.predict(x, n=1000, alpha=0.01, generator=torch.Generator().manual_seed(1)).abstained
-    adaptive = certify_adaptive(
-        smoothed, x, n0=50, schedule=SampleSchedule(2000, start=250), alpha=0.01, radii=(0.1,),
-        generator=torch.Generator().manual_seed(2),
-    )  # fmt: skip
-    assert adaptive.abstained
+    for sequential in ("cs", "union"):
+        adaptive = certify_adaptive(
+            smoothed, x, n0=50, n_max=2000, alpha=0.01, radii=(0.1,), sequential=sequential,
+            generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        assert adaptive.abstained
 
 
 def test_no_class_votes_lower_the_radius_but_keep_the_class():
@@ -188,7 +192,7 @@ def test_output_of_the_wrong_shape_is_refused(output):
     with pytest.raises(QRobustError, match="base model must return logits"):
         smoothed.predict(x, n=100, alpha=0.01)
     with pytest.raises(QRobustError, match="base model must return logits"):
-        certify_adaptive(smoothed, x, n0=20, schedule=SampleSchedule(100), alpha=0.01, radii=(0.1,))
+        certify_adaptive(smoothed, x, n0=20, n_max=100, alpha=0.01, radii=(0.1,))
     with pytest.raises(QRobustError, match="base model must return logits"):
         certify_original(smoothed, x[None], n0=20, n=100, alpha=0.01)
 
@@ -254,19 +258,19 @@ def _property_case(case: int) -> str:
     assert np.array_equal(certificate.counts, counts) and certificate.no_class == no_class, case
 
     model.seen.clear()
-    schedule = SampleSchedule(n, start=max(1, n // 4))
-    adaptive = certify_adaptive(
-        smoothed, x, n0=n0, schedule=schedule, alpha=alpha, radii=(0.1, 0.25), generator=generator
-    )
-    seen = torch.cat(model.seen)
-    used = int(adaptive.counts.sum()) + adaptive.no_class
+    adaptive = certify_adaptive(smoothed, x, n0=n0, n_max=n, alpha=alpha, radii=(0.1, 0.25), generator=generator)
+    seen = torch.cat(model.seen)  # selection rows, then the estimation rows actually drawn
     selection, _ = _finite_votes(seen[:n0], num_classes)
-    counts, _ = _finite_votes(seen[n0 : n0 + used], num_classes)
+    counts, no_class = _finite_votes(seen[n0:], num_classes)
+    assert np.array_equal(adaptive.counts, counts) and adaptive.no_class == no_class, case
+    assert adaptive.samples == len(seen) - n0 <= n, case
     if not adaptive.abstained:
         assert 0 <= adaptive.label < num_classes and selection[adaptive.label] > 0, case
-        level = alpha / len(schedule.checkpoints)
-        supported = method.radius(int(counts[adaptive.label]), used, level)
-        assert supported is not None and adaptive.radius <= supported, case
+        looks = [*range(smoothed.batch_size, adaptive.samples, smoothed.batch_size), adaptive.samples]
+        votes = [_finite_votes(seen[n0 : n0 + look], num_classes)[0][adaptive.label] for look in looks]
+        assert adaptive.p_lower <= max(cs_lower(votes, looks, alpha)) + 1e-9, case  # the best bound seen at a look
+        supported = radius_map_for(method).radius(adaptive.p_lower)
+        assert supported is not None and adaptive.radius <= supported + 1e-9, case
 
     model.seen.clear()
     prediction = smoothed.predict(x, n=n, alpha=alpha, generator=generator)
@@ -356,7 +360,7 @@ def test_entry_points_refuse_images_the_method_does_not_take(linear_binary, x, m
     with pytest.raises(QRobustError, match=message):
         smoothed.predict(x, n=10, alpha=0.01)
     with pytest.raises(QRobustError, match=message):
-        certify_adaptive(smoothed, x, n0=10, schedule=SampleSchedule(10), alpha=0.01, radii=(0.1,))
+        certify_adaptive(smoothed, x, n0=10, n_max=10, alpha=0.01, radii=(0.1,))
 
 
 def test_intrs_refuses_float_images(linear_binary):

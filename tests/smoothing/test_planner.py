@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import beta, binom
 
 from qrobust.errors import QRobustError
+from qrobust.smoothing.methods import GaussianRadius
 from qrobust.smoothing.planner import (
     fixed_n_any,
     fixed_n_at,
@@ -16,7 +17,7 @@ from qrobust.smoothing.planner import (
     sequential_n_any,
     sequential_n_at,
 )
-from qrobust.smoothing.sequential import GaussianRadius, certify_many
+from qrobust.smoothing.sequential import certify_many
 
 CASES = [(0.25, 0.5, 0.001, 0.99), (0.5, 0.25, 0.01, 0.9), (0.25, 0.0, 0.05, 0.7)]  # sigma, radius, alpha, pA
 

@@ -4,24 +4,20 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from scipy.integrate import quad
 from scipy.stats import norm
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, SmoothedClassifier
+from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS
 from qrobust.smoothing.confidence import clopper_pearson_lower
+from qrobust.smoothing.methods import GaussianRadius, LatticeRadius, radius_map_for
 from qrobust.smoothing.sequential import (
-    GaussianRadius,
-    LatticeRadius,
     certify_many,
-    certify_sequential,
     cs_lower,
     cs_upper,
     estimate_many,
     log_evidence_lower,
     log_evidence_upper,
-    radius_map_for,
     sequential_certify,
     sequential_estimate,
 )
@@ -197,25 +193,8 @@ def test_radius_maps_agree_with_the_methods():
         radius_map_for(object())
 
 
-def test_certify_sequential_is_sound_and_frugal(linear_binary):
-    """LinearBinary's smoothed radius is exactly |w.x + b| / ||w||; the sequential radius stays below it."""
-    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA), batch_size=500, noise_bank_seed=0)
-    x = torch.tensor([0.9, 0.1, 0.3, 0.7]).reshape(1, 2, 2)  # margin 0.36 (class 1)
-    certificate, result = certify_sequential(smoothed, x, n0=100, n_max=100_000, alpha=0.001, radii=(0.25,))
-    assert certificate.label == 1 and result.certified == (True,)
-    assert 0.25 <= certificate.radius <= linear_binary.margin(x)
-    assert certificate.counts.sum() == result.samples < 10_000 and certificate.p_lower == result.p_lower
-
-
 def test_bad_counts_raise():
     with pytest.raises(QRobustError, match="successes"):
         cs_lower(11, 10, 0.01)
     with pytest.raises(QRobustError, match="successes"):
         log_evidence_upper(-1, 10, 0.5)
-
-
-def test_certify_sequential_rejects_bad_arguments(linear_binary):
-    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
-    x = torch.full((1, 2, 2), 0.5)
-    with pytest.raises(QRobustError, match="n0"):
-        certify_sequential(smoothed, x, n0=0, n_max=100, alpha=0.01, radii=RADII)

@@ -10,7 +10,7 @@ from qrobust.smoothing.incremental import (
     certify_original,
     summarize_certificates,
 )
-from qrobust.smoothing.methods import FloatRS, FloatRSQuant, IntRS, SmoothingMethod
+from qrobust.smoothing.methods import FloatRS, FloatRSQuant, IntRS, LatticeRS, SmoothingMethod
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified_accuracy_curve, summarize
 from qrobust.smoothing.records import (
     ABSTAIN,
@@ -37,6 +37,7 @@ __all__ = [
     "FloatRSQuant",
     "IncrementalCertificate",
     "IntRS",
+    "LatticeRS",
     "PredictRow",
     "Prediction",
     "SmoothedClassifier",

@@ -1,12 +1,16 @@
-"""Adaptive (sequential) certification: draw noisy samples in rounds and stop once the answer is settled.
+"""Adaptive certification: CERTIFY of Cohen et al. whose estimation step stops once the answer is settled.
 
-CERTIFY of Cohen et al. spends the same n samples on every input, although most inputs are settled
-long before: a confident input certifies the largest radius anyone asked for after a few thousand
-samples, and a hopeless one cannot reach pA > 1/2. Here the n estimation samples are drawn in rounds
-n_1 < n_2 < ... < n_K = n_max (a geometric schedule) and, after each round, the Clopper-Pearson bounds
-at level alpha / K decide whether more samples could still change which requested radii are
-certified. Every round's lower bound holds simultaneously with probability >= 1 - alpha (a union bound
-over the K checkpoints), so stopping at any of them, by any rule, keeps P[false certificate] <= alpha.
+CERTIFY spends the same n samples on every input, although most are settled long before: a confident
+input certifies the largest radius anyone asked for after a few thousand samples, and a hopeless one
+cannot reach pA > 1/2. ``certify_adaptive`` draws the estimation samples in batches and stops each input
+once the requested radii are decided, by one of two sequential tests:
+
+* ``"cs"`` (default): the anytime-valid confidence sequence of ``qrobust.smoothing.sequential``, read
+  after every batch of ``batch_size`` samples (``certify_many``).
+* ``"union"``: the earlier schedule, kept for comparison: Clopper-Pearson bounds at level alpha / K at
+  K geometric checkpoints (``SampleSchedule``, ``union_bound_radius``), valid by a union bound.
+
+Both keep P[false certificate] <= alpha for every input whatever the data-dependent stopping rule.
 """
 
 from __future__ import annotations
@@ -18,13 +22,75 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.core import Certificate, SmoothedClassifier
+from qrobust.smoothing.methods import radius_map_for
+from qrobust.smoothing.sequential import sequential_certify
+
+SEQUENTIAL_TESTS = ("cs", "union")
+
+
+def certify_adaptive(
+    smoothed: SmoothedClassifier,
+    x: torch.Tensor,
+    *,
+    n0: int,
+    n_max: int,
+    alpha: float,
+    radii: Sequence[float],
+    sequential: str = "cs",
+    generator: torch.Generator | None = None,
+) -> Certificate:
+    """CERTIFY with a sequential estimation step that stops once every radius in ``radii`` is decided.
+
+    Guess the top class from ``n0`` samples, then draw at most ``n_max`` estimation samples, checking
+    after every batch (``"cs"``: every ``smoothed.batch_size`` samples; ``"union"``: at the checkpoints of
+    ``SampleSchedule(n_max)``). With probability >= 1 - alpha the smoothed classifier returns ``label``
+    on the whole l2 ball of the returned radius ([0, 1] pixel units). The radius is the largest requested
+    radius decided as certified, or the radius of ``p_lower`` if larger. ``Certificate.samples`` is the
+    number of estimation samples used. Non-finite logits vote for no class, as in
+    ``SmoothedClassifier.certify``; when all n0 do, the certificate abstains without drawing.
+
+    Raises:
+        QRobustError: a bad argument (as ``SmoothedClassifier.certify``; ``radii`` empty or not finite
+            and >= 0; ``sequential`` not one of ``SEQUENTIAL_TESTS``).
+    """
+    smoothed.method.check_image(x)
+    check_count("n0", n0)
+    check_count("n_max", n_max)
+    check_alpha(alpha)
+    check_radii(radii)
+    check_sequential(sequential)
+    estimation = smoothed.select(x, n0, n_max, generator)
+    if estimation.guess is None:
+        return smoothed.certificate(None, estimation.counts, alpha)
+    if sequential == "cs":
+        radius_map = radius_map_for(smoothed.method)
+        result = sequential_certify(estimation.draw, radius_map, radii, alpha, n_max, smoothed.batch_size)
+        radius, p_lower = result.radius, result.p_lower
+    else:
+        schedule = SampleSchedule(n_max)
+        radius, p_lower, _ = union_bound_radius(estimation.draw, smoothed.method.radius, schedule, alpha, radii)
+    label = None if radius is None else estimation.guess
+    return Certificate(label, radius or 0.0, p_lower, estimation.counts, no_class=estimation.no_class)
+
+
+def check_radii(radii: Sequence[float]) -> None:
+    """Raise QRobustError unless ``radii`` is a non-empty sequence of finite radii >= 0."""
+    if not len(radii) or not all(math.isfinite(r) and r >= 0 for r in radii):
+        raise QRobustError(f"radii must be one or more finite numbers >= 0, got {tuple(radii)!r}")
+
+
+def check_sequential(sequential: str) -> None:
+    """Raise QRobustError unless ``sequential`` names a sequential test."""
+    if sequential not in SEQUENTIAL_TESTS:
+        raise QRobustError(f"sequential must be one of {', '.join(SEQUENTIAL_TESTS)}, got {sequential!r}")
 
 
 @dataclass(frozen=True)
 class SampleSchedule:
-    """The checkpoints at which a sequential test may stop: ``start``, ``start * growth``, ..., ``n_max``.
+    """The checkpoints of the union-bound test: ``start``, ``start * growth``, ..., ``n_max``.
 
     Args:
         n_max: the most estimation samples an input may use (the last checkpoint).
@@ -40,7 +106,7 @@ class SampleSchedule:
         check_count("n_max", self.n_max)
         check_count("start", self.start)
         if not self.growth > 1:
-            raise ValueError(f"growth must be > 1, got {self.growth!r}")
+            raise QRobustError(f"growth must be > 1, got {self.growth!r}")
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
@@ -52,26 +118,27 @@ class SampleSchedule:
         return (*points, self.n_max)
 
 
-def sequential_radius(
+def union_bound_radius(
     draw: Callable[[int], int],
     radius: Callable[[int, int, float], float | None],
     schedule: SampleSchedule,
     alpha: float,
     radii: Sequence[float],
-) -> tuple[float | None, int, int]:
-    """Run the sequential test on one input; returns (radius or None to abstain, votes, samples used).
+) -> tuple[float | None, float, int]:
+    """The union-bound test on one input: (radius or None to abstain, p_lower, samples used).
 
     Args:
         draw: ``draw(k)`` draws k more noisy samples and returns how many voted for the guessed class.
         radius: the smoothing method's rule, ``radius(count, n, alpha)`` (None when pA <= 1/2).
         schedule: where the test may stop.
         alpha: overall failure probability; each checkpoint uses alpha / K.
-        radii: the radii whose certification matters (e.g. a table's); the test stops at the first
-            checkpoint where the lower-bound radius and the most optimistic radius reachable at
-            ``n_max`` (from the upper confidence bound) lie between the same two of them.
+        radii: the radii whose certification matters; the test stops at the first checkpoint where the
+            lower-bound radius and the most optimistic radius reachable at ``n_max`` (from the upper
+            confidence bound) lie between the same two of them.
 
-    The returned radius is the method's radius at the stopping checkpoint at level alpha / K; with
-    probability >= 1 - alpha it is sound whatever the stopping rule, since all K bounds hold at once.
+    The radius and ``p_lower`` (Clopper-Pearson at level alpha / K) are those of the stopping
+    checkpoint; with probability >= 1 - alpha they are sound whatever the stopping rule, since all K
+    bounds hold at once.
     """
     check_alpha(alpha)
     points = schedule.checkpoints
@@ -87,7 +154,7 @@ def sequential_radius(
         reachable = radius(min(schedule.n_max, math.ceil(p_upper * schedule.n_max)), schedule.n_max, level)
         if _settled(certified, reachable, thresholds):
             break
-    return certified, votes, drawn
+    return certified, clopper_pearson_lower(votes, drawn, level), drawn
 
 
 def _settled(certified: float | None, reachable: float | None, thresholds: np.ndarray) -> bool:
@@ -97,49 +164,3 @@ def _settled(certified: float | None, reachable: float | None, thresholds: np.nd
     if high <= low:
         return True
     return not bool(np.any((thresholds > low) & (thresholds <= high)))
-
-
-def certify_adaptive(
-    smoothed: SmoothedClassifier,
-    x: torch.Tensor,
-    *,
-    n0: int,
-    schedule: SampleSchedule,
-    alpha: float,
-    radii: Sequence[float],
-    generator: torch.Generator | None = None,
-) -> Certificate:
-    """CERTIFY of Cohen et al. with a sequential estimation step (``sequential_radius``).
-
-    Guess the top class from ``n0`` samples, then draw estimation samples in the rounds of ``schedule``
-    until the certified radius is settled with respect to ``radii`` (l2, [0, 1] pixel units). With
-    probability >= 1 - alpha the smoothed classifier returns ``label`` on the whole l2 ball of the
-    returned radius. ``counts`` and ``no_class`` hold the votes of the estimation samples actually drawn,
-    so ``counts.sum() + no_class`` is the number used (at most ``schedule.n_max``). Samples with
-    non-finite logits are votes for no class, as in ``SmoothedClassifier.certify``; when all n0 are,
-    the certificate abstains without drawing.
-    """
-    smoothed.method.check_image(x)
-    check_count("n0", n0)
-    check_alpha(alpha)
-    bank = smoothed.noise_bank(x, n0 + schedule.n_max)
-    guess = smoothed.top_class(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
-    counts = np.zeros(smoothed.num_classes, dtype=np.int64)
-    if guess is None:
-        return smoothed.certificate(None, counts, alpha)
-    drawn = 0
-
-    def draw(k: int) -> int:
-        nonlocal drawn
-        start = n0 + drawn
-        new = smoothed.sample_counts(x, k, generator, None if bank is None else bank[start : start + k])
-        counts[:] += new
-        drawn += k
-        return int(new[guess])
-
-    certified, votes, used = sequential_radius(draw, smoothed.method.radius, schedule, alpha, radii)
-    p_lower = clopper_pearson_lower(votes, used, alpha / len(schedule.checkpoints))
-    no_class = used - int(counts.sum())
-    if certified is None:
-        return Certificate(None, 0.0, p_lower, counts, no_class=no_class)
-    return Certificate(guess, certified, p_lower, counts, no_class=no_class)

@@ -22,7 +22,8 @@ from torch import nn
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
-from qrobust.smoothing.methods import SmoothingMethod
+from qrobust.smoothing.methods import SmoothingMethod, radius_map_for
+from qrobust.smoothing.randomized import randomized_clopper_pearson_lower
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,21 @@ class Certificate:
 
     label: int | None
     radius: float
-    p_lower: float  # one-sided (1 - alpha) Clopper-Pearson lower bound on P[f(x + e) = label]
+    # A (1 - alpha) lower bound on pA = P[f(x + e) = guessed class]: the one-sided Clopper-Pearson bound
+    # of the estimation count (``certify``), its randomized version (``certify(bound_rng=...)``), the
+    # confidence-sequence bound (``certify_adaptive``, "cs") or Clopper-Pearson at alpha / K ("union").
+    p_lower: float
     counts: np.ndarray  # (num_classes,) votes of the n estimation samples
     no_class: int = field(default=0, kw_only=True)  # estimation samples with non-finite logits
 
     @property
     def abstained(self) -> bool:
         return self.label is None
+
+    @property
+    def samples(self) -> int:
+        """The estimation samples this certificate used: counts.sum() + no_class (n0 not included)."""
+        return int(self.counts.sum()) + self.no_class
 
 
 class SmoothedClassifier:
@@ -110,7 +119,13 @@ class SmoothedClassifier:
         return Prediction(label, counts, no_class=int(outcomes[-1]))
 
     def certify(
-        self, x: torch.Tensor, n0: int, n: int, alpha: float, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+        bound_rng: np.random.Generator | None = None,
     ) -> Certificate:
         """CERTIFY of Cohen et al.: guess the top class from ``n0`` samples, count its votes in ``n`` fresh
         samples, and return the method's radius for that count (sigma * Phi^-1(pA_lower) for Gaussian
@@ -118,9 +133,12 @@ class SmoothedClassifier:
 
         Guarantee: with probability at least 1 - alpha over the noise, a certificate that is not abstained
         is correct: g(x') = ``label`` for every x' with ||x' - x||_2 <= ``radius`` ([0, 1] pixel units; the
-        lattice points of that ball for IntRS), g the smoothed classifier of f with a non-finite logit row
-        read as "no class". Such samples count in n but for no class, so they only lower pA_lower, and
-        when all n0 selection samples are such, the certificate abstains.
+        lattice points of that ball for IntRS and lattice smoothing), g the smoothed classifier of f with
+        a non-finite logit row read as "no class". Such samples count in n but for no class, so they only
+        lower pA_lower, and when all n0 selection samples are such, the certificate abstains.
+
+        ``bound_rng``: use the randomized Clopper-Pearson bound (``certificate``) with one uniform draw
+        from it; the probability is then over the noise and that draw jointly.
 
         Raises:
             QRobustError: a bad argument (``x`` not an image the method takes, ``n0``/``n`` not integers
@@ -130,21 +148,51 @@ class SmoothedClassifier:
         check_count("n0", n0)
         check_count("n", n)
         check_alpha(alpha)
-        bank = self.noise_bank(x, n0 + n)
-        guess = self.top_class(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
-        counts = self.sample_counts(x, n, generator, None if bank is None else bank[n0:])
-        return self.certificate(guess, counts, alpha, no_class=n - int(counts.sum()))
+        estimation = self.select(x, n0, n, generator)
+        estimation.draw(n)
+        return self.certificate(estimation.guess, estimation.counts, alpha, estimation.no_class, bound_rng)
 
-    def certificate(self, guess: int | None, counts: np.ndarray, alpha: float, no_class: int = 0) -> Certificate:
+    def select(
+        self, x: torch.Tensor, n0: int, n_max: int, generator: torch.Generator | None = None
+    ) -> Estimation:
+        """CERTIFY's first stage: guess the top class from ``n0`` samples and return the estimation
+        stage, which draws up to ``n_max`` further samples on demand (rows n0.. of a noise bank)."""
+        bank = self.noise_bank(x, n0 + n_max)
+        guess = self.top_class(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
+        return Estimation(self, x, guess, generator, None if bank is None else bank[n0:])
+
+    def certificate(
+        self,
+        guess: int | None,
+        counts: np.ndarray,
+        alpha: float,
+        no_class: int = 0,
+        bound_rng: np.random.Generator | None = None,
+    ) -> Certificate:
         """The certificate of top-class ``guess`` (chosen on samples independent of ``counts``; None to
         abstain) from the votes ``counts`` (num_classes,) and ``no_class`` votes for no class of the
         n = counts.sum() + no_class estimation samples: the method's radius for counts[guess] of n at level
-        ``alpha``, or an abstention when it has none (with p_lower 0 when ``guess`` is None)."""
+        ``alpha``, or an abstention when it has none (with p_lower 0 when ``guess`` is None).
+
+        ``bound_rng`` (opt-in): pA_lower is the randomized Clopper-Pearson bound
+        (``qrobust.smoothing.randomized``) with one U(0, 1) draw from ``bound_rng``, and the radius is the
+        method's radius map at that bound. It guarantees P[pA_lower >= pA] = alpha exactly, jointly over
+        the votes and the draw (plain Clopper-Pearson: <= alpha, usually well below), so the certificate
+        is correct with probability >= 1 - alpha as above, and never smaller than the plain one. Why a user
+        might not want it: the radius depends on a coin as well as the votes (reruns with another seed
+        give other radii on the same votes, anywhere between the bounds of count and count + 1), and at
+        count = n it certifies an unbounded radius with probability alpha. Seed ``bound_rng`` and record
+        the seed to reproduce a certificate.
+        """
         n = int(counts.sum()) + no_class
         if guess is None:
             return Certificate(None, 0.0, 0.0, counts, no_class=no_class)
-        radius = self.method.radius(int(counts[guess]), n, alpha)
-        p_lower = clopper_pearson_lower(int(counts[guess]), n, alpha)
+        if bound_rng is None:
+            radius = self.method.radius(int(counts[guess]), n, alpha)
+            p_lower = clopper_pearson_lower(int(counts[guess]), n, alpha)
+        else:
+            p_lower = randomized_clopper_pearson_lower(int(counts[guess]), n, alpha, bound_rng)
+            radius = radius_map_for(self.method).radius(p_lower)
         if radius is None:
             return Certificate(None, 0.0, p_lower, counts, no_class=no_class)
         return Certificate(guess, radius, p_lower, counts, no_class=no_class)
@@ -201,6 +249,40 @@ class SmoothedClassifier:
             generator = torch.Generator().manual_seed(self.noise_bank_seed)
             self._bank = (key, self.method.sample_noise(key, generator))
         return self._bank[1]
+
+
+class Estimation:
+    """CERTIFY's estimation stage for one input (``SmoothedClassifier.select``): ``draw(k)`` classifies k
+    more noisy samples and returns the votes for ``guess`` among them; ``counts`` (num_classes,) and
+    ``no_class`` hold the votes of all drawn so far. Draws continue one noise stream (generator or bank),
+    so drawing k1 then k2 samples sees the same noise as drawing k1 + k2 at once."""
+
+    def __init__(
+        self,
+        smoothed: SmoothedClassifier,
+        x: torch.Tensor,
+        guess: int | None,
+        generator: torch.Generator | None,
+        bank: torch.Tensor | None,
+    ):
+        self.guess = guess
+        self.counts = np.zeros(smoothed.num_classes, dtype=np.int64)
+        self.drawn = 0
+        self._smoothed, self._x, self._generator, self._bank = smoothed, x, generator, bank
+
+    @property
+    def no_class(self) -> int:
+        return self.drawn - int(self.counts.sum())
+
+    def draw(self, k: int) -> int:
+        """Classify ``k`` more noisy samples; their votes for ``guess`` (0 when ``guess`` is None)."""
+        noise = None if self._bank is None else self._bank[self.drawn : self.drawn + k]
+        if noise is not None and len(noise) < k:
+            raise QRobustError(f"the noise bank holds {len(self._bank)} estimation rows, {self.drawn + k} requested")
+        new = self._smoothed.sample_counts(self._x, k, self._generator, noise)
+        self.counts += new
+        self.drawn += k
+        return 0 if self.guess is None else int(new[self.guess])
 
 
 def count_votes(predictions: np.ndarray, num_classes: int) -> tuple[np.ndarray, int]:

@@ -11,16 +11,21 @@ range, and the model decides how to read it (an int8 model's input quantizer cli
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
+from scipy.special import ndtr, ndtri
 from scipy.stats import norm
 
 from qrobust.data import to_unit_interval
+from qrobust.errors import QRobustError
 from qrobust.noise import DiscreteGaussianNoise, GaussianNoise, sample_discrete_gaussian
 from qrobust.smoothing.confidence import check_image, check_unit_image, clopper_pearson_lower
-from qrobust.smoothing.lattice import LatticeRadiusTable
+from qrobust.smoothing.lattice import LatticeRadiusTable, sound_squared_radius
+
+_BISECTIONS = 64  # halvings of [0, 1]: below the spacing of doubles
 
 
 class SmoothingMethod(Protocol):
@@ -28,6 +33,7 @@ class SmoothingMethod(Protocol):
 
     name: str
     sigma: float  # noise std in [0, 1] pixel units
+    model_kind: str  # the base model it smooths: "float" (an fp32 checkpoint) or "int8" (an int8 one)
 
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
         """Fresh noise of ``shape`` (float for Gaussian, int16 lattice steps for discrete noise)."""
@@ -67,6 +73,7 @@ class FloatRS(_Additive):
 
     sigma: float
     name = "float-fp"
+    model_kind: ClassVar[str] = "float"
 
     def __post_init__(self) -> None:
         GaussianNoise(self.sigma)  # validates sigma
@@ -97,6 +104,7 @@ class FloatRSQuant(FloatRS):
     """
 
     name = "float-quant"
+    model_kind: ClassVar[str] = "int8"
 
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         lattice = super().apply(images, noise).mul_(255).round_()
@@ -120,6 +128,7 @@ class IntRS(_Additive):
     sigma: float
     scale: int = 255
     name = "int"
+    model_kind: ClassVar[str] = "int8"
 
     def __post_init__(self) -> None:
         DiscreteGaussianNoise(self.sigma, self.scale)  # validates sigma and scale
@@ -142,6 +151,110 @@ class IntRS(_Additive):
     def table(self, n: int, alpha: float) -> LatticeRadiusTable:
         """The count -> certified squared radius table for ``n`` samples at level ``alpha`` (cached)."""
         return _radius_table(self.sigma * self.scale, n, alpha, self.scale)
+
+
+@dataclass(frozen=True)
+class LatticeRS(IntRS):
+    """Lattice smoothing of an fp32 model: IntRS's noise and radius, the model reading floats.
+
+    Discrete Gaussian noise N_Z(0, (sigma * 255)^2 I) is added to the uint8 image exactly, in integers
+    (as IntRS), and the lattice point z = x + n (int16, unclipped) reaches the model as float32(z) / 255 (``scale``):
+    z is exact in float32 and the division is correctly rounded, so the base classifier is a
+    deterministic function of z. IntRS's sound lattice radius therefore holds as computed, with no
+    floating-point arithmetic between the noise and the certificate (the attack of Voracek & Hein, ICLR
+    2023, on Gaussian smoothing in floating point has nothing to exploit): with probability >= 1 - alpha,
+    g is constant on the lattice points x + delta of the certified ball. Unlike FloatRS-fp it certifies
+    lattice perturbations (uint8 images), the inputs a deployed model sees.
+    """
+
+    name = "lattice"
+    model_kind: ClassVar[str] = "float"
+
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return super().apply(images, noise).to(torch.float32).div_(self.scale)
+
+
+class RadiusMap(Protocol):
+    """A smoothing method's certified radius as a monotone function of a lower bound p on pA."""
+
+    def radius(self, p: float) -> float | None:
+        """The radius certified when pA >= p (non-decreasing in p); None to abstain."""
+        ...
+
+    def p_needed(self, r: float) -> float:
+        """A value p* with radius(p) >= r for every p > p*: inf {p : radius(p) >= r}, or just above it."""
+        ...
+
+
+@dataclass(frozen=True)
+class GaussianRadius:
+    """Cohen et al.'s radius sigma * Phi^-1(p) (FloatRS-fp, FloatRS-quant; sound for IntRS as well)."""
+
+    sigma: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise QRobustError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+
+    def radius(self, p: float) -> float | None:
+        return self.sigma * float(ndtri(p)) if p > 0.5 else None
+
+    def p_needed(self, r: float) -> float:
+        _check_radius(r)
+        return float(ndtr(r / self.sigma))
+
+
+@dataclass(frozen=True)
+class LatticeRadius:
+    """IntRS's sound lattice radius as a function of p (``lattice.sound_squared_radius``), in [0, 1] units.
+
+    ``LatticeRadiusTable`` maps counts at a fixed (n, alpha) to radii; a confidence sequence needs the
+    map from the bound p itself, which is ``sqrt(sound_squared_radius(p, sigma * scale)) / scale``.
+    """
+
+    sigma: float
+    scale: float = 255.0
+
+    def radius(self, p: float) -> float | None:
+        if p >= 1.0:
+            return math.inf
+        squared = sound_squared_radius(p, self.sigma * self.scale)
+        return None if squared is None else math.sqrt(squared) / self.scale
+
+    def p_needed(self, r: float) -> float:
+        """Bisection on the step function radius(p): returns p* with radius(p*) >= r (so every p > p* works)."""
+        _check_radius(r)
+        return _lattice_p_needed(self, r)
+
+
+@functools.lru_cache(maxsize=256)
+def _lattice_p_needed(radius_map: LatticeRadius, r: float) -> float:
+    lo, hi = 0.5, 1.0
+    for _ in range(_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        certified = radius_map.radius(mid)
+        if certified is not None and certified >= r:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def radius_map_for(method: SmoothingMethod) -> RadiusMap:
+    """The radius-from-p map of a smoothing method (the rule its ``radius(count, n, alpha)`` applies to
+    the Clopper-Pearson bound): Gaussian for FloatRS and FloatRSQuant, the sound lattice radius for IntRS."""
+    if isinstance(method, FloatRS):
+        return GaussianRadius(method.sigma)
+    if isinstance(method, IntRS):
+        return LatticeRadius(method.sigma, float(method.scale))
+    raise QRobustError(f"no radius map for smoothing method {getattr(method, 'name', method)!r}")
+
+
+def _check_radius(r: float) -> None:
+    if not (math.isfinite(r) and r >= 0):
+        raise QRobustError(f"radii must be finite and >= 0, got {r!r}")
 
 
 @functools.lru_cache(maxsize=16)

@@ -17,13 +17,14 @@ Definitions (r the radius, p* = radius_map.p_needed(r), alpha the failure probab
   (checked by simulation in the tests); the certifier itself stops at the next multiple of its batch.
 
 ``largest_radius_fixed`` / ``largest_radius_sequential`` give the largest radius any input can certify
-with a budget of n samples, so a run can warn when requested radii are out of reach.
+with a budget of n samples, and ``unreachable_radii`` the requested radii above it, so a run can warn
+when they are out of reach.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from scipy.special import betainc, ndtri
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import clopper_pearson_lower
+from qrobust.smoothing.methods import SmoothingMethod, radius_map_for
 from qrobust.smoothing.sequential import RadiusMap, cs_lower, log_evidence_lower
 
 N_LIMIT = 10_000_000  # the planner does not look beyond this many samples
@@ -123,6 +125,18 @@ def largest_radius_sequential(radius_map: RadiusMap, n_max: int, alpha: float) -
     _check(alpha)
     _check_n(n_max)
     return radius_map.radius(float(cs_lower(n_max, n_max, alpha)))
+
+
+def unreachable_radii(
+    method: SmoothingMethod, n: int, alpha: float, radii: Sequence[float], sequential: bool = False
+) -> tuple[float, ...]:
+    """The radii of ``radii`` that no input can certify with ``method`` from ``n`` estimation samples at
+    level ``alpha``: those above ``largest_radius_fixed`` (``sequential``: ``largest_radius_sequential``,
+    n the most samples per input), all of them when even n votes of n abstain. For a warning before a
+    run, and to mark table columns that can only read 0."""
+    radius_map = radius_map_for(method)
+    largest = largest_radius_sequential(radius_map, n, alpha) if sequential else largest_radius_fixed(radius_map, n, alpha)
+    return tuple(r for r in radii if largest is None or r > largest)
 
 
 def _certification_probability(n: np.ndarray, alpha: float, needed: float, p_a: float) -> np.ndarray:

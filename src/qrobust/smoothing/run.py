@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from qrobust.data import LatticeDataset
-from qrobust.smoothing.adaptive import SampleSchedule, certify_adaptive
+from qrobust.errors import QRobustError
+from qrobust.smoothing.adaptive import certify_adaptive, check_radii, check_sequential
 from qrobust.smoothing.confidence import check_alpha, check_count
 from qrobust.smoothing.core import SmoothedClassifier
 from qrobust.smoothing.records import ABSTAIN, CertifyRow, PredictRow
@@ -26,6 +27,13 @@ def example_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def example_bound_rng(seed: int, index: int) -> np.random.Generator:
+    """The coin of example ``index``'s randomized Clopper-Pearson bound in a run seeded by ``seed``: a
+    stream of its own, independent of the example's noise (``example_generator``)."""
+    check_count("seed", seed, minimum=0)
+    return np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+
+
 def certify_examples(
     smoothed: SmoothedClassifier,
     dataset: LatticeDataset,
@@ -36,16 +44,25 @@ def certify_examples(
     alpha: float,
     seed: int = 0,
     settle_radii: Sequence[float] | None = None,
+    sequential: str = "cs",
+    randomized_bound: bool = False,
 ) -> Iterator[CertifyRow]:
     """Certify ``dataset`` at ``indices`` in order, yielding one row per example as it finishes.
 
     With ``settle_radii``, each example is certified adaptively (``certify_adaptive``): at most ``n``
-    estimation samples, in doubling rounds from 1,000, stopping once these radii are settled. The
+    estimation samples, stopping once these radii are decided, by the confidence sequence
+    (``sequential="cs"``) or the union-bound schedule (``"union"``, for comparison). With
+    ``randomized_bound`` (fixed n only), the bound is randomized Clopper-Pearson with the coin
+    ``example_bound_rng(seed, index)`` (``SmoothedClassifier.certificate`` says what it guarantees). The
     arguments are checked here, before the first example (QRobustError).
     """
     _check_run(n=n, n0=n0, alpha=alpha, seed=seed)
-    schedule = None if settle_radii is None else SampleSchedule(n)
-    return _certify_rows(smoothed, dataset, indices, n0, n, alpha, seed, schedule, settle_radii)
+    check_sequential(sequential)
+    if settle_radii is not None:
+        check_radii(settle_radii)
+        if randomized_bound:
+            raise QRobustError("randomized_bound applies to fixed-n certification, not with settle_radii")
+    return _certify_rows(smoothed, dataset, indices, n0, n, alpha, seed, settle_radii, sequential, randomized_bound)
 
 
 def _certify_rows(
@@ -56,20 +73,23 @@ def _certify_rows(
     n: int,
     alpha: float,
     seed: int,
-    schedule: SampleSchedule | None,
     settle_radii: Sequence[float] | None,
+    sequential: str,
+    randomized_bound: bool,
 ) -> Iterator[CertifyRow]:
     """The rows of ``certify_examples``, computed as they are iterated."""
     for index in indices:
         started = time.perf_counter()
         x = dataset.images[index]  # (C, H, W) uint8
         generator = example_generator(seed, index)
-        if schedule is None:
-            certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=generator)
+        if settle_radii is None:
+            bound_rng = example_bound_rng(seed, index) if randomized_bound else None
+            certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=generator, bound_rng=bound_rng)
         else:
             certificate = certify_adaptive(
-                smoothed, x, n0=n0, schedule=schedule, alpha=alpha, radii=settle_radii, generator=generator
-            )
+                smoothed, x, n0=n0, n_max=n, alpha=alpha, radii=settle_radii, sequential=sequential,
+                generator=generator,
+            )  # fmt: skip
         label = ABSTAIN if certificate.abstained else certificate.label
         yield CertifyRow(index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started)
 

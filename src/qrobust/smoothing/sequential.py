@@ -47,102 +47,19 @@ How alpha is accounted for
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
-import torch
-from scipy.special import betainc, betaln, ndtr, ndtri
+from scipy.special import betainc, betaln
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing.core import Certificate, SmoothedClassifier
-from qrobust.smoothing.lattice import sound_squared_radius
-from qrobust.smoothing.methods import FloatRS, IntRS, SmoothingMethod
+from qrobust.smoothing.methods import RadiusMap
 
 _BISECTIONS = 64  # halvings of [0, 1]: below the spacing of doubles
 _NEWTON_STEPS = 16
 _NEWTON_SLACK = 1e-12  # relative step back from the Newton root before verifying it
-
-
-class RadiusMap(Protocol):
-    """A smoothing method's certified radius as a monotone function of a lower bound p on pA."""
-
-    def radius(self, p: float) -> float | None:
-        """The radius certified when pA >= p (non-decreasing in p); None to abstain."""
-        ...
-
-    def p_needed(self, r: float) -> float:
-        """A value p* with radius(p) >= r for every p > p*: inf {p : radius(p) >= r}, or just above it."""
-        ...
-
-
-@dataclass(frozen=True)
-class GaussianRadius:
-    """Cohen et al.'s radius sigma * Phi^-1(p) (FloatRS-fp, FloatRS-quant; sound for IntRS as well)."""
-
-    sigma: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise QRobustError(f"sigma must be a finite number > 0, got {self.sigma!r}")
-
-    def radius(self, p: float) -> float | None:
-        return self.sigma * float(ndtri(p)) if p > 0.5 else None
-
-    def p_needed(self, r: float) -> float:
-        _check_radius(r)
-        return float(ndtr(r / self.sigma))
-
-
-@dataclass(frozen=True)
-class LatticeRadius:
-    """IntRS's sound lattice radius as a function of p (``lattice.sound_squared_radius``), in [0, 1] units.
-
-    ``LatticeRadiusTable`` maps counts at a fixed (n, alpha) to radii; a confidence sequence needs the
-    map from the bound p itself, which is ``sqrt(sound_squared_radius(p, sigma * scale)) / scale``.
-    """
-
-    sigma: float
-    scale: float = 255.0
-
-    def radius(self, p: float) -> float | None:
-        if p >= 1.0:
-            return math.inf
-        squared = sound_squared_radius(p, self.sigma * self.scale)
-        return None if squared is None else math.sqrt(squared) / self.scale
-
-    def p_needed(self, r: float) -> float:
-        """Bisection on the step function radius(p): returns p* with radius(p*) >= r (so every p > p* works)."""
-        _check_radius(r)
-        return _lattice_p_needed(self, r)
-
-
-@functools.lru_cache(maxsize=256)
-def _lattice_p_needed(radius_map: LatticeRadius, r: float) -> float:
-    lo, hi = 0.5, 1.0
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        certified = radius_map.radius(mid)
-        if certified is not None and certified >= r:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def radius_map_for(method: SmoothingMethod) -> RadiusMap:
-    """The radius-from-p map of a smoothing method (the rule its ``radius(count, n, alpha)`` applies to
-    the Clopper-Pearson bound): Gaussian for FloatRS and FloatRSQuant, the sound lattice radius for IntRS."""
-    if isinstance(method, FloatRS):
-        return GaussianRadius(method.sigma)
-    if isinstance(method, IntRS):
-        return LatticeRadius(method.sigma, float(method.scale))
-    raise QRobustError(f"no radius map for smoothing method {getattr(method, 'name', method)!r}")
 
 
 def log_evidence_lower(successes, trials, m):
@@ -363,44 +280,6 @@ def _reachable(thresholds: np.ndarray, n_max: int, lower: float) -> np.ndarray:
     return hi
 
 
-def certify_sequential(
-    smoothed: SmoothedClassifier,
-    x: torch.Tensor,
-    *,
-    n0: int,
-    n_max: int,
-    alpha: float,
-    radii: Sequence[float],
-    batch: int = 256,
-    alpha_refute: float | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Certificate, SequentialResult]:
-    """CERTIFY of Cohen et al. with ``sequential_certify`` as its estimation step.
-
-    Guess the top class from ``n0`` samples, then draw estimation samples in batches of ``batch`` until
-    every radius in ``radii`` is decided. With probability >= 1 - alpha the smoothed classifier returns
-    ``label`` on the whole l2 ball of the returned radius; ``Certificate.p_lower`` is the CS bound and
-    ``counts.sum()`` the estimation samples used (at most ``n_max``).
-    """
-    if int(n0) != n0 or n0 < 1:
-        raise QRobustError(f"n0 must be an integer >= 1, got {n0!r}")
-    _check_run(1, alpha, n_max, batch, alpha_refute)
-    bank = smoothed.noise_bank(x, n0 + n_max)
-    guess = int(np.argmax(smoothed.sample_counts(x, n0, generator, None if bank is None else bank[:n0])))
-    counts = np.zeros(smoothed.num_classes, dtype=np.int64)
-
-    def draw(k: int) -> int:
-        start = n0 + int(counts.sum())
-        new = smoothed.sample_counts(x, k, generator, None if bank is None else bank[start : start + k])
-        counts[:] += new
-        return int(new[guess])
-
-    result = sequential_certify(draw, radius_map_for(smoothed.method), radii, alpha, n_max, batch, alpha_refute)
-    if result.radius is None:
-        return Certificate(None, 0.0, result.p_lower, counts), result
-    return Certificate(guess, result.radius, result.p_lower, counts), result
-
-
 def _estimated(radius_map: RadiusMap, p_lower: float, p_upper: float, tolerance: float, r_max: float) -> bool:
     high = math.inf if p_upper >= 1.0 else radius_map.radius(float(p_upper))
     if high is None:
@@ -436,11 +315,6 @@ def _as_counts(successes, trials, m) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if np.any(s < 0) or np.any(s > n):
         raise QRobustError(f"successes must be in [0, trials], got {successes} of {trials}")
     return s, n - s, np.asarray(m, dtype=float)
-
-
-def _check_radius(r: float) -> None:
-    if not (math.isfinite(r) and r >= 0):
-        raise QRobustError(f"radii must be finite and >= 0, got {r!r}")
 
 
 def _check_level(name: str, value: float) -> None:
