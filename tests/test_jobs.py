@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from qrobust import jobs
-from qrobust.data import dataset_info
+from qrobust.data import LatticeDataset, dataset_info
 from qrobust.errors import QRobustError
 from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
 from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8
+from qrobust.smoothing import LatticeRS
 
 
 @pytest.mark.parametrize(
@@ -119,3 +120,34 @@ def test_the_memory_limit_is_not_a_setting_of_the_results():
     job = SmoothingJob("certify", "model.pt", "float-fp", 0.25, 100, 0.01, memory_limit=3.5)
     assert "memory_limit" not in asdict(job) and job == SmoothingJob("certify", "model.pt", "float-fp", 0.25, 100, 0.01)
     assert pickle.loads(pickle.dumps(job))._memory_limit == 3.5
+
+
+def test_lattice_smooths_the_fp32_checkpoint_end_to_end(fashion_cnn, monkeypatch):
+    """``method="lattice"`` loads the float checkpoint (model_kind "float"), feeds it float32 lattice
+    points, and certifies with IntRS's radius; the fast (frozen) path gives the same rows as the eager one."""
+    info = dataset_info("fashion-mnist")
+    images = torch.randint(0, 256, (3, *info.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(jobs, "load_dataset", lambda *a, **k: LatticeDataset(images, torch.tensor([0, 1, 2]), info))
+    rows = {}
+    for fast in (False, True):
+        job = SmoothingJob("certify", fashion_cnn, "lattice", 0.25, 200, 0.01, 20, fast=fast)
+        smoothed, data, _ = job.open()
+        assert isinstance(smoothed.method, LatticeRS)
+        rows[fast] = [(row.predict, row.radius) for row in job.rows(smoothed, data, [0, 1, 2])]
+    assert rows[False] == rows[True]
+
+
+def test_new_options_are_recorded_and_checked():
+    job = SmoothingJob("certify", "model.pt", "int", 0.25, 100, 0.01, settle_radii=(0.0, 0.25), sequential="union")
+    assert asdict(job)["sequential"] == "union" and asdict(job)["randomized_bound"] is False
+    assert asdict(SmoothingJob("certify", "m.pt", "float-fp", 0.25, 100, 0.01, randomized_bound=True))["randomized_bound"]
+    for settings, message in (
+        ({"sequential": "peek"}, "sequential must be"),
+        ({"settle_radii": (0.25,), "randomized_bound": True}, "randomized_bound applies"),
+        ({"command": "predict", "randomized_bound": True}, "randomized_bound applies"),
+        ({"settle_radii": (float("nan"),)}, "radii"),
+    ):
+        arguments = {"command": "certify", "checkpoint": "m.pt", "method": "float-fp", "sigma": 0.25, "n": 100,
+                     "alpha": 0.01} | settings  # fmt: skip
+        with pytest.raises(QRobustError, match=message):
+            SmoothingJob(**arguments)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, SmoothedClassifier, clopper_pearson_lower
+from qrobust.errors import QRobustError
+from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, LatticeRS, SmoothedClassifier, clopper_pearson_lower
 from qrobust.smoothing.lattice import LatticeRadiusTable
 
 
@@ -63,3 +64,29 @@ def test_int_rs_certifies_a_lattice_image(linear_binary):
     image = torch.tensor([[[255, 40], [128, 128]]], dtype=torch.uint8)
     certificate = smoothed.certify(image, n0=50, n=1000, alpha=0.001, generator=torch.Generator().manual_seed(0))
     assert certificate.label == 1 and 0 < certificate.radius < linear_binary.margin(image.float() / 255)
+
+
+def test_lattice_smoothing_is_int_rs_with_the_model_reading_floats(linear_binary):
+    """LatticeRS feeds float32(x + n) / 255 of IntRS's exact integer sum to an fp32 model: its certificates
+    equal IntRS's with the division moved into the model, and its radius is IntRS's sound table."""
+
+    class Divide(torch.nn.Module):
+        def forward(self, lattice):
+            return linear_binary(lattice.to(torch.float32) / 255)
+
+    images = torch.tensor([[[0, 255], [128, 7]]], dtype=torch.uint8).expand(1000, 1, 2, 2)
+    noise = IntRS(0.25).sample_noise(tuple(images.shape), torch.Generator().manual_seed(0))
+    assert torch.equal(LatticeRS(0.25).apply(images, noise), (images + noise).float() / 255)
+    assert LatticeRS.model_kind == FloatRS.model_kind == "float" and IntRS.model_kind == FloatRSQuant.model_kind == "int8"
+    image = torch.tensor([[[255, 40], [128, 128]]], dtype=torch.uint8)
+    lattice = SmoothedClassifier(linear_binary, 2, LatticeRS(0.25), batch_size=128)
+    integer = SmoothedClassifier(Divide(), 2, IntRS(0.25), batch_size=128)
+    got, expected = (
+        smoothed.certify(image, n0=50, n=1000, alpha=0.001, generator=torch.Generator().manual_seed(3))
+        for smoothed in (lattice, integer)
+    )
+    assert got.label == expected.label == 1 and got.radius == expected.radius > 0
+    assert np.array_equal(got.counts, expected.counts)
+    assert LatticeRS(0.25).radius(990, 1000, 0.001) == IntRS(0.25).radius(990, 1000, 0.001)
+    with pytest.raises(QRobustError, match="uint8 lattice image for lattice smoothing"):
+        lattice.certify(image.float() / 255, n0=10, n=10, alpha=0.01)

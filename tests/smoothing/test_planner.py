@@ -4,10 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import beta, binom
+from scipy.stats import beta, binom, norm
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing.methods import GaussianRadius
+from qrobust.smoothing.methods import FloatRS, GaussianRadius, IntRS
 from qrobust.smoothing.planner import (
     fixed_n_any,
     fixed_n_at,
@@ -16,6 +16,7 @@ from qrobust.smoothing.planner import (
     plan,
     sequential_n_any,
     sequential_n_at,
+    unreachable_radii,
 )
 from qrobust.smoothing.sequential import certify_many
 
@@ -91,3 +92,20 @@ def test_bad_arguments_raise(kwargs):
     arguments = {"radius": 0.5, "alpha": 0.01, "p_a": 0.9} | kwargs
     with pytest.raises(QRobustError):
         plan(GaussianRadius(0.25), **arguments)
+
+
+def test_unreachable_radii_are_those_above_the_largest_certifiable():
+    """FloatRS at sigma 0.25, alpha 0.001: n votes of n give sigma * Phi^-1(alpha^(1/n)); n = 100,000 reaches
+    0.953 (fixed) and n = 2,000 0.675, so the issue's 1.0 and 1.5 (and at 2,000 also 0.75) are out of reach;
+    5 samples certify nothing, not even radius 0 (alpha^(1/5) < 1/2)."""
+    method, alpha, radii = FloatRS(0.25), 0.001, (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+    assert 0.25 * norm.ppf(alpha ** (1 / 100_000)) == pytest.approx(0.953, abs=1e-3)
+    assert unreachable_radii(method, 100_000, alpha, radii) == (1.0, 1.5)
+    assert unreachable_radii(method, 2_000, alpha, radii) == (0.75, 1.0, 1.5)
+    assert unreachable_radii(method, 5, alpha, radii) == radii
+    for n in (100, 2_000, 100_000):
+        for sequential in (False, True):
+            largest = (largest_radius_sequential if sequential else largest_radius_fixed)(GaussianRadius(0.25), n, alpha)
+            assert unreachable_radii(method, n, alpha, radii, sequential) == tuple(r for r in radii if r > largest)
+    # the sequential budget pays for peeking: it never reaches further than fixed n
+    assert set(unreachable_radii(IntRS(0.5), 300, alpha, radii)) <= set(unreachable_radii(IntRS(0.5), 300, alpha, radii, True))

@@ -1,13 +1,17 @@
-"""Randomized Clopper-Pearson: coverage exactly 1 - alpha (simulated, known pA), never below the ordinary bound."""
+"""Randomized Clopper-Pearson: coverage exactly 1 - alpha (simulated, known pA), never below the ordinary bound,
+alone and as the opt-in bound of ``SmoothedClassifier.certify``."""
 
 import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import binom, norm
 
 from qrobust.errors import QRobustError
+from qrobust.smoothing import FloatRS, LatticeRS, SmoothedClassifier
 from qrobust.smoothing.confidence import clopper_pearson_lower
+from qrobust.smoothing.methods import radius_map_for
 from qrobust.smoothing.randomized import randomized_clopper_pearson_lower
 
 TRIALS = 20_000
@@ -62,3 +66,41 @@ def test_all_votes_and_a_small_coin_give_one():
 def test_bad_arguments_raise(successes, trials, alpha):
     with pytest.raises(QRobustError):
         randomized_clopper_pearson_lower(successes, trials, alpha, np.random.default_rng(0))
+
+
+def test_certify_with_a_randomized_bound_is_reproducible_and_never_smaller(linear_binary):
+    """Same votes (same noise seed): the randomized bound and radius are >= the plain ones, the same for
+    the same coin seed, and the radius is the method's radius map at the bound (FloatRS and lattice smoothing)."""
+    for method, x in ((FloatRS(0.25), torch.full((1, 2, 2), 0.5)), (LatticeRS(0.25), torch.full((1, 2, 2), 100, dtype=torch.uint8))):
+        smoothed = SmoothedClassifier(linear_binary, 2, method, batch_size=64)
+        plain = smoothed.certify(x, n0=20, n=300, alpha=0.01, generator=torch.Generator().manual_seed(1))
+        coins = [np.random.default_rng(seed) for seed in (7, 7, 8)]
+        randomized = [
+            smoothed.certify(x, n0=20, n=300, alpha=0.01, generator=torch.Generator().manual_seed(1), bound_rng=coin)
+            for coin in coins
+        ]
+        assert not plain.abstained and all(np.array_equal(r.counts, plain.counts) for r in randomized)
+        assert randomized[0].p_lower == randomized[1].p_lower != randomized[2].p_lower
+        for certificate in randomized:
+            assert certificate.p_lower >= plain.p_lower and certificate.radius >= plain.radius
+            assert certificate.radius == radius_map_for(method).radius(certificate.p_lower)
+
+
+def test_randomized_certificates_miss_exactly_alpha_through_the_smoothed_classifier(linear_binary):
+    """End to end with known pA = Phi(0.2 / 0.25) = 0.788 (LinearBinary at margin 0.2), n = 30, alpha = 0.2:
+    P[p_lower >= pA] is alpha exactly for the randomized bound (two-sided 99.8% binomial band over 500
+    seeded inputs), while plain Clopper-Pearson misses far less (exactly 0.095 here)."""
+    alpha, n, trials = 0.2, 30, 500
+    smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25), batch_size=64)
+    x = torch.tensor([0.5, 0.0, 0.0, 0.0]).reshape(1, 2, 2)
+    p_a = float(norm.cdf(linear_binary.margin(x) / 0.25))
+    assert p_a == pytest.approx(0.788, abs=1e-3)
+    misses = sum(
+        smoothed.certify(x, n0=5, n=n, alpha=alpha, generator=torch.Generator().manual_seed(t),
+                         bound_rng=np.random.default_rng(t)).p_lower >= p_a
+        for t in range(trials)
+    )  # fmt: skip
+    assert binom.ppf(0.001, trials, alpha) <= misses <= binom.ppf(0.999, trials, alpha)
+    counts = np.arange(n + 1)
+    plain = np.sum(binom.pmf(counts, n, p_a) * (clopper_pearson_lower(counts, n, alpha) >= p_a))
+    assert plain == pytest.approx(0.095, abs=0.005)
