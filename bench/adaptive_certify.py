@@ -1,7 +1,8 @@
 """Adaptive vs fixed-N certification on the same int8 model, images and noise (issue #7 acceptance).
 
 Certifies the same test images twice with IntRS: CERTIFY with a fixed N, and the sequential test of
-``qrobust.smoothing.adaptive`` with at most N samples that stops once the table radii are settled. Both
+``qrobust.smoothing.adaptive`` (the union-bound schedule; bench/sequential_certify.py compares it with
+the confidence sequence) with at most N samples that stops once the table radii are settled. Both
 read one shared noise bank, so the adaptive run sees a prefix of the fixed run's samples. Prints the
 certified accuracy at each radius for both, the mean samples per image and the ratio, and writes them
 as JSON.
@@ -58,8 +59,9 @@ def main() -> None:
                     certificate = smoothed.certify(x, args.n0, args.n, args.alpha, generator)
                 else:
                     certificate = certify_adaptive(
-                        smoothed, x, n0=args.n0, schedule=schedule, alpha=args.alpha, radii=radii, generator=generator
-                    )
+                        smoothed, x, n0=args.n0, n_max=args.n, alpha=args.alpha, radii=radii, sequential="union",
+                        generator=generator,
+                    )  # fmt: skip
                 certificates.append(certificate)
                 bar.update(task, advance=1)
             runs[name] = (certificates, time.perf_counter() - started, [int(c.counts.sum()) for c in certificates])

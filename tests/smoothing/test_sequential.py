@@ -8,7 +8,7 @@ from scipy.integrate import quad
 from scipy.stats import norm
 
 from qrobust.errors import QRobustError
-from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS
+from qrobust.smoothing import FloatRS, FloatRSQuant, IntRS, LatticeRS
 from qrobust.smoothing.confidence import clopper_pearson_lower
 from qrobust.smoothing.methods import GaussianRadius, LatticeRadius, radius_map_for
 from qrobust.smoothing.sequential import (
@@ -176,6 +176,8 @@ def test_futile_radii_are_refuted_early():
     cannot reach within n_max is dropped long before n_max."""
     unreachable = certify_many(_votes(0.99, seed=9), 50, GAUSS, (0.0, 2.0), 0.001, n_max=10_000, batch=256)
     assert all(r.certified == (True, False) and r.refuted[1] and r.samples <= 512 for r in unreachable)
+    sure = certify_many(_votes(1.0, seed=9), 5, GAUSS, (0.0, 2.0), 0.001, n_max=10_000, batch=256)
+    assert all(r.certified == (True, False) and r.refuted[1] and r.samples == 256 for r in sure)  # pA = 1 too
     far = certify_many(_votes(0.995, seed=9), 200, GAUSS, (0.75,), 0.001, n_max=100_000, batch=256)
     assert all(r.refuted == (True,) for r in far) and np.mean([r.samples for r in far]) < 10_000
 
@@ -183,7 +185,7 @@ def test_futile_radii_are_refuted_early():
 def test_radius_maps_agree_with_the_methods():
     """Each method's radius(count, n, alpha) is its radius map at the Clopper-Pearson bound."""
     n, alpha = 1000, 0.001
-    for method in (FloatRS(0.25), FloatRSQuant(0.5), IntRS(0.25)):
+    for method in (FloatRS(0.25), FloatRSQuant(0.5), IntRS(0.25), LatticeRS(0.5)):
         radius_map = radius_map_for(method)
         for count in (400, 600, 800, 950, 990, 999, 1000):
             expected = method.radius(count, n, alpha)

@@ -150,8 +150,9 @@ def certify_many(
     After every batch of ``batch`` samples, r_j is certified once M+_n(p_j) >= 1/alpha (p_j =
     p_needed(r_j)) and refuted once M-_n(q_j) >= 1/alpha_refute, i.e. U_n < q_j, where q_j > p_j is the
     least pA whose expected count pA * n_max would certify r_j by n_max (q_j = 1 when none would): more
-    samples are then unlikely to certify r_j. An input stops when every radius is decided or at
-    ``n_max`` samples. With probability >= 1 - alpha per input, no certified radius exceeds the radius
+    samples are then unlikely to certify r_j; a radius that even n_max votes of n_max cannot certify is
+    refuted before the first sample (``planner.unreachable_radii``). An input stops when every radius is
+    decided or at ``n_max`` samples. With probability >= 1 - alpha per input, no certified radius exceeds the radius
     of the true pA (module docstring). ``draw(indices, k)`` returns the votes for the guessed class
     among k new samples of each input in ``indices``.
     """
@@ -163,7 +164,7 @@ def certify_many(
     futile = _reachable(thresholds, n_max, lower)
     votes, drawn = np.zeros(inputs, dtype=np.int64), np.zeros(inputs, dtype=np.int64)
     certified = np.zeros((inputs, len(radii)), dtype=bool)
-    refuted = np.zeros_like(certified)
+    refuted = np.repeat((log_evidence_lower(n_max, n_max, thresholds) < lower)[None], inputs, axis=0)  # unreachable
     active = np.arange(inputs)
     while active.size:
         k = min(batch, n_max - int(drawn[active[0]]))
