@@ -7,7 +7,9 @@ Issue #20's benches, on the same test images and noise (each arm of an image rea
   schedule ("union") and with the confidence sequence ("cs"), both with at most n samples and deciding
   the table radii.
 * ``--mode lattice``: CERTIFY of the fp32 checkpoint by float-fp smoothing and by lattice smoothing
-  (``--method`` is ignored), fixed n: certified accuracy and time.
+  (``--method`` is ignored), fixed n: certified accuracy and time. Discrete Gaussian sampling is slower
+  than ``torch.randn``; ``--noise-bank`` draws each arm's noise once (seeded by ``--seed``) so the times
+  compare the model passes.
 
 The arms run interleaved, image by image, and each (image, arm) appends one row to ``--output`` (TSV:
 idx, label, arm, predict, radius, samples, seconds) as it finishes; rerunning the same command skips the
@@ -19,7 +21,7 @@ radius, seconds per arm) is printed from the whole TSV. Runs for issue #20 (demo
     OMP_NUM_THREADS=1 .venv/bin/python bench/sequential_certify.py runs/demo/cnn.pt --method float-fp \\
         --sigma 0.5 --radii 0,0.25,0.5,0.75,1,1.5 --output results/sequential/float-fp-0.5.tsv
     OMP_NUM_THREADS=1 .venv/bin/python bench/sequential_certify.py runs/demo/cnn.pt --mode lattice \\
-        --sigma 0.25 --n 10000 --output results/sequential/lattice-0.25.tsv
+        --sigma 0.25 --n 10000 --noise-bank --output results/sequential/lattice-0.25.tsv
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass (= cs look)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-bank", action="store_true", help="one noise bank for all images (sampling off the clock)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", type=Path, required=True, help="TSV of per-image rows, appended to (resume)")
     args = parser.parse_args()
@@ -90,7 +93,7 @@ def _arms(args: argparse.Namespace, radii: tuple[float, ...]) -> tuple[dict[str,
 
     def job(method: str):
         return SmoothingJob("certify", args.checkpoint, method, args.sigma, args.n, args.alpha, args.n0,
-                            batch_size=args.batch_size, data_root=args.data_root).open()  # fmt: skip
+                            noise_bank=args.noise_bank, batch_size=args.batch_size, data_root=args.data_root).open()  # fmt: skip
 
     def fixed(smoothed) -> Arm:
         return lambda x, generator: smoothed.certify(x, args.n0, args.n, args.alpha, generator)
