@@ -13,7 +13,7 @@ import torch
 
 import qrobust
 from qrobust.quant import Int8Backend, fast_backend
-from qrobust.quant.backend import _Add, _MaxPool
+from qrobust.quant.backend import _Add, _FlattenChannelsLast, _MaxPool
 from qrobust.quant.engine import IntAdd, IntMaxPool2d
 from qrobust.smoothing import FloatRSQuant, IntRS, SmoothedClassifier
 
@@ -87,20 +87,26 @@ def test_fast_backend_agrees_on_a_resnet(quantized) -> None:
 def test_every_fast_op_matches_the_reference_op(name: str, quantized) -> None:
     """Fed the same integers, oneDNN's kernels and the reference ops differ only where float32
     requantization rounds the other way near a grid midpoint (within ~1e-5 of it): at most 1 step,
-    on < 0.1% of values (adds of similar scales hit near-midpoints most often). Pooling, flatten and
-    the logits layer are integer ops, identical to the reference's."""
+    on < 0.1% of values (adds of similar scales hit near-midpoints most often). Pooling and the logits
+    layer are integer ops, identical to the reference's. A flatten of channels-last memory keeps
+    (H, W, C) order, so the linear layer after it is fed that order (its weight columns match it)."""
     q = quantized(name)
     fast = fast_backend(q.int8)
-    values = [q.images[:64]]
+    values = [q.images[:64]]  # the reference's values
+    fed = list(values)  # the same values in the fast backend's layout
     with torch.no_grad():
         for op, step, args in zip(q.int8.ops, fast.steps, q.int8.inputs):
-            inputs = [values[i] for i in args]
-            expected, got = op(*inputs), step(*[x.clone() for x in inputs])  # clones: an add may overwrite b
+            expected = op(*[values[i] for i in args])
+            got = step(*[fed[i].clone() for i in args])  # clones: an add may overwrite its second input
+            values.append(expected)
+            if isinstance(step, _FlattenChannelsLast):
+                fed.append(got)
+                continue
+            fed.append(expected)
             difference = (expected.long() - got.long()).abs()
             assert int(difference.max()) <= 1 and float((difference > 0).double().mean()) <= 1e-3, op.kind
             if op.kind in ("maxpool", "avgpool", "flatten") or getattr(op, "logits", False):  # integer ops: exact
                 assert torch.equal(expected, got), op.kind
-            values.append(expected)
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet20"])

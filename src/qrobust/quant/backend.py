@@ -24,10 +24,11 @@ plain AVX2 int8 kernels can saturate 16-bit intermediate sums instead, which is 
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -231,6 +232,23 @@ class _GlobalAvgPool(nn.Module):
         return torch.clamp(q, 0, UINT8_MAX).to(torch.uint8)
 
 
+class _FlattenChannelsLast(nn.Module):
+    """(N, C, H, W) -> (N, H*W*C): channels-last memory read as it lies, without the copy that ``IntFlatten``'s
+    channel-major order would take; the linear layers reading it get their weight columns in that order
+    (``_hwc_columns``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
+def _hwc_columns(op: IntLinear, channels: int) -> IntLinear:
+    """A copy of ``op`` whose weight columns, (C, H, W)-ordered, are put in (H, W, C) order."""
+    op = copy.deepcopy(op)
+    out_features, in_features = op.weight.shape
+    op.weight = op.weight.view(out_features, channels, in_features // channels).transpose(1, 2).flatten(1)
+    return op
+
+
 class QuantizedBackend(nn.Module):
     """An ``Int8Model``'s program on oneDNN's int8 kernels (plain uint8/int8 tensors); implements ``Int8Backend``.
 
@@ -242,25 +260,35 @@ class QuantizedBackend(nn.Module):
         self.inputs = model.inputs
         self.input_step, self.input_zero_point = model.input_step, model.input_zero_point
         qparams = model.value_qparams
-        last_use = {index: step for step, args in enumerate(model.inputs) for index in args}
+        readers: dict[int, list[int]] = {}
+        for step, args in enumerate(model.inputs):
+            for value in args:
+                readers.setdefault(value, []).append(step)
         channels: list[int | None] = [None]  # of every value; the input's are not known before it runs
         fresh = [False]  # whether a value is a new tensor (not the caller's input, nor a view of another value)
+        flat_hwc: dict[int, int] = {}  # flattened values in (H, W, C) order -> their channel count C
         steps: list[nn.Module] = []
         for index, (op, args) in enumerate(zip(model.ops, model.inputs)):
+            if isinstance(op, IntLinear) and args[0] in flat_hwc:
+                op = _hwc_columns(op, flat_hwc[args[0]])
             if isinstance(op, IntConv2d) or (isinstance(op, IntLinear) and not op.logits):
                 steps.append(_Affine(op, qparams[args[0]][0], qparams[index + 1]))
             elif isinstance(op, IntAdd):
                 if channels[args[0]] is None:
                     raise ValueError(f"op {index} adds the raw input; the fast backend needs a computed value there")
                 # b may be overwritten if this add is its last reader and it is a fresh tensor of its own
-                consume_b = args[1] != args[0] and last_use[args[1]] == index and fresh[args[1]]
+                consume_b = args[1] != args[0] and readers[args[1]][-1] == index and fresh[args[1]]
                 in_qparams = [qparams[i] for i in args]
                 steps.append(_Add(op, channels[args[0]], in_qparams, qparams[index + 1], consume_b))
             elif isinstance(op, IntMaxPool2d):
                 steps.append(_MaxPool(op))
             elif isinstance(op, IntGlobalAvgPool):
                 steps.append(_GlobalAvgPool(op))
-            else:  # flatten and the int32 logits layer: the exact reference ops
+            elif isinstance(op, IntFlatten) and channels[args[0]] is not None and readers.get(index + 1):
+                if all(isinstance(model.ops[reader], IntLinear) for reader in readers[index + 1]):
+                    flat_hwc[index + 1] = cast(int, channels[args[0]])
+                steps.append(_FlattenChannelsLast() if index + 1 in flat_hwc else op)
+            else:  # the int32 logits layer: the exact reference op
                 steps.append(op)
             affine = isinstance(op, (IntConv2d, IntLinear))
             fresh.append(isinstance(steps[-1], (_Affine, _Add)))
