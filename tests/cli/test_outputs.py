@@ -158,6 +158,20 @@ def test_an_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, c
     assert _files(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["certify", "train"])
+def test_overwrite_onto_a_directory_is_refused_and_leaves_nothing_beside_it(checkpoint, tmp_path, command):
+    directory = tmp_path / "results"
+    (directory / "kept.txt").parent.mkdir()
+    (directory / "kept.txt").write_text("kept\n")
+    before = _files(tmp_path)
+    if command == "certify":
+        finished = _qrobust("certify", checkpoint, *QUICK, "--output", directory, "--overwrite")
+    else:
+        finished = _qrobust("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", directory, "--overwrite")
+    _refused(finished, f"--output {directory} is a directory")
+    assert _files(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["results"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_directory_is_refused_before_training(tmp_path):
     tmp_path.chmod(0o555)
