@@ -46,7 +46,7 @@ def test_report_refuses_to_replace_an_earlier_one_unless_told(tmp_path):
     report = tmp_path / "report"
     write_report([tmp_path / "results"], report)
     before = {path.name: path.read_bytes() for path in report.iterdir()}
-    with pytest.raises(QRobustError, match="README.md exists; pass --overwrite"):
+    with pytest.raises(QRobustError, match=r"README\.md exists; pass --overwrite"):
         write_report([tmp_path / "results"], report)
     assert {path.name: path.read_bytes() for path in report.iterdir()} == before
     write_report([tmp_path / "results"], report, overwrite=True)

@@ -12,10 +12,10 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict
-from datetime import datetime, timezone
-from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,11 +28,26 @@ from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, La
 from qrobust.bounds import ReluNetwork, certified_eps_table, verify_quantization
 from qrobust.data import dataset_info, load_dataset
 from qrobust.errors import QRobustError
+from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.models import build_model, count_parameters
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, model_metadata, save_checkpoint
-from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.outputs import check_outputs, check_writable, exclusive_lock, write_text_atomic
 from qrobust.progress import progress_bar
+from qrobust.quant import (
+    LowBitConfig,
+    QuantConfig,
+    calibrate,
+    convert,
+    load_int8,
+    prepare_qat,
+    save_int8,
+    sparsity_report,
+)
+from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
+from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
+from qrobust.quant.lowbit import MAX_BITS
+from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
+from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.smoothing import (
     CERTIFY_HEADER,
     DEFAULT_RADII,
@@ -43,12 +58,6 @@ from qrobust.smoothing import (
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_count
-from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, load_int8, prepare_qat, save_int8, sparsity_report
-from qrobust.quant.lowbit import MAX_BITS
-from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
-from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
-from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
-from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -779,7 +788,7 @@ def _write_config(output: Path, run_config: dict[str, Any]) -> None:
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     """``record`` with the time and command line, as indented JSON, written atomically."""
-    record = record | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
+    record = record | {"started": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv}
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
