@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from qrobust.errors import QRobustError
 from qrobust.jobs import SmoothingJob
@@ -195,6 +196,11 @@ def test_analyze_refuses_a_bad_row_with_its_line(checkpoint, tmp_path):
 def test_train_documents_and_checks_its_bits(run, tmp_path):
     code, out, _ = run("train", "--help")
     assert code == 0 and "1..8" in out
+    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--quant", "bc", "--bits", "3",
+                       "--output", tmp_path / "3bit.pt")  # fmt: skip
+    assert code == 0, err
+    weights = torch.load(tmp_path / "3bit.pt", weights_only=True)["state_dict"]
+    assert all(weight.unique().numel() <= 7 for name, weight in weights.items() if name.endswith("weight") and weight.dim() > 1)
     code, _, err = run("train", "--dataset", "digits", "--quant", "bc", "--bits", "9", "--output", tmp_path / "m.pt")
     assert code == 2 and err == "error: --bits must be in 1..8, got 9\n"
     assert not (tmp_path / "m.pt").exists()
