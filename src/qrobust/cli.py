@@ -356,7 +356,7 @@ def attack_command(
     }  # fmt: skip
     attacks = {"natural": None} | {name: builders[name]() for name in dict.fromkeys(names)}
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    data = data.select(evenly_spaced(len(data), num_examples))
+    data = data.select(_example_indices(len(data), num_examples, split))
     accuracies = evaluate_attacks(models, attacks, data.images, data.labels, batch_size=batch_size, progress=True)
     table = Table(title=f"accuracy (%) on {len(data)} {split} images" + (f", smoothed sigma {sigma}" if sigma else ""))
     table.add_column("model")
@@ -507,6 +507,8 @@ def search_command(
 ) -> None:
     """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
     agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
+    _check_counts({"--episodes": episodes, "--finetune-images": finetune_images, "--validation-images": validation_images,
+                   "--n0": n0, "--n": n, "--n-zeta": n_zeta, "--batch-size": batch_size}, seed)  # fmt: skip
     config = SearchConfig(
         sigma=sigma, budget=budget, episodes=episodes, reward=reward, certifier=certifier,
         reward_radius=reward_radius, finetune_images=finetune_images,
@@ -514,7 +516,6 @@ def search_command(
         n_zeta=n_zeta, alpha=alpha, alpha_zeta=alpha_zeta, gamma=gamma, seed=seed,
         agent=DDPGConfig(warmup_episodes=warmup, seed=seed),
     )  # fmt: skip
-    _check_counts({}, seed)
     check_writable(output)
     model, saved = _float_model(checkpoint, "search")
     log = output / "search.jsonl"
@@ -604,7 +605,7 @@ def weight_bound_command(
     for k in layers or []:
         network.check_layer(k)
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    indices = evenly_spaced(len(data), num_examples)
+    indices = _example_indices(len(data), num_examples, split)
     data = data.select(indices)
     chosen = list(dict.fromkeys(layers)) if layers else list(range(network.num_layers))
     with progress_bar() as bar:
@@ -645,7 +646,7 @@ def verify_quantization_command(
     if int8_dataset not in (None, saved.dataset_info.name):
         raise QRobustError(f"{int8_file} was made for {int8_dataset}, {checkpoint} for {saved.dataset_info.name}")
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    indices = evenly_spaced(len(data), num_examples)
+    indices = _example_indices(len(data), num_examples, split)
     data = data.select(indices)
     result = verify_quantization(model, int8.model, data.images)
     agreement = float((int8.model.predict(data.images) == result.float_predictions).float().mean())
@@ -698,9 +699,7 @@ def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool
     with exclusive_lock(output):
         check_outputs([output], overwrite=overwrite or resume, resumable=True)
         smoothed, data, metadata = job.open()
-        if num_examples > len(data):
-            raise QRobustError(f"--num-examples must be at most {len(data)} (the {job.split} split's size), got {num_examples}")
-        indices = evenly_spaced(len(data), num_examples)
+        indices = _example_indices(len(data), num_examples, job.split)
         run_config = {**asdict(job), "indices": indices, "model": metadata}
         header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
         if resume and output.exists():
@@ -798,6 +797,13 @@ def _check_counts(counts: dict[str, int], seed: int = 0) -> None:
         check_count(option, value)
     if seed < 0:
         raise QRobustError(f"--seed must be an integer >= 0, got {seed}")
+
+
+def _example_indices(size: int, num_examples: int, split: str) -> list[int]:
+    """``--num-examples`` indices spread evenly over a split of ``size`` examples."""
+    if num_examples > size:
+        raise QRobustError(f"--num-examples must be at most {size} (the {split} split's size), got {num_examples}")
+    return evenly_spaced(size, num_examples)
 
 
 def _subset(data, size: int | None, seed: int):

@@ -217,3 +217,20 @@ def test_the_lock_names_its_holder_and_no_lock_or_temporary_file_stays(tmp_path)
         temporary.write_text("half")
         raise RuntimeError
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["train", "--dataset", "digits", "--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+        (["train", "--dataset", "digits", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
+        (["predict", "absent.pt", "--sigma", "0.25", "--n", "0"], "--n must be an integer >= 1, got 0"),
+        (["attack", "absent.pt", "--seed", "-3"], "--seed must be an integer >= 0, got -3"),
+        (["weight-bound", "absent.pt", "--num-examples", "0"], "--num-examples must be an integer >= 1, got 0"),
+        (["search", "absent.pt", "--sigma", "0.25", "--budget", "5", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),
+    ],
+)
+def test_count_and_seed_errors_name_the_option_before_reading_anything(run, tmp_path, arguments, message):
+    code, _, err = run(*arguments, *(["--output", tmp_path / "out"] if arguments[0] in ("train", "predict") else []))
+    assert code == 2 and err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
