@@ -279,7 +279,7 @@ class QuantizedBackend(nn.Module):
                 # b may be overwritten if this add is its last reader and it is a fresh tensor of its own
                 consume_b = args[1] != args[0] and readers[args[1]][-1] == index and fresh[args[1]]
                 in_qparams = [qparams[i] for i in args]
-                steps.append(_Add(op, channels[args[0]], in_qparams, qparams[index + 1], consume_b))
+                steps.append(_Add(op, cast(int, channels[args[0]]), in_qparams, qparams[index + 1], consume_b))
             elif isinstance(op, IntMaxPool2d):
                 steps.append(_MaxPool(op))
             elif isinstance(op, IntGlobalAvgPool):
@@ -290,11 +290,11 @@ class QuantizedBackend(nn.Module):
                 steps.append(_FlattenChannelsLast() if index + 1 in flat_hwc else op)
             else:  # the int32 logits layer: the exact reference op
                 steps.append(op)
-            affine = isinstance(op, (IntConv2d, IntLinear))
             fresh.append(isinstance(steps[-1], (_Affine, _Add)))
-            channels.append(
-                int(op.weight.shape[0]) if affine else None if isinstance(op, IntFlatten) else channels[args[0]]
-            )
+            if isinstance(op, (IntConv2d, IntLinear)):
+                channels.append(int(op.weight.shape[0]))
+            else:
+                channels.append(None if isinstance(op, IntFlatten) else channels[args[0]])
         self.steps = nn.ModuleList(steps)
 
     @torch.no_grad()

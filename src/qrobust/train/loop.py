@@ -90,7 +90,7 @@ class TrainConfig:
         if self.noise not in NOISE_METHODS:
             raise ValueError(f"noise must be one of {', '.join(NOISE_METHODS)}, got {self.noise!r}")
         if self.loss is None:
-            object.__setattr__(self, "loss", "gaussian" if self.sigma > 0 else "natural")
+            object.__setattr__(self, "loss", self.resolved_loss)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss == "natural" and self.sigma > 0:
@@ -105,10 +105,15 @@ class TrainConfig:
         """The smoothing method whose noise augments training, or None when sigma is 0."""
         return NOISE_METHODS[self.noise](self.sigma) if self.sigma > 0 else None
 
+    @property
+    def resolved_loss(self) -> str:
+        """The loss name, with the default (gaussian when sigma > 0, else natural) filled in."""
+        return self.loss or ("gaussian" if self.sigma > 0 else "natural")
+
     def objective(self) -> Objective:
         """The training loss with its adversary."""
         attack = AttackConfig(self.eps, self.step_size, self.attack_steps)
-        return make_objective(self.loss, alpha=self.alpha, beta=self.beta, attack=attack)
+        return make_objective(self.resolved_loss, alpha=self.alpha, beta=self.beta, attack=attack)
 
     def lowbit(self) -> LowBitConfig | None:
         """The low-bit weight training, or None for float weights."""
@@ -181,7 +186,7 @@ def train(
             for epoch in range(len(history) + 1, config.epochs + 1):
                 started = time.perf_counter()
                 model.train()
-                loss_sum, correct, seen = 0.0, 0, 0
+                loss_sum, correct, seen = 0.0, 0.0, 0
                 order = torch.randperm(len(train_set), generator=generator)
                 for start in range(0, len(train_set), config.batch_size):
                     index = order[start : start + config.batch_size]
@@ -197,7 +202,7 @@ def train(
                     correct += (logits.argmax(1) == labels).sum().item()
                     seen += len(index)
                     bar.update(task, advance=1, status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-                lr = scheduler.get_last_lr()[0]
+                lr = float(scheduler.get_last_lr()[0])
                 scheduler.step()
                 if quantizer is not None:
                     quantizer.end_epoch()
