@@ -42,7 +42,7 @@ from qrobust.quant.mixed import (
 from qrobust.quant.prepare import prepare_qat
 from qrobust.quant.qat import QATModel, QuantConfig, calibrate, convert
 from qrobust.quant.serialization import Int8Checkpoint, load_int8, save_int8
-from qrobust.quant.sparsity import SparsityReport, prune_channels, sparsity_report
+from qrobust.quant.sparsity import PruneDecision, SparsityReport, prune_channels, pruning_report, sparsity_report
 
 __all__ = [
     "ADMMConfig",
@@ -75,7 +75,9 @@ __all__ = [
     "lowbit_project",
     "lowbit_quantize",
     "prepare_qat",
+    "PruneDecision",
     "prune_channels",
+    "pruning_report",
     "quantize",
     "save_codes",
     "save_int8",
