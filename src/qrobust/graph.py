@@ -48,6 +48,8 @@ TECHNIQUES: dict[str, frozenset[str] | None] = {
     "admm": None,
     "prune": None,
 }
+_VERBS = {"int8": "quantize (int8)", "export": "export", "bounds": "bound", "mixed": "quantize (mixed precision)",
+          "admm": "quantize (ADMM)", "prune": "prune"}  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -384,7 +386,7 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None, techni
         if why is not None:
             kinds = TECHNIQUES[technique]
             raise UnsupportedModelError(
-                f"{technique} cannot run {graph.model}: {layer.describe()} {why}; supported: {', '.join(sorted(kinds))}"
+                f"cannot {_VERBS[technique]} {graph.model}: {layer.describe()} {why}; supported: {', '.join(sorted(kinds))}"
             )
     return graph
 
