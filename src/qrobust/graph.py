@@ -77,7 +77,7 @@ class Layer:
 
     def describe(self) -> str:
         """The operation and where ``forward`` calls it, for messages."""
-        what = type(self.module).__name__ if self.module is not None and self.kind != "other" else self.target
+        what = type(self.module).__name__ if self.module is not None else self.target
         return f"{what} ({self.name}) at {self.source}"
 
 

@@ -148,8 +148,8 @@ def prune_channels(model: nn.Module) -> nn.Module:
 
     The data flow (``qrobust.graph``) decides: a channel is removed only when every reader of it can
     drop it, i.e. the conv's output reaches exactly one conv (groups=1, zero padding) or one Linear
-    after a flatten, through layers that act per channel (BatchNorm2d, ReLU, ReLU6, max or global
-    average pooling, Identity/Dropout, flatten) and that nothing else reads. Otherwise (residual
+    after a flatten, through layers that act per channel (BatchNorm2d, ReLU, ReLU6, max pooling,
+    average pooling without padding, Identity/Dropout, flatten) and that nothing else reads. Otherwise (residual
     streams, tensors read twice, grouped convs, ...) the layer is left as it is, and
     ``pruning_report`` says why. At least one channel of each conv stays, since PyTorch has no
     zero-channel convs. Prune once: a folded conv is not pruned again.
@@ -207,8 +207,8 @@ def _chain(graph: Graph, producer: Layer) -> _Chain | str:
             return f"{current.name}'s output is read by {len(readers)} layers ({names}); each must drop the channel"
         reader = readers[0]
         if reader.inputs != (current.name,):
-            return f"{reader.describe()} also reads other tensors"
-        if reader.kind in _PER_CHANNEL:
+            return f"{reader.describe()} also reads other tensors, whose channels would have to go too"
+        if reader.kind in _PER_CHANNEL or (reader.kind == "avgpool" and reader.module.padding in (0, (0, 0))):
             if reader.kind == "batchnorm" and (reader.module.running_mean is None or reader.name != reader.target):
                 return f"{reader.describe()} has no running statistics or is called more than once"
             between.append(reader)
