@@ -128,7 +128,7 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Graph:
     try:
         fx_graph = _Tracer().trace(model)
     except Exception as error:  # fx raises many types; the user needs the model name and the reason
-        raise QRobustError(f"cannot trace {name} with torch.fx: {error}") from error
+        raise QRobustError(f"cannot trace {name} with torch.fx: {_first_line(error)}") from error
     placeholders = [node for node in fx_graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 1:
         raise QRobustError(f"{name} must take one input tensor, its forward takes {len(placeholders)}")
@@ -143,9 +143,14 @@ def _propagate_shapes(model: nn.Module, fx_graph: fx.Graph, example_input: torch
         with torch.no_grad():
             ShapeProp(fx.GraphModule(model.eval(), fx_graph)).propagate(example_input)
     except Exception as error:  # any failure of the user's forward on the example input
-        raise QRobustError(f"{type(model).__name__} fails on an input of shape {tuple(example_input.shape)}: {error}") from error
+        shape = tuple(example_input.shape)
+        raise QRobustError(f"{type(model).__name__} fails on an input of shape {shape}: {_first_line(error)}") from error
     finally:
         model.train(was_training)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s+(.*)')
