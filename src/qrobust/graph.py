@@ -397,37 +397,37 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None, techni
 
 
 def fold_normalize(
-    weight: torch.Tensor, bias: torch.Tensor, normalize: Normalize
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(weight, bias, pad value) of the affine layer w(normalize(x)) + b, as one layer on raw x.
+    weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the affine layer w((x - mean) / std) + b as one layer on raw x.
 
-    W' = W / std and b' = b - W' mean per input channel; for a Linear reading flattened (C, H, W)
-    features each statistic repeats over H*W. A conv's padding must then pad x with the means (the
-    zero padding of the normalised input); the pad value (C,) is returned for convs, None for Linears.
-    Raises QRobustError if a Linear's features are not a multiple of the channels.
+    W' = W / std and b' = b - W' mean per input channel; ``mean`` and ``std`` (C,) are per channel, and
+    for a Linear reading flattened (C, H, W) features each statistic repeats over H*W. A conv with
+    padding must then pad x with the means (the zero padding of the normalised input). Differentiable
+    in ``weight`` and ``bias`` (QAT trains through it). Raises QRobustError if a Linear's features are
+    not a multiple of the channels.
     """
-    mean, std = normalize.mean.detach().to(weight.dtype), normalize.std.detach().to(weight.dtype)
-    conv = weight.dim() == 4
-    if not conv:  # Flatten put the channel outermost: each statistic repeats over H*W features
+    mean, std = mean.to(weight.dtype), std.to(weight.dtype)
+    if weight.dim() == 2:  # Flatten put the channel outermost: each statistic repeats over H*W features
         if weight.shape[1] % mean.numel():
             raise QRobustError(f"a Linear reading {weight.shape[1]} normalised features: not a multiple of {mean.numel()} channels")
         repeats = weight.shape[1] // mean.numel()
         mean, std = mean.repeat_interleave(repeats), std.repeat_interleave(repeats)
     view = (1, -1) + (1,) * (weight.dim() - 2)
     weight = weight / std.view(view)
-    bias = bias - (weight * mean.view(view)).flatten(1).sum(1)
-    return weight, bias, mean.clone() if conv else None
+    return weight, bias - (weight * mean.view(view)).flatten(1).sum(1)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of conv -> BatchNorm2d (running statistics, eval mode) as one conv.
 
     scale = gamma / sqrt(var + eps); W' = W scale per output channel, b' = beta + (b - mean) scale.
+    Differentiable in the weights and in gamma and beta (QAT trains through it).
     """
     if not bn.track_running_stats or bn.running_var is None:
         raise QRobustError("cannot fold a BatchNorm2d without running statistics")
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
     scale = (gamma / torch.sqrt(bn.running_var + bn.eps)).to(weight.dtype)  # (O,)
     bias = beta.to(bias.dtype) + (bias - bn.running_mean.to(bias.dtype)) * scale
     return weight * scale.view(-1, *(1,) * (weight.dim() - 1)), bias

@@ -16,7 +16,8 @@ def test_fold_normalize_into_a_conv_pads_with_the_means() -> None:
     torch.manual_seed(0)
     normalize, conv = Normalize([0.3, 0.5], [0.2, 0.4]), nn.Conv2d(2, 3, 3, padding=1)
     x = torch.rand(4, 2, 5, 5, dtype=torch.float64)
-    weight, bias, pad = fold_normalize(conv.weight.double(), conv.bias.double(), normalize)
+    weight, bias = fold_normalize(conv.weight.double(), conv.bias.double(), normalize.mean, normalize.std)
+    pad = normalize.mean.double()  # zero padding of the normalised image is mean padding of the raw one
     padded = torch.cat([pad.view(1, 2, 1, 1).expand(4, 2, 5, 1), x, pad.view(1, 2, 1, 1).expand(4, 2, 5, 1)], 3)
     row = pad.view(1, 2, 1, 1).expand(4, 2, 1, 7)
     folded = F.conv2d(torch.cat([row, padded, row], 2), weight, bias)
@@ -28,11 +29,10 @@ def test_fold_normalize_into_a_linear_repeats_each_statistic_over_the_pixels() -
     torch.manual_seed(0)
     normalize, linear = Normalize([0.3, 0.5], [0.2, 0.4]), nn.Linear(2 * 3 * 3, 4).double()
     x = torch.rand(5, 2, 3, 3, dtype=torch.float64)
-    weight, bias, pad = fold_normalize(linear.weight, linear.bias, normalize)
-    assert pad is None
+    weight, bias = fold_normalize(linear.weight, linear.bias, normalize.mean, normalize.std)
     torch.testing.assert_close(F.linear(x.flatten(1), weight, bias), linear(normalize.double()(x).flatten(1)))
     with pytest.raises(QRobustError, match="not a multiple of 2 channels"):
-        fold_normalize(torch.ones(4, 7), torch.zeros(4), normalize)
+        fold_normalize(torch.ones(4, 7), torch.zeros(4), normalize.mean, normalize.std)
 
 
 def test_fold_batchnorm_equals_conv_then_batchnorm_in_eval_mode() -> None:

@@ -209,7 +209,7 @@ class ReluNetwork:
                 if not ops or not isinstance(ops[-1], Affine) or not ops[-1].is_conv:
                     raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d")
                 weight, bias = fold_batchnorm(ops[-1].weight, ops[-1].bias, module)
-                ops[-1] = replace(ops[-1], weight=weight, bias=bias)
+                ops[-1] = replace(ops[-1], weight=weight.detach(), bias=bias.detach())
             elif layer.kind == "relu":
                 ops.append(ReLU())
             elif layer.kind == "flatten":
@@ -230,11 +230,11 @@ def _affine(module: nn.Conv2d | nn.Linear, normalize: Normalize | None) -> Affin
     """The Affine of a Linear/Conv2d module, with ``normalize`` folded in if it reads the normalised image."""
     weight = module.weight.detach().clone()
     bias = module.bias.detach().clone() if module.bias is not None else weight.new_zeros(weight.shape[0])
-    pad_value = None
     if normalize is not None:
-        weight, bias, pad_value = fold_normalize(weight, bias, normalize)
+        weight, bias = fold_normalize(weight, bias, normalize.mean.detach(), normalize.std.detach())
     if not isinstance(module, nn.Conv2d):
         return Affine(weight, bias)
+    pad_value = None if normalize is None else normalize.mean.detach().clone()  # zero padding after normalising
     return Affine(weight, bias, _pair(module.stride), _pair(module.padding), pad_value)
 
 
