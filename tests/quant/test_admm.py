@@ -212,6 +212,10 @@ def test_per_layer_bits(digits):
     assert [layer.bits for layer in result.layers] == [8, 3, 2]
     assert [int(layer.codes.abs().max()) <= grid_top(layer.bits) for layer in result.layers] == [True] * 3
     assert int(result.layers[2].codes.abs().max()) == 1  # 2 bits: ternary codes
+    by_name = admm_quantize(model, train_set, ADMMConfig(bits={"head": 2, "hidden.0": 8, "hidden.2": 3}, iterations=1, steps=5))
+    assert [layer.bits for layer in by_name.layers] == [8, 3, 2]
+    with pytest.raises(ValueError, match="bits names layers"):
+        admm_quantize(model, train_set, ADMMConfig(bits={"hidden.0": 8}))
 
 
 class HeadFirst(nn.Module):

@@ -44,7 +44,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,9 @@ class ADMMConfig:
     """How ``admm_quantize`` runs.
 
     Args:
-        bits: weight bits d_k in 2..8, one for all layers or one per layer (D = +-2^(d_k-2), so 8 bits
-            use codes -64..64 and 4 bits -4..4).
+        bits: weight bits d_k in 2..8 (D = +-2^(d_k-2), so 8 bits use codes -64..64 and 4 bits -4..4):
+            one for all layers, one per layer by name ({"conv1": 8, "fc": 4}), or a tuple in the
+            forward order of ``quantizable_layers``.
         method: "admm" (Weng et al. 2020, certificate-aware) or "lb" (Leng et al. 2018).
         iterations: ADMM iterations, >= 1.
         steps: SGD steps (minibatches) of the G-step per iteration, >= 1.
@@ -107,7 +108,7 @@ class ADMMConfig:
         seed: seed of the minibatch order and of the evaluation subset.
     """
 
-    bits: int | tuple[int, ...] = 8
+    bits: int | tuple[int, ...] | Mapping[str, int] = 8
     method: str = "admm"
     iterations: int = 20
     steps: int = 100
@@ -123,7 +124,8 @@ class ADMMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bits = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        bits = tuple(self.bits.values()) if isinstance(self.bits, Mapping) else self.bits
+        bits = bits if isinstance(bits, tuple) else (bits,)
         if not bits:
             raise ValueError("bits must be an integer or a non-empty tuple of integers, got ()")
         for value in bits:
@@ -143,12 +145,17 @@ class ADMMConfig:
         if not _finite(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
 
-    def layer_bits(self, layers: int) -> tuple[int, ...]:
-        """The bits of each of ``layers`` layers; raises ValueError if a per-layer tuple has another length."""
+    def layer_bits(self, names: Sequence[str]) -> tuple[int, ...]:
+        """The bits of each layer of ``names`` (call order); raises ValueError if a per-layer tuple has
+        another length or a mapping names other layers."""
+        if isinstance(self.bits, Mapping):
+            if set(self.bits) != set(names):
+                raise ValueError(f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}")
+            return tuple(self.bits[name] for name in names)
         if not isinstance(self.bits, tuple):
-            return (self.bits,) * layers
-        if len(self.bits) != layers:
-            raise ValueError(f"bits has {len(self.bits)} entries but the model has {layers} Linear/Conv2d layers")
+            return (self.bits,) * len(names)
+        if len(self.bits) != len(names):
+            raise ValueError(f"bits has {len(self.bits)} entries but the model has {len(names)} Linear/Conv2d layers")
         return self.bits
 
 
@@ -318,7 +325,7 @@ def admm_quantize(
     layers_found = quantizable_layers(model)
     if not layers_found:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layers to quantize")
-    bits = config.layer_bits(len(layers_found))
+    bits = config.layer_bits([name for name, _ in layers_found])
     radii = _check_epsilons(epsilons, [name for name, _ in layers_found], config.method)
     model = copy.deepcopy(model).eval()
     model.requires_grad_(False)
