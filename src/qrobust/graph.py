@@ -17,6 +17,7 @@ BatchNorm are folded into the neighbouring affine layer here, once (``fold_norma
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Sequence
@@ -90,11 +91,12 @@ class Graph:
     layers: tuple[Layer, ...]
     output: str
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Layer]:
+        return {layer.name: layer for layer in self.layers}
+
     def __getitem__(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
+        return self._by_name[name]
 
     def affine(self) -> tuple[Layer, ...]:
         """The Conv2d and Linear layers in call order (the layers every technique quantizes or bounds)."""
@@ -120,21 +122,27 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> Graph:
     """The graph of ``model``'s forward pass, with shapes if ``example_input`` (N, ...) is given.
 
     The model is traced in its current mode and left unchanged (shape propagation runs in eval mode,
-    without gradients). Raises QRobustError if torch.fx cannot trace it or it takes several inputs.
+    without gradients; the tensor constants fx attaches to the model while tracing are removed again).
+    Raises QRobustError if torch.fx cannot trace it or it takes several inputs.
     """
     if not isinstance(model, nn.Module):
         raise QRobustError(f"model must be an nn.Module, got {type(model).__name__}")
     name = type(model).__name__
+    attributes = set(vars(model))
     try:
-        fx_graph = _Tracer().trace(model)
-    except Exception as error:  # fx raises many types; the user needs the model name and the reason
-        raise QRobustError(f"cannot trace {name} with torch.fx: {_first_line(error)}") from error
-    placeholders = [node for node in fx_graph.nodes if node.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise QRobustError(f"{name} must take one input tensor, its forward takes {len(placeholders)}")
-    if example_input is not None:
-        _propagate_shapes(model, fx_graph, example_input)
-    return _Reader(model, fx_graph).read()
+        try:
+            fx_graph = _Tracer().trace(model)
+        except Exception as error:  # fx raises many types; the user needs the model name and the reason
+            raise QRobustError(f"cannot trace {name} with torch.fx: {_first_line(error)}") from error
+        placeholders = [node for node in fx_graph.nodes if node.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise QRobustError(f"{name} must take one input tensor, its forward takes {len(placeholders)}")
+        if example_input is not None:
+            _propagate_shapes(model, fx_graph, example_input)
+        return _Reader(model, fx_graph).read()
+    finally:
+        for attribute in set(vars(model)) - attributes:  # fx's _tensor_constant<i>
+            delattr(model, attribute)
 
 
 def _propagate_shapes(model: nn.Module, fx_graph: fx.Graph, example_input: torch.Tensor) -> None:
@@ -252,7 +260,7 @@ class _Reader:
                 return "relu", nn.ReLU()
             if target is F.relu6 and len(args) == 1:
                 return "relu6", nn.ReLU6()
-            if target is F.max_pool2d:
+            if target is F.max_pool2d and not kwargs.get("return_indices") and len(args) < 7:
                 return "maxpool", nn.MaxPool2d(*args[1:], **_without(kwargs, "return_indices"))
             if target is F.avg_pool2d:
                 return "avgpool", nn.AvgPool2d(*args[1:], **kwargs)
@@ -294,14 +302,16 @@ class _Reader:
         if mean is None or std is None:
             return None
         channels = max(mean.numel(), std.numel())
-        mean, std = mean.flatten().expand(channels), std.flatten().expand(channels)
+        if mean.numel() not in (1, channels) or std.numel() not in (1, channels):
+            return None
+        mean, std = mean.expand(channels), std.expand(channels)
         if not bool(torch.all(std > 0)):
             return None
         self.subs[sub] = div
         return Normalize(mean.tolist(), std.tolist())
 
     def _constant(self, value: object) -> torch.Tensor | None:
-        """A number, or a tensor attribute of shape (C,), (C, 1, 1) or (1, C, 1, 1), as a (C,) tensor."""
+        """A number, or a tensor attribute of one element or of shape (C, 1, 1) or (1, C, 1, 1), as (C,)."""
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return torch.tensor([float(value)])
         if not (isinstance(value, fx.Node) and value.op == "get_attr"):
@@ -311,8 +321,8 @@ class _Reader:
             tensor = getattr(tensor, part, None)
         if not isinstance(tensor, torch.Tensor) or tensor.dim() > 4:
             return None
-        flat = tensor.detach().flatten()
-        per_channel = tensor.dim() <= 1 or (tensor.dim() >= 3 and flat.numel() == tensor.shape[-3])
+        flat = tensor.detach().flatten()  # a (C,) vector would broadcast over the width, not the channels
+        per_channel = flat.numel() == 1 or (tensor.dim() >= 3 and flat.numel() == tensor.shape[-3])
         return flat.to(torch.get_default_dtype()) if per_channel else None
 
 

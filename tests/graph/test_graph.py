@@ -94,3 +94,20 @@ def test_errors_are_one_line_and_name_the_model() -> None:
         check_supported(nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2), nn.Flatten(), nn.Linear(1, 1)), None, "int8")
     assert isinstance(unsupported.value, ValueError) and "\n" not in str(unsupported.value)
     assert "\n" not in str(caught.value)
+
+
+class ConstantShift(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x - torch.tensor([0.1, 0.2, 0.3]))  # a (3,) constant: per feature, not per channel
+
+
+def test_tracing_leaves_the_model_as_it_was_and_keeps_unknown_ops() -> None:
+    model = ConstantShift()
+    before = set(vars(model))
+    graph = trace(model, torch.rand(2, 3))
+    assert set(vars(model)) == before  # fx's tensor constants are removed again
+    assert [(layer.kind, layer.target) for layer in graph.layers] == [("other", "sub"), ("linear", "fc")]

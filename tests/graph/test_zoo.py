@@ -14,7 +14,7 @@ from qrobust.bounds import ReluNetwork, certified_eps
 from qrobust.data import LatticeDataset
 from qrobust.data.base import DatasetInfo
 from qrobust.errors import QRobustError
-from qrobust.graph import TECHNIQUES, check_supported, trace
+from qrobust.graph import KINDS, TECHNIQUES, check_supported, trace
 from qrobust.quant import (
     ADMMConfig,
     BitPolicy,
@@ -84,6 +84,7 @@ def test_graph_lists_layers_in_call_order_with_their_shapes(name: str) -> None:
     modules = [(layer.target, layer.output_shape) for layer in graph.layers if layer.module is named.get(layer.target, 0)]
     assert modules == calls
     assert graph[graph.output].output_shape == tuple(logits.shape)
+    assert {layer.kind for layer in graph.layers} <= set(KINDS)
     for layer in graph.layers:  # the data flow is consistent both ways
         assert all(layer.name in graph[source].users for source in layer.inputs if source != graph.input)
         assert all(layer.name in graph[user].inputs for user in layer.users if user != "output")
