@@ -1,10 +1,11 @@
-"""``prepare_qat``: read a float model's dataflow with torch.fx and build its fake-quantized twin.
+"""``prepare_qat``: read a float model's dataflow through ``qrobust.graph`` and build its fake-quantized twin.
 
 The model's structure, not its class or layer names, decides what happens: conv -> BatchNorm -> ReLU,
 linear -> ReLU and add -> ReLU chains are fused into one quantized step each, the Normalize layer is
 folded into the conv or linear that reads it (through a Flatten if need be), max pooling, global
 average pooling and flattening pass quantized values through. Anything else raises ValueError naming
-the node, so an unsupported model fails at preparation instead of converting wrongly.
+the operation and its line in ``forward``, so an unsupported model fails at preparation instead of
+converting wrongly.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ def prepare_qat(
     weight and activation bit-widths, see ``qrobust.quant.mixed``), not the int8 engine's twin below.
 
     Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
-    Inference" (CVPR 2018). ``model`` (any registered model: mlp, cnn, resnet*) is left unchanged;
+    Inference" (CVPR 2018). ``model`` (any model ``qrobust.graph.check_supported(model, x, "int8")``
+    accepts, e.g. the registry's mlp, cnn, resnet*) is left unchanged;
     the copy starts from its weights and BatchNorm statistics and is in the same train/eval mode.
     Train it with ``qrobust.train.train`` or ``calibrate`` it, then ``convert`` it.
 
-    Raises ValueError naming the first layer or function the integer engine cannot run.
+    Raises ValueError (``UnsupportedModelError`` from ``check_supported``, before any calibration)
+    naming the first layer or function the integer engine cannot run and its line in ``forward``.
     """
     if isinstance(config, BitPolicy):
         return prepare_mixed(model, config)
