@@ -37,7 +37,9 @@ KINDS = (
 )  # fmt: skip
 AFFINE = ("conv", "linear")
 
-# The kinds each technique runs; None: any traceable model (they only rewrite Conv2d/Linear weights).
+# The kinds each technique runs: int8 QAT/convert and its ONNX export (the integer engine's ops), the
+# weight-perturbation bounds (a chain of ReLU layers); None: any traceable model (mixed precision, ADMM
+# and pruning only rewrite Conv2d/Linear weights, and pruning leaves what it cannot prune, with a reason).
 _INT8 = frozenset(
     {"normalize", "conv", "linear", "batchnorm", "relu", "maxpool", "adaptive_avgpool", "flatten", "add", "identity"}
 )

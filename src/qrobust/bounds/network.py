@@ -1,8 +1,8 @@
 """A feed-forward ReLU network as a plain chain of ops, read from a qrobust model, for bounding.
 
 Normalize is folded into the first affine layer and BatchNorm into the conv before it, so the chain
-reads [0, 1] images and holds exactly the weights whose perturbation is certified (the same folding
-``qrobust.quant`` quantizes).
+reads [0, 1] images and holds exactly the weights whose perturbation is certified (``qrobust.graph``'s
+folding, the same that ``qrobust.quant`` quantizes). The model is read through ``qrobust.graph``.
 """
 
 from __future__ import annotations
