@@ -271,7 +271,7 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
         chosen = candidates.select(correct[evenly_spaced(len(correct), min(certify_images, len(correct)))])
         console.print(f"certifying each layer on {len(chosen)} correctly classified training images ...")
         epsilons = certificate_epsilons(model, chosen.floats(), chosen.labels, percentile)
-        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{eps:.3g}" for eps in epsilons))
+        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{name} {eps:.3g}" for name, eps in epsilons.items()))
     result = admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
     float_accuracy, quantized_accuracy = accuracy(model, test_set), accuracy(result.model, test_set)
     record = {"method": method, "certified": certified, "percentile": percentile if certified else None,
