@@ -16,5 +16,5 @@ class CheckpointError(QRobustError):
     """A checkpoint is missing, truncated, corrupt, or not written by qrobust."""
 
 
-class UnsupportedModelError(QRobustError, ValueError):
+class UnsupportedModelError(QRobustError):
     """A model uses an operation (or a setting of one) that the requested technique cannot run."""
