@@ -73,8 +73,9 @@ def quantize(model, train_set, test_set, bits: int, method: str, epsilons, args)
     return admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
 
 
-def percentile_radii(bounds: list[torch.Tensor], percentile: float) -> list[float]:
-    return [float(np.percentile(bound.numpy(), percentile)) for bound in bounds]
+def percentile_radii(bounds: dict[str, torch.Tensor], percentile: float) -> dict[str, float]:
+    """The ``percentile`` of each layer's certified bounds, by layer name (as ``admm_quantize`` takes them)."""
+    return {name: float(np.percentile(bound.numpy(), percentile)) for name, bound in bounds.items()}
 
 
 def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -105,7 +106,8 @@ def table1(model: torch.nn.Module, train_set: LatticeDataset, test_set: LatticeD
     """Table 1: certified bound vs fault sneaking perturbation, --fsa-layers (1-based) of the deep MLP."""
     started = time.perf_counter()
     chosen = certified_images(model, train_set, args.certify_images)
-    count = len(quantizable_layers(model))
+    names = [name for name, _ in quantizable_layers(model)]
+    count = len(names)
     layers = list(range(count))[-4:] if args.fsa_layers is None else [int(k) - 1 for k in args.fsa_layers.split(",")]
     if not all(0 <= k < count for k in layers):
         raise SystemExit(f"--fsa-layers must be in 1..{count}, got {args.fsa_layers}")
@@ -125,7 +127,7 @@ def table1(model: torch.nn.Module, train_set: LatticeDataset, test_set: LatticeD
         attack = FaultSneakingAttack(model, k, steps=args.fsa_steps, keep_fraction=args.fsa_keep_fraction)
         result = attack(targets_set.floats(), targets, keep_set.floats())
         after.append(f"{100 * accuracy(result.apply(model), test_set):.1f}")
-        bound.append(f"{float(certified[k].median()):.2g}")
+        bound.append(f"{float(certified[names[k]].median()):.2g}")
         perturbation.append(f"{result.linf:.3g}" + ("" if result.feasible else " (infeasible)"))
         success.append(f"{int(result.success.sum())}/{len(targets)}, kept {100 * float(result.kept.float().mean()):.1f}%")
         print(f"layer {k + 1} ({time.perf_counter() - started:.0f} s): radius {result.radius:.3g}, certified {bound[-1]}, attack l_inf {perturbation[-1]}, targets {success[-1]}, acc {after[-1]}%", flush=True)
@@ -192,7 +194,7 @@ def main() -> None:
         chosen = certified_images(models[depth], train_set, args.certify_images)
         bounds[depth] = certified_layer_bounds(models[depth], chosen.floats(), chosen.labels)
         print(f"{depth}-layer MLP: float test accuracy {100 * accuracy(models[depth], test_set):.2f}%, median certified "
-              f"bound per layer " + ", ".join(f"{float(b.median()):.2g}" for b in bounds[depth]))  # fmt: skip
+              f"bound per layer " + ", ".join(f"{float(b.median()):.2g}" for b in bounds[depth].values()))  # fmt: skip
 
     # Table: every depth x bits x method, from the same pre-trained weights.
     results: dict[tuple[int, int, str], ADMMResult] = {}

@@ -7,7 +7,7 @@ activation ranges calibrated on random images; speed does not depend on training
 - fp32 frozen: ``qrobust.models.inference.freeze_for_inference`` (TorchScript trace, freeze,
   optimize_for_inference: BatchNorm folded, oneDNN convolutions), qrobust's fast fp32 path.
 - int8 reference: ``qrobust.quant.convert``'s integer-only engine, uint8 input (ground truth, slow).
-- int8 fast (x86 / onednn): ``qrobust.quant.fast_backend`` on the same int8 parameters, uint8 input.
+- int8 fast (oneDNN): ``qrobust.quant.fast_backend`` on the same int8 parameters, uint8 input.
 
 Each path gets its native input (no conversion is timed). Paths are timed in interleaved rounds and
 the median is reported, so load from other jobs on the machine biases them alike.
@@ -58,9 +58,7 @@ def paths(name: str, shape: tuple[int, int, int], batch: int) -> dict[str, tuple
         "fp32 frozen (TorchScript)": (frozen, floats),
         "int8 reference engine": (int8, images),
     }
-    for engine in ("x86", "onednn"):
-        if engine in torch.backends.quantized.supported_engines:
-            found[f"int8 fast ({engine})"] = (fast_backend(int8, engine), images)
+    found["int8 fast (oneDNN)"] = (fast_backend(int8), images)
     return found
 
 
@@ -97,10 +95,10 @@ def main() -> None:
         eager = speeds["fp32 eager"]
         best_fp32 = max(speed for label, speed in speeds.items() if label.startswith("fp32"))
         int8, images = found["int8 reference engine"]
-        fast, _ = found["int8 fast (x86)"]
+        fast, _ = found["int8 fast (oneDNN)"]
         agreement = float((int8.predict(images) == fast.predict(images)).float().mean())
         size = "x".join(map(str, shape))
-        print(f"\n{name} {size}  (fast x86 vs reference top-1 agreement on this batch: {agreement:.4f})")
+        print(f"\n{name} {size}  (fast vs reference top-1 agreement on this batch: {agreement:.4f})")
         print(f"  {'path':28s} {'img/s':>10s} {'vs fp32 eager':>14s} {'vs best fp32':>13s}")
         for label, speed in speeds.items():
             print(f"  {label:28s} {speed:10.0f} {speed / eager:13.2f}x {speed / best_fp32:12.2f}x")

@@ -38,3 +38,16 @@ def test_report_without_runs_is_an_error(tmp_path):
         write_report([tmp_path], tmp_path / "report")
     with pytest.raises(QRobustError, match="not a directory"):
         write_report([tmp_path / "absent"], tmp_path / "report")
+
+
+def test_report_refuses_to_replace_an_earlier_one_unless_told(tmp_path):
+    (tmp_path / "results").mkdir()
+    _write_run(tmp_path / "results" / "fp.tsv", "float-fp", 0.25, [CertifyRow(0, 1, 1, 0.5, 2.0)])
+    report = tmp_path / "report"
+    write_report([tmp_path / "results"], report)
+    before = {path.name: path.read_bytes() for path in report.iterdir()}
+    with pytest.raises(QRobustError, match=r"README\.md exists; pass --overwrite"):
+        write_report([tmp_path / "results"], report)
+    assert {path.name: path.read_bytes() for path in report.iterdir()} == before
+    write_report([tmp_path / "results"], report, overwrite=True)
+    assert sorted(path.name for path in report.iterdir()) == ["README.md", "group-1.png"]

@@ -12,9 +12,10 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import asdict
-from datetime import datetime, timezone
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,10 +28,26 @@ from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, La
 from qrobust.bounds import ReluNetwork, certified_eps_table, verify_quantization
 from qrobust.data import dataset_info, load_dataset
 from qrobust.errors import QRobustError
+from qrobust.jobs import SmoothingJob, run_ray
 from qrobust.models import build_model, count_parameters
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, model_metadata, save_checkpoint
-from qrobust.jobs import SmoothingJob, run_ray
+from qrobust.outputs import check_outputs, check_writable, exclusive_lock, write_text_atomic
 from qrobust.progress import progress_bar
+from qrobust.quant import (
+    LowBitConfig,
+    QuantConfig,
+    calibrate,
+    convert,
+    load_int8,
+    prepare_qat,
+    save_int8,
+    sparsity_report,
+)
+from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
+from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
+from qrobust.quant.lowbit import MAX_BITS
+from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
+from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.smoothing import (
     CERTIFY_HEADER,
     DEFAULT_RADII,
@@ -41,11 +58,6 @@ from qrobust.smoothing import (
     summarize_rows,
 )
 from qrobust.smoothing.confidence import check_count
-from qrobust.quant import LowBitConfig, QuantConfig, calibrate, convert, load_int8, prepare_qat, save_int8, sparsity_report
-from qrobust.quant.admm import ADMMConfig, admm_quantize, certificate_epsilons, save_codes
-from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
-from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
-from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.train import TrainConfig, accuracy, load_model, train
 from qrobust.train.loop import model_inputs
 
@@ -65,8 +77,8 @@ Sigma = Annotated[float, typer.Option(help="Std of the Gaussian noise, in [0, 1]
 Alpha = Annotated[float, typer.Option(help="Failure probability of the test, in (0, 1); confidence is 1 - alpha.")]
 NumExamples = Annotated[int, typer.Option(help="Number of examples, spread evenly over the split (>= 1).")]
 BatchSize = Annotated[int, typer.Option(help="Noisy samples per forward pass (memory vs. speed; it shapes the noise stream, so it is recorded).")]
-Seed = Annotated[int, typer.Option(help="Seed of the noise; each example gets its own generator derived from it.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file instead of refusing.")]
+Seed = Annotated[int, typer.Option(help="Seed of the noise (>= 0); each example gets its own generator derived from it.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace existing output files instead of refusing.")]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted run with the same settings: keep its complete rows, run only the missing examples.")]
 
 
@@ -89,7 +101,7 @@ def train_command(
     step_size: Annotated[float, typer.Option(help="PGD step size of the training adversaries.")] = 0.007,
     attack_steps: Annotated[int, typer.Option(help="PGD steps of the training adversaries.")] = 10,
     quant: Annotated[str, typer.Option(help="Low-bit weights: none, bc (BinaryConnect) or br (Binary-Relax).")] = "none",
-    bits: Annotated[int, typer.Option(help="Weight bits with --quant: 1 binary, 2 ternary, 4 (15 levels).")] = 1,
+    bits: Annotated[int, typer.Option(help="Weight bits with --quant, 1..8: 1 binary, 2 ternary, m >= 3 the 2^m - 1 levels -M..M, M = 2^(m-1) - 1 (4 bits: 15).")] = 1,
     rho: Annotated[float, typer.Option(help="Binary-Relax: growth factor of lambda per epoch (> 1).")] = LowBitConfig.rho,
     cutoff_epoch: Annotated[int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection (0: BinaryConnect).")] = LowBitConfig.cutoff_epoch,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 90,
@@ -102,19 +114,22 @@ def train_command(
     augment: Annotated[bool, typer.Option(help="Use the dataset's standard augmentation (crop + flip for CIFAR).")] = True,
     train_subset: Annotated[int | None, typer.Option(help="Train on this many training images (seeded subset).")] = None,
     test_subset: Annotated[int | None, typer.Option(help="Evaluate on this many test images (seeded subset).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling, augmentation and noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling, augmentation and noise (>= 0).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train a classifier (noise augmentation, adversarial losses, low-bit or int8 quantization-aware weights) and save a checkpoint."""
+    _check_counts({"--epochs": epochs, "--batch-size": batch_size, "--lr-step": lr_step, "--attack-steps": attack_steps,
+                   "--bits": bits}, seed)  # fmt: skip
+    if quant != "none" and not 1 <= bits <= MAX_BITS:
+        raise QRobustError(f"--bits must be in 1..{MAX_BITS}, got {bits}")
+    check_outputs([output], overwrite=overwrite or resume, resumable=True)
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         lr_step=lr_step, lr_gamma=lr_gamma, sigma=sigma, noise=noise, augment=augment, seed=seed,
         loss=loss, alpha=alpha, beta=beta, eps=eps, step_size=step_size,
         attack_steps=attack_steps, quant=quant, bits=bits, rho=rho, cutoff_epoch=cutoff_epoch,
     )  # fmt: skip
-    if output.exists() and not (resume or overwrite):
-        raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
     torch.manual_seed(seed)
     if init is None:
         options = _parse_options(model_option or [])
@@ -178,8 +193,9 @@ def quantize_command(
     """Convert a checkpoint to an integer-only int8 model (Jacob et al. 2018): QAT checkpoints directly,
     float ones after calibration on noisy training images (PTQ). With --method admm or lb: quantize a float
     checkpoint's weights to low-bit codes and one scale per layer by ADMM, optionally certificate-aware."""
-    if output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    _check_counts({"--calibration-images": calibration_images, "--certify-images": certify_images}, seed)
+    check_outputs([output, output.with_suffix(".codes.pt"), output.with_suffix(".json")] if method in ADMM_METHODS else [output],
+                  overwrite=overwrite)  # fmt: skip
     lowbit_options = {"--bits": bits, "--percentile": percentile, "--iterations": iterations, "--steps": steps}
     if method in ADMM_METHODS and input_margin is not None:
         raise QRobustError("--input-margin applies to --method int8")
@@ -255,7 +271,7 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
         chosen = candidates.select(correct[evenly_spaced(len(correct), min(certify_images, len(correct)))])
         console.print(f"certifying each layer on {len(chosen)} correctly classified training images ...")
         epsilons = certificate_epsilons(model, chosen.floats(), chosen.labels, percentile)
-        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{eps:.3g}" for eps in epsilons))
+        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{name} {eps:.3g}" for name, eps in epsilons.items()))
     result = admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
     float_accuracy, quantized_accuracy = accuracy(model, test_set), accuracy(result.model, test_set)
     record = {"method": method, "certified": certified, "percentile": percentile if certified else None,
@@ -279,8 +295,7 @@ def export_command(
 ) -> None:
     """Export a model to ONNX for edge runtimes: fp32 as it is ([0, 1] images in), int8 in QOperator form
     (uint8 activations, lattice values in), with the model's metadata; needs the onnx extra."""
-    if output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    check_outputs([output], overwrite=overwrite)
     try:
         from qrobust.quant.export import INPUT_KIND, save_onnx, to_onnx
     except ImportError as error:
@@ -322,8 +337,8 @@ def attack_command(
     unknown = sorted(set(names) - set(ATTACKS))
     if unknown:
         raise QRobustError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
-    if output is not None and output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    _check_counts({"--steps": steps, "--samples": samples, "--num-examples": num_examples, "--batch-size": batch_size}, seed)
+    check_outputs([] if output is None else [output], overwrite=overwrite)
     model, saved = load_model(checkpoint)
     models = {checkpoint.name: model}
     if int8 is not None:
@@ -341,7 +356,7 @@ def attack_command(
     }  # fmt: skip
     attacks = {"natural": None} | {name: builders[name]() for name in dict.fromkeys(names)}
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    data = data.select(evenly_spaced(len(data), num_examples))
+    data = data.select(_example_indices(len(data), num_examples, split))
     accuracies = evaluate_attacks(models, attacks, data.images, data.labels, batch_size=batch_size, progress=True)
     table = Table(title=f"accuracy (%) on {len(data)} {split} images" + (f", smoothed sigma {sigma}" if sigma else ""))
     table.add_column("model")
@@ -399,6 +414,7 @@ def certify_command(
     memory_limit: MemoryLimit = None,
 ) -> None:
     """Certify l2 robustness of the smoothed model (Cohen et al. 2019; IntRS, Lin et al. 2021); radii are in [0, 1] pixel units."""
+    _check_counts({"--n0": n0, "--n": n, "--num-examples": num_examples, "--batch-size": batch_size, "--workers": workers}, seed)
     job = SmoothingJob("certify", str(checkpoint), method, sigma, n, alpha, n0, fast, noise_bank, batch_size, seed, split,
                        None if data_root is None else str(data_root), _parse_radii(radii) if adaptive else None, runtime, memory_limit)  # fmt: skip
     _run_job(job, output, num_examples, overwrite, resume, backend, workers, address)
@@ -428,6 +444,7 @@ def predict_command(
     memory_limit: MemoryLimit = None,
 ) -> None:
     """Predict with the smoothed model, abstaining (-1) when the top two classes are not separated at level alpha."""
+    _check_counts({"--n": n, "--num-examples": num_examples, "--batch-size": batch_size, "--workers": workers}, seed)
     job = SmoothingJob("predict", str(checkpoint), method, sigma, n, alpha, fast=fast, noise_bank=noise_bank,
                        batch_size=batch_size, seed=seed, split=split, data_root=None if data_root is None else str(data_root),
                        runtime=runtime, memory_limit=memory_limit)  # fmt: skip
@@ -438,10 +455,18 @@ def predict_command(
 def analyze_command(
     results: Annotated[list[Path], typer.Argument(help="Certification TSVs written by `qrobust certify`.")],
     radii: Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pixel units for the table.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
-    plot: Annotated[Path | None, typer.Option(help="PNG file for the plot of certified accuracy against radius.")] = None,
+    plot: Annotated[Path | None, typer.Option(help=f"File for the plot of certified accuracy against radius ({', '.join(PLOT_SUFFIXES)}).")] = None,
     label: Annotated[list[str] | None, typer.Option(help="Name of each run in table and plot (default: file stem), repeatable.")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Certified accuracy at radii, average certified radius (ACR) and certified percentage of one or more runs."""
+    """Certified accuracy at radii, average certified radius (ACR) and certified percentage of one or more runs.
+
+    Rows are checked (line number of the first bad one): unique indices, classes of the dataset (from
+    the run config next to each TSV, if any), finite radii >= 0, 0 for abstentions."""
+    if plot is not None:
+        check_outputs([plot], overwrite=overwrite, option="--plot")
+        if plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise QRobustError(f"--plot must name a {', '.join(PLOT_SUFFIXES)} file, got {plot}")
     from qrobust.report import plot_certified_accuracy, summary_tables  # matplotlib is slow to import
 
     at = _parse_radii(radii)
@@ -454,6 +479,9 @@ def analyze_command(
         wide.print(table)
     if plot is not None:
         console.print(f"plot -> {plot_certified_accuracy(runs, plot)}")
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 @app.command("search")
@@ -482,6 +510,8 @@ def search_command(
 ) -> None:
     """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
     agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
+    _check_counts({"--episodes": episodes, "--finetune-images": finetune_images, "--validation-images": validation_images,
+                   "--n0": n0, "--n": n, "--n-zeta": n_zeta, "--batch-size": batch_size}, seed)  # fmt: skip
     config = SearchConfig(
         sigma=sigma, budget=budget, episodes=episodes, reward=reward, certifier=certifier,
         reward_radius=reward_radius, finetune_images=finetune_images,
@@ -489,6 +519,7 @@ def search_command(
         n_zeta=n_zeta, alpha=alpha, alpha_zeta=alpha_zeta, gamma=gamma, seed=seed,
         agent=DDPGConfig(warmup_episodes=warmup, seed=seed),
     )  # fmt: skip
+    check_writable(output)
     model, saved = _float_model(checkpoint, "search")
     log = output / "search.jsonl"
     search = PolicySearch(model, load_dataset(saved.dataset_info.name, "train", data_root), config)  # checks the budget
@@ -525,9 +556,9 @@ def finetune_command(
     """Quantize a float checkpoint with a mixed-precision bit policy and fine-tune it with Gaussian noise."""
     if not sigma > 0:
         raise QRobustError(f"sigma must be > 0, got {sigma}")
+    _check_counts({"--epochs": epochs, "--lr-step": lr_step, "--batch-size": batch_size, "--calibration-images": calibration_images}, seed)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, sigma=sigma, seed=seed)
-    if output.exists() and not (resume or overwrite):
-        raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
+    check_outputs([output], overwrite=overwrite or resume, resumable=True)
     if not policy.is_file():
         raise QRobustError(f"policy file not found: {policy}")
     try:
@@ -570,14 +601,14 @@ def weight_bound_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Certified weight-perturbation radius of each layer (Weng et al. 2020): within it, the prediction provably stays the true label."""
-    if output is not None and output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    _check_counts({"--num-examples": num_examples})
+    check_outputs([] if output is None else [output], overwrite=overwrite)
     model, saved = _float_model(checkpoint, "weight-bound")
     network = ReluNetwork.from_model(model)
     for k in layers or []:
         network.check_layer(k)
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    indices = evenly_spaced(len(data), num_examples)
+    indices = _example_indices(len(data), num_examples, split)
     data = data.select(indices)
     chosen = list(dict.fromkeys(layers)) if layers else list(range(network.num_layers))
     with progress_bar() as bar:
@@ -610,15 +641,15 @@ def verify_quantization_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Certify, per image, that the int8 model predicts what the float model predicts (weight and activation rounding bounded)."""
-    if output is not None and output.exists() and not overwrite:
-        raise QRobustError(f"{output} exists; pass --overwrite to replace it")
+    _check_counts({"--num-examples": num_examples})
+    check_outputs([] if output is None else [output], overwrite=overwrite)
     model, saved = _float_model(checkpoint, "verify-quantization")
     int8 = load_int8(int8_file)
     int8_dataset = int8.metadata.get("dataset", {}).get("name")
     if int8_dataset not in (None, saved.dataset_info.name):
         raise QRobustError(f"{int8_file} was made for {int8_dataset}, {checkpoint} for {saved.dataset_info.name}")
     data = load_dataset(saved.dataset_info.name, split, data_root)
-    indices = evenly_spaced(len(data), num_examples)
+    indices = _example_indices(len(data), num_examples, split)
     data = data.select(indices)
     result = verify_quantization(model, int8.model, data.images)
     agreement = float((int8.model.predict(data.images) == result.float_predictions).float().mean())
@@ -646,35 +677,42 @@ def report_command(
     directories: Annotated[list[Path], typer.Argument(help="Result directories holding `qrobust certify` TSVs (searched recursively).")],
     output: Annotated[Path, typer.Option(help="Directory for the page (README.md) and its PNG plots.")],
     radii: Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pixel units for the tables.")] = ",".join(f"{r:g}" for r in DEFAULT_RADII),
+    overwrite: Annotated[bool, typer.Option(help="Replace the page and plots of an earlier report in OUTPUT instead of refusing.")] = False,
 ) -> None:
     """A Markdown page with plots comparing every certification run found: curves, tables, timing, settings."""
+    if output.exists() and not output.is_dir():
+        raise QRobustError(f"--output {output} is a file; name a directory for the page and its plots")
+    check_writable(output)
     from qrobust.report import write_report  # matplotlib is slow to import
 
-    page = write_report(directories, output, _parse_radii(radii), command=" ".join(["qrobust", *sys.argv[1:]]))
+    page = write_report(directories, output, _parse_radii(radii), command=" ".join(["qrobust", *sys.argv[1:]]), overwrite=overwrite)
     console.print(f"report -> {page}")
 
 
 def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool, resume: bool, backend: str,
              workers: int, address: str | None) -> None:  # fmt: skip
-    """Check every argument and file, write the run config and the TSV header (or keep the complete rows of
-    the interrupted run that ``resume`` continues), then run the missing examples and append their rows."""
+    """Check every argument and file, then, holding the output's lock, run the missing examples and
+    append their rows: to the complete rows of the interrupted run that ``resume`` continues, or to a
+    new TSV and run config written when the first row is ready (a run that fails before it leaves no file)."""
     if backend not in ("local", "ray"):
         raise QRobustError(f"backend must be local or ray, got {backend!r}")
-    if output.exists() and not (overwrite or resume):
-        raise QRobustError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
-    smoothed, data, metadata = job.open()
-    indices = evenly_spaced(len(data), num_examples)
-    run_config = {**asdict(job), "indices": indices, "model": metadata}
-    header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
-    if resume and output.exists():
-        done = _resumable_rows(output, run_config, reader)
-    else:
-        done = []
-        _write_config(output, run_config)
-        _replace_text(output, header + "\n")
-    todo = indices[len(done) :]
-    rows = job.rows(smoothed, data, todo) if backend == "local" else run_ray(job, todo, workers, address)
-    correct = _write_rows(output, rows, done, len(indices), job.command)
+    if output.suffix == ".json":
+        raise QRobustError(f"--output {output} must not end in .json: the run config goes to OUTPUT with suffix .json")
+    check_outputs([output], overwrite=overwrite or resume, resumable=True)  # before any work; again under the lock
+    with exclusive_lock(output):
+        check_outputs([output], overwrite=overwrite or resume, resumable=True)
+        smoothed, data, metadata = job.open()
+        indices = _example_indices(len(data), num_examples, job.split)
+        run_config = {**asdict(job), "indices": indices, "model": metadata}
+        header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+        if resume and output.exists():
+            done, start = _resumable_rows(output, run_config, reader), None
+        else:
+            _check_config_is_free(output, run_config, overwrite)
+            done, start = [], (header, run_config)
+        todo = indices[len(done) :]
+        rows = job.rows(smoothed, data, todo) if backend == "local" else run_ray(job, todo, workers, address)
+        correct = _write_rows(output, rows, done, len(indices), job.command, start)
     if job.command == "predict":
         console.print(f"smoothed accuracy {100 * correct / len(indices):.1f}%  -> {output}")
         return
@@ -683,15 +721,33 @@ def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool
                   f"ACR {summary.average_certified_radius:.3f}  -> {output}")  # fmt: skip
 
 
-def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
-    """The complete rows of the interrupted run in ``output``, after checking it had the same settings."""
-    config_path = output.with_suffix(".json")
+def _config_changes(config_path: Path, run_config: dict[str, Any]) -> list[str] | None:
+    """The settings of ``run_config`` that the run config saved in ``config_path`` differs in (None if
+    that file is missing or not a run config)."""
     try:
         saved = json.loads(config_path.read_text())
     except (OSError, ValueError):
-        raise QRobustError(f"cannot resume {output}: its run config {config_path} is missing or corrupt") from None
+        return None
+    if not isinstance(saved, dict):
+        return None
     current = json.loads(json.dumps(run_config))  # as it would read back from disk
-    changed = [key for key in current if saved.get(key) != current[key]]
+    return [key for key in current if saved.get(key) != current[key]]
+
+
+def _check_config_is_free(output: Path, run_config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace an existing OUTPUT.json that is not this run's own config, unless ``overwrite``."""
+    config_path = output.with_suffix(".json")
+    if config_path.exists() and not overwrite and _config_changes(config_path, run_config) != []:
+        raise QRobustError(f"{config_path} exists and is not this run's config, which would replace it; "
+                           "pass --overwrite to replace it, or choose another --output")  # fmt: skip
+
+
+def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
+    """The complete rows of the interrupted run in ``output``, after checking it had the same settings."""
+    config_path = output.with_suffix(".json")
+    changed = _config_changes(config_path, run_config)
+    if changed is None:
+        raise QRobustError(f"cannot resume {output}: its run config {config_path} is missing or corrupt")
     if changed:
         raise QRobustError(f"cannot resume {output}: it was run with other {', '.join(changed)}; "
                            "pass --overwrite to start again")  # fmt: skip
@@ -703,23 +759,23 @@ def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
     return done
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically (a temporary file renamed over it), so a crash leaves the old or the new file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def _write_rows(output: Path, rows: Iterator, done: list, total: int, task: str) -> int:
+def _write_rows(output: Path, rows: Iterator, done: list, total: int, task: str, start: tuple[str, dict[str, Any]] | None) -> int:
     """Append rows to the TSV ``output`` as they come, with a progress bar; returns the number correct.
 
+    ``start``: the header and run config of a new run, written (atomically) when the first row is ready.
     Each row goes out whole in one write, newline last, then is flushed: a run killed at any moment
     leaves complete rows and at most one cut-off last line, which ``--resume`` drops.
     """
     correct = sum(row.correct for row in done)
-    with output.open("a") as table, progress_bar() as bar:
+    with progress_bar() as bar, ExitStack() as stack:
         progress = bar.add_task(task, total=total, completed=len(done), status="")
+        table = None
         for count, row in enumerate(rows, start=len(done) + 1):
+            if table is None:
+                if start is not None:
+                    _write_config(output, start[1])
+                    write_text_atomic(output, start[0] + "\n")
+                table = stack.enter_context(output.open("a"))
             table.write(row.to_line() + "\n")
             table.flush()
             correct += row.correct
@@ -733,10 +789,24 @@ def _write_config(output: Path, run_config: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    """``record`` with the time and command line, as indented JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = record | {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    """``record`` with the time and command line, as indented JSON, written atomically."""
+    record = record | {"started": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv}
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def _check_counts(counts: dict[str, int], seed: int = 0) -> None:
+    """Refuse, naming the option, a count below 1 or a negative seed."""
+    for option, value in counts.items():
+        check_count(option, value)
+    if seed < 0:
+        raise QRobustError(f"--seed must be an integer >= 0, got {seed}")
+
+
+def _example_indices(size: int, num_examples: int, split: str) -> list[int]:
+    """``--num-examples`` indices spread evenly over a split of ``size`` examples."""
+    if num_examples > size:
+        raise QRobustError(f"--num-examples must be at most {size} (the {split} split's size), got {num_examples}")
+    return evenly_spaced(size, num_examples)
 
 
 def _subset(data, size: int | None, seed: int):

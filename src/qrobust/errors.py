@@ -14,3 +14,7 @@ class DatasetNotFoundError(QRobustError, FileNotFoundError):
 
 class CheckpointError(QRobustError):
     """A checkpoint is missing, truncated, corrupt, or not written by qrobust."""
+
+
+class UnsupportedModelError(QRobustError):
+    """A model uses an operation (or a setting of one) that the requested technique cannot run."""

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot global state, 
 from rich.table import Table
 
 from qrobust.errors import QRobustError
+from qrobust.outputs import atomic_path, check_outputs, write_text_atomic
 from qrobust.smoothing import (
     ABSTAIN,
     CERTIFY_HEADER,
@@ -89,7 +90,9 @@ def _table(title: str, radii) -> Table:
 
 
 def plot_certified_accuracy(runs: dict[str, list[CertifyRow]], path: str | Path, title: str = "") -> Path:
-    """Save a PNG of certified accuracy against l2 radius, one line per run; returns the path."""
+    """Save a plot of certified accuracy against l2 radius, one line per run, atomically; returns the path.
+
+    The format follows the suffix (.png, .pdf, .svg, ...)."""
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.add_subplot()
     for name, rows in runs.items():
@@ -108,8 +111,8 @@ def plot_certified_accuracy(runs: dict[str, list[CertifyRow]], path: str | Path,
         axes.set_title(title)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".").lower() or None)
     return path
 
 
@@ -149,18 +152,20 @@ def find_runs(directory: Path) -> list[CertifyRun]:
     return runs
 
 
-def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, command: str = "") -> Path:
+def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, command: str = "", overwrite: bool = False) -> Path:
     """A Markdown page with PNG plots in ``output``: for every group of certification runs found in
     ``directories`` (same directory, dataset and sigma), the certified-accuracy curves, both
     certified-accuracy tables with ACR, certified percentage and timing, and the runs' settings.
-    Returns the page's path (``output``/README.md)."""
+    Returns the page's path (``output``/README.md). Its files (README.md, group-K.png) are checked
+    before any is written: an existing one is refused unless ``overwrite``; each is written atomically."""
     runs = [run for directory in directories for run in find_runs(directory)]
     if not runs:
         raise QRobustError(f"no certification TSVs (written by `qrobust certify`) under {', '.join(map(str, directories))}")
-    output.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple, list[CertifyRun]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
+    page = output / "README.md"
+    check_outputs([page, *(output / f"group-{number}.png" for number in range(1, len(groups) + 1))], overwrite=overwrite)
     lines = ["# qrobust report", ""]
     if command:
         lines += [f"Made by `{command}`.", ""]
@@ -178,8 +183,7 @@ def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, com
         settings = [[name, *(str(run.config.get(key, "")) for key in SETTINGS), os.path.relpath(run.path, output)]
                     for name, run in named.items()]  # fmt: skip
         lines += ["**Settings**", "", *_markdown_table(["run", *SETTINGS, "file"], settings), ""]
-    page = output / "README.md"
-    page.write_text("\n".join(lines))
+    write_text_atomic(page, "\n".join(lines))
     return page
 
 

@@ -52,8 +52,8 @@ def test_certified_quantization(run, checkpoint, tmp_path):
     assert code == 0, err
     config = json.loads(output.with_suffix(".json").read_text())
     epsilons = config["epsilons"]
-    assert len(epsilons) == 3 and all(eps > 0 for eps in epsilons) and config["percentile"] == 50
-    assert [layer["epsilon"] for layer in config["layers"]] == epsilons
+    assert len(epsilons) == 3 and all(eps > 0 for eps in epsilons.values()) and config["percentile"] == 50
+    assert {layer["name"]: layer["epsilon"] for layer in config["layers"]} == epsilons  # by layer name
 
 
 @pytest.mark.parametrize(

@@ -57,9 +57,12 @@ BAD_CERTIFY_ARGUMENTS = [
     (["--sigma", "-0.5"], "sigma must be"),
     (["--sigma", "0.25", "--alpha", "0"], "alpha must be in (0, 1)"),
     (["--sigma", "0.25", "--alpha", "1.5"], "alpha must be in (0, 1)"),
-    (["--sigma", "0.25", "--n0", "0"], "n0 must be"),
-    (["--sigma", "0.25", "--n", "0"], "n must be"),
-    (["--sigma", "0.25", "--num-examples", "100000"], "number of examples"),
+    (["--sigma", "0.25", "--n0", "0"], "--n0 must be"),
+    (["--sigma", "0.25", "--n", "0"], "--n must be"),
+    (["--sigma", "0.25", "--batch-size", "0"], "--batch-size must be"),
+    (["--sigma", "0.25", "--num-examples", "0"], "--num-examples must be"),
+    (["--sigma", "0.25", "--num-examples", "100000"], "--num-examples must be at most 450"),
+    (["--sigma", "0.25", "--seed", "-1"], "--seed must be an integer >= 0"),
     (["--sigma", "not-a-number"], "Invalid value for '--sigma'"),
 ]
 

@@ -34,7 +34,21 @@ def test_round_trip_rebuilds_the_same_model(tmp_path):
     assert loaded.dataset_info == INFO
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(loaded.build()(x), model.eval()(x))
-    assert not (tmp_path / "model.pt.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file left
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    _, path = _saved(tmp_path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, Checkpoint({}, {"model": "mlp", "model_options": {}, "dataset": {}}))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_truncated_checkpoint(tmp_path):

@@ -5,20 +5,25 @@ from __future__ import annotations
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from qrobust.data import load_dataset
+from qrobust.bounds import ReluNetwork, certified_eps
+from qrobust.data import LatticeDataset, load_dataset
+from qrobust.data.base import DatasetInfo
 from qrobust.errors import CheckpointError
 from qrobust.models import build_model
 from qrobust.quant import ADMMConfig, admm_quantize, load_codes, save_codes
-from qrobust.quant.admm import grid_top, quantizable_layers
+from qrobust.quant.admm import certificate_epsilons, grid_top, quantizable_layers
 from qrobust.train import TrainConfig, accuracy, train
 
 FAST = {"iterations": 10, "steps": 50, "batch_size": 64}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits():
     train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
     torch.manual_seed(0)
@@ -33,7 +38,7 @@ def digits():
     return _digits()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantized(method: str, bits: int):
     model, train_set, test_set = _digits()
     return admm_quantize(model, train_set, ADMMConfig(bits=bits, method=method, **FAST), test_set=test_set)
@@ -112,10 +117,10 @@ def test_certificate_box_holds_at_the_end(digits):
     """Radii of one grid step (at the max-abs scale): every weight's box holds a code, so every final
     weight must lie within eps of the float weight; ADMM still trains (the box is not a point)."""
     model, train_set, test_set = digits
-    centers = [module.weight.detach().clone() for _, module in quantizable_layers(model)]
-    epsilons = [float(c.abs().max()) / grid_top(4) for c in centers]
+    centers = {name: module.weight.detach().clone() for name, module in quantizable_layers(model)}
+    epsilons = {name: float(c.abs().max()) / grid_top(4) for name, c in centers.items()}
     result = admm_quantize(model, train_set, ADMMConfig(bits=4, box_codes=True, **FAST), epsilons=epsilons)
-    for layer, center, eps in zip(result.layers, centers, epsilons, strict=True):
+    for layer, center, eps in zip(result.layers, centers.values(), epsilons.values(), strict=True):
         deviation = (layer.dequantize() - center).abs()
         assert layer.epsilon == eps and layer.box_feasible == 1.0
         assert float(deviation.max()) <= eps * (1 + 1e-5)
@@ -129,7 +134,7 @@ def test_tight_certificate_keeps_codes_nearest_to_the_box(digits):
     model, train_set, _ = digits
     centers = [module.weight.detach().clone() for _, module in quantizable_layers(model)]
     config = ADMMConfig(bits=4, iterations=3, steps=20, box_codes=True)
-    result = admm_quantize(model, train_set, config, epsilons=[1e-4, None, 1e-4])
+    result = admm_quantize(model, train_set, config, epsilons={"hidden.0": 1e-4, "head": 1e-4})
     for index, (layer, center) in enumerate(zip(result.layers, centers, strict=True)):
         if index == 1:
             assert layer.box_violation is None and layer.box_feasible is None
@@ -145,7 +150,7 @@ def test_paper_splitting_boxes_the_continuous_weights_only(digits):
     each V-step) keeps every code within one grid step of C / q; the final rounding leaves the box."""
     model, train_set, _ = digits
     centers = [module.weight.detach().clone() for _, module in quantizable_layers(model)]
-    result = admm_quantize(model, train_set, ADMMConfig(bits=4, iterations=3, steps=20), epsilons=[1e-6] * 3)
+    result = admm_quantize(model, train_set, ADMMConfig(bits=4, iterations=3, steps=20), epsilons=dict.fromkeys(["hidden.0", "hidden.2", "head"], 1e-6))
     for layer, center in zip(result.layers, centers, strict=True):
         target = torch.clamp(center / layer.scale, -grid_top(4), grid_top(4))
         assert float((layer.codes.float() - target).abs().max()) <= 1 + 1e-3
@@ -191,12 +196,14 @@ def test_argument_validation(digits):
     model, train_set, _ = digits
     with pytest.raises(ValueError, match="bits has 2 entries but the model has 3"):
         admm_quantize(model, train_set, ADMMConfig(bits=(4, 4)))
-    with pytest.raises(ValueError, match="epsilons has 1 entries"):
-        admm_quantize(model, train_set, ADMMConfig(), epsilons=[0.1])
+    with pytest.raises(ValueError, match=r"names \['hidden.1'\], which are not"):
+        admm_quantize(model, train_set, ADMMConfig(), epsilons={"hidden.1": 0.1})
+    with pytest.raises(TypeError, match="must map layer names"):
+        admm_quantize(model, train_set, ADMMConfig(), epsilons=[0.1, 0.1, 0.1])
     with pytest.raises(ValueError, match=">= 0 or None"):
-        admm_quantize(model, train_set, ADMMConfig(), epsilons=[0.1, -1.0, None])
+        admm_quantize(model, train_set, ADMMConfig(), epsilons={"hidden.0": 0.1, "hidden.2": -1.0})
     with pytest.raises(ValueError, match="no certificate constraint"):
-        admm_quantize(model, train_set, ADMMConfig(method="lb"), epsilons=[0.1, 0.1, 0.1])
+        admm_quantize(model, train_set, ADMMConfig(method="lb"), epsilons={"head": 0.1})
 
 
 def test_per_layer_bits(digits):
@@ -205,3 +212,39 @@ def test_per_layer_bits(digits):
     assert [layer.bits for layer in result.layers] == [8, 3, 2]
     assert [int(layer.codes.abs().max()) <= grid_top(layer.bits) for layer in result.layers] == [True] * 3
     assert int(result.layers[2].codes.abs().max()) == 1  # 2 bits: ternary codes
+    by_name = admm_quantize(model, train_set, ADMMConfig(bits={"head": 2, "hidden.0": 8, "hidden.2": 3}, iterations=1, steps=5))
+    assert [layer.bits for layer in by_name.layers] == [8, 3, 2]
+    with pytest.raises(ValueError, match="bits names layers"):
+        admm_quantize(model, train_set, ADMMConfig(bits={"hidden.0": 8}))
+
+
+class HeadFirst(nn.Module):
+    """Registers its classifier before the conv it reads: registration order is not call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.relu(self.conv(x)), 1))  # (N, 1, 4, 4) -> (N, 3)
+
+
+def test_certified_radii_land_on_the_layers_they_were_computed_for():
+    """Each layer's certificate box is the radius certified for that layer (by name), whatever the
+    order in which the model registers its modules."""
+    torch.manual_seed(0)
+    model = HeadFirst().eval()
+    images = torch.rand(16, 1, 4, 4)
+    labels = model(images).argmax(1)
+    network = ReluNetwork.from_model(model)
+    expected = {  # forward order: the conv is layer 0, the head layer 1
+        name: float(np.percentile(certified_eps(network, images, labels, layers=(k,)).float().numpy(), 50))
+        for k, name in enumerate(["conv", "head"])
+    }
+    assert expected["conv"] != pytest.approx(expected["head"], rel=0.1)  # a swap would show
+    epsilons = certificate_epsilons(model, images, labels, 50)
+    info = DatasetInfo("tiny", (1, 4, 4), ("a", "b", "c"), (0.0,), (1.0,))
+    train_set = LatticeDataset((images * 255).round().to(torch.uint8), labels, info)
+    result = admm_quantize(model, train_set, ADMMConfig(bits=8, iterations=1, steps=1, eval_images=4), epsilons=epsilons)
+    assert {layer.name: layer.epsilon for layer in result.layers} == pytest.approx(expected, rel=1e-6)

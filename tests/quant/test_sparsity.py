@@ -13,6 +13,7 @@ from qrobust.quant.sparsity import (
     SparsityReport,
     channel_sparsity,
     prune_channels,
+    pruning_report,
     sparsity_report,
     weight_sparsity,
 )
@@ -194,3 +195,45 @@ def test_ternary_training_then_pruning_keeps_the_low_bit_model_s_outputs() -> No
     pruned = prune_channels(model)
     assert_same_outputs(model, pruned, inputs((3, 8, 8)))
     assert count_parameters(pruned) < count_parameters(model)
+
+
+class ReadTwiceBlock(nn.Module):
+    """conv1 -> bn1 -> relu1 -> conv2 attributes like a BasicBlock, but relu1's output is also read by
+    the sum: its channels cannot be removed from conv2 alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.bn1(self.conv1(x)))  # (N, 6, H, W)
+        return self.conv2(h) + h.mean(1, keepdim=True)  # (N, 4, H, W)
+
+
+def read_twice_block() -> ReadTwiceBlock:
+    """Two all-zero conv1 channels that carry a constant > 0 after bn1 and relu1."""
+    torch.manual_seed(3)
+    model = ReadTwiceBlock().eval()
+    with torch.no_grad():
+        model.conv1.weight[[1, 4]] = 0
+        model.conv1.bias[[1, 4]] = 1.0
+        model.bn1.running_mean.fill_(0.1)
+    return model
+
+
+def test_pruning_keeps_outputs_when_an_activation_is_read_twice() -> None:
+    model = read_twice_block()
+    assert_same_outputs(model, prune_channels(model), inputs((3, 5, 5)))
+
+
+def test_pruning_report_says_why_a_layer_is_left_alone() -> None:
+    model = read_twice_block()
+    pruned = prune_channels(model)
+    assert pruned.conv1.out_channels == 6 and pruned.conv2.in_channels == 6  # untouched
+    report = {decision.layer: decision for decision in pruning_report(model)}
+    assert report["conv1"].removed == 0
+    assert "relu1's output is read by 2 layers (conv2, mean)" in report["conv1"].reason
+    assert report["conv2"].reason == "the model returns conv2's output" or "add" in report["conv2"].reason

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from qrobust.errors import QRobustError
@@ -41,6 +43,42 @@ def test_malformed_files_name_the_problem(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(QRobustError, match=message):
         read_certify_tsv(path)
+
+
+GOOD_ROW = "0\t1\t1\t0.5\t1\t0:00:01"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("5\t1\t1\tnan\t1\t0:00:01", "radius must be finite and >= 0, got nan"),
+        ("5\t1\t1\tinf\t1\t0:00:01", "radius must be finite"),
+        ("5\t1\t1\t-0.5\t1\t0:00:01", "radius must be finite and >= 0, got -0.5"),
+        ("5\t1\t-1\t0.5\t0\t0:00:01", "an abstained example has radius 0"),
+        ("5\t-1\t-1\t0.0\t1\t0:00:01", "label must be >= 0"),
+        ("5\t1\t-2\t0.0\t0\t0:00:01", "predict must be a class >= 0 or -1"),
+        ("5\t1\t2\t0.5\t1\t0:00:01", "correct must be 0 for label 1 and predict 2"),
+        ("-5\t1\t1\t0.5\t1\t0:00:01", "idx must be >= 0"),
+        ("0\t2\t2\t0.5\t1\t0:00:01", "example 0 is already on line 2"),
+    ],
+)
+def test_values_no_run_writes_are_refused_with_their_line(tmp_path, row, message):
+    path = _write(tmp_path / "bad.tsv", f"{CERTIFY_HEADER}\n{GOOD_ROW}\n{row}\n")
+    with pytest.raises(QRobustError, match=rf"bad.tsv, line 3: {message}"):
+        read_certify_tsv(path)
+
+
+def test_classes_are_checked_against_the_run_config(tmp_path):
+    path = _write(tmp_path / "run.tsv", f"{CERTIFY_HEADER}\n{GOOD_ROW}\n7\t3\t3\t0.5\t1\t0:00:01\n")
+    assert len(read_certify_tsv(path)) == 2  # no run config: any class
+    with pytest.raises(QRobustError, match=r"line 3: label must be >= 0 and < 3"):
+        read_certify_tsv(path, num_classes=3)
+    path.with_suffix(".json").write_text(json.dumps({"model": {"dataset": {"classes": ["a", "b", "c"]}}}))
+    with pytest.raises(QRobustError, match=r"line 3: label must be >= 0 and < 3"):
+        read_certify_tsv(path)
+    predictions = _write(tmp_path / "run-predict.tsv", f"{PREDICT_HEADER}\n0\t1\t4\t0\t0:00:01\n")
+    with pytest.raises(QRobustError, match=r"line 2: predict must be a class >= 0 and < 3"):
+        read_predict_tsv(predictions, num_classes=3)
 
 
 def test_missing_file(tmp_path):

@@ -8,6 +8,7 @@ from qrobust.data import load_dataset
 from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models import build_model
 from qrobust.models.checkpoint import load_checkpoint, model_metadata
+from qrobust.outputs import exclusive_lock
 from qrobust.quant import calibrate, convert, fast_backend, prepare_qat
 from qrobust.smoothing import FloatRS, IntRS
 from qrobust.train import TrainConfig, accuracy, train
@@ -67,6 +68,18 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert load_checkpoint(tmp_path / "b.pt").metadata["epochs_done"] == 3
+
+
+def test_a_second_run_on_a_checkpoint_being_written_refuses(digits, tmp_path):
+    train_set, _ = digits
+    path = tmp_path / "model.pt"
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, seed=0)
+    with exclusive_lock(path):  # as a first run holds it while it trains
+        with pytest.raises(QRobustError, match="being written by another run"):
+            train(_model(train_set.info), train_set, config, checkpoint_path=path, resume=True, progress=False)
+    assert not path.exists()
+    train(_model(train_set.info), train_set, config, checkpoint_path=path, progress=False)  # free again
+    assert path.exists() and not path.with_name("model.pt.lock").exists()
 
 
 def test_resume_refuses_a_different_config(digits, tmp_path):

@@ -1,8 +1,8 @@
 """A feed-forward ReLU network as a plain chain of ops, read from a qrobust model, for bounding.
 
 Normalize is folded into the first affine layer and BatchNorm into the conv before it, so the chain
-reads [0, 1] images and holds exactly the weights whose perturbation is certified (the same folding
-``qrobust.quant`` quantizes).
+reads [0, 1] images and holds exactly the weights whose perturbation is certified (``qrobust.graph``'s
+folding, the same that ``qrobust.quant`` quantizes). The model is read through ``qrobust.graph``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
+from qrobust.errors import UnsupportedModelError
+from qrobust.graph import check_supported, fold_batchnorm, fold_normalize
 from qrobust.models.layers import Normalize
-from qrobust.quant.prepare import _kind, _Tracer
-
-SUPPORTED = "Normalize (first), Linear, Conv2d (zero padding, groups=1, dilation=1) [+ BatchNorm2d], ReLU, MaxPool2d, Flatten(1), Identity, Dropout"
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,16 +109,20 @@ Op = Affine | MaxPool | ReLU | Flatten
 class ReluNetwork:
     """A chain of ops (Affine, ReLU, MaxPool, Flatten) ending in a Linear layer that gives the logits.
 
-    ``layers[k]`` is the k-th affine layer (the k-th Linear/Conv2d of the model in forward order).
+    ``layers[k]`` is the k-th affine layer (the k-th Linear/Conv2d of the model in forward order) and
+    ``names[k]`` its qualified module name (``layer0``, ``layer1``, ... when built from bare ops).
     Shapes: (N, C, H, W) floats in [0, 1] -> logits (N, num_classes).
     """
 
-    def __init__(self, ops: Sequence[Op]) -> None:
+    def __init__(self, ops: Sequence[Op], names: Sequence[str] | None = None) -> None:
         self.ops = tuple(ops)
         if not self.ops or not isinstance(self.ops[-1], Affine) or self.ops[-1].is_conv:
             raise ValueError(f"a ReluNetwork must end in a Linear layer (the logits), got ops {self.ops!r}")
         self.positions = tuple(i for i, op in enumerate(self.ops) if isinstance(op, Affine))  # op index of layer k
         self.layers: tuple[Affine, ...] = tuple(self.ops[i] for i in self.positions)
+        self.names = tuple(names) if names is not None else tuple(f"layer{k}" for k in range(len(self.layers)))
+        if len(self.names) != len(self.layers):
+            raise ValueError(f"names has {len(self.names)} entries for {len(self.layers)} affine layers")
 
     @property
     def num_layers(self) -> int:
@@ -131,12 +134,12 @@ class ReluNetwork:
 
     def to(self, dtype: torch.dtype) -> ReluNetwork:
         """A copy with every tensor in ``dtype`` (bounds are usually computed in float64)."""
-        return ReluNetwork([op.to(dtype) if isinstance(op, Affine) else op for op in self.ops])
+        return ReluNetwork([op.to(dtype) if isinstance(op, Affine) else op for op in self.ops], self.names)
 
     def replace_layer(self, k: int, layer: Affine) -> ReluNetwork:
         ops = list(self.ops)
         ops[self.positions[k]] = layer
-        return ReluNetwork(ops)
+        return ReluNetwork(ops, self.names)
 
     def check_layer(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_layers:
@@ -180,95 +183,59 @@ class ReluNetwork:
         Normalize (which must read the model input) is folded into the first affine layer, W / std and
         b - W mean / std, and BatchNorm2d (running statistics) into the conv it follows. Tensors are
         copied in ``dtype`` (default float64, so rounding in the bounds is negligible).
-        Raises ValueError naming the first layer that is not supported, or a model that is not a chain.
+        Read through ``qrobust.graph``; raises UnsupportedModelError (a ValueError) naming the first
+        operation that is not supported and its line in ``forward``, or a model that is not a chain.
         """
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        name = type(model).__name__
-        try:
-            graph = _Tracer().trace(model)
-        except Exception as error:  # fx raises many types
-            raise ValueError(f"cannot trace {name} with torch.fx: {error}") from error
-        modules = dict(model.named_modules())
+        graph = check_supported(model, None, "bounds")
         ops: list[Op] = []
+        names: list[str] = []
         normalize: Normalize | None = None
-        current: fx.Node | None = None
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                if current is not None:
-                    raise ValueError(f"cannot bound {name}: it takes more than one input")
-                current = node
-                continue
-            if node.op == "output":
-                if node.args[0] is not current:
-                    raise ValueError(f"cannot bound {name}: it does not return its last layer's output")
-                continue
-            reads = [arg for arg in node.all_input_nodes]
-            if reads != [current] or not node.args or node.args[0] is not current:
-                raise ValueError(f"cannot bound {name}: {node.format_node()} is not part of a single chain of layers")
-            kind = _kind(node, modules)
-            module = modules.get(node.target) if node.op == "call_module" else None
-            if normalize is not None and kind not in ("flatten", "identity", "conv", "linear"):
-                raise ValueError(f"cannot bound {name}: Normalize must be read by the first Linear/Conv2d, not {node.format_node()}")
-            if kind == "normalize":
+        current = graph.input
+        for layer in graph.layers:
+            if layer.inputs != (current,):
+                raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} is not part of a single chain of layers")
+            if normalize is not None and layer.kind not in ("flatten", "identity", "conv", "linear"):
+                raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be read by the first Linear/Conv2d, not {layer.describe()}")
+            module = layer.module
+            if layer.kind == "normalize":
                 if ops:
-                    raise ValueError(f"cannot bound {name}: Normalize must be the first layer")
+                    raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be the first layer, not {layer.describe()}")
                 normalize = module
-            elif kind in ("conv", "linear"):
-                ops.append(_affine(name, node, module, normalize))
+            elif layer.kind in ("conv", "linear"):
+                ops.append(_affine(module, normalize))
+                names.append(layer.name)
                 normalize = None
-            elif kind == "bn":
+            elif layer.kind == "batchnorm":
                 if not ops or not isinstance(ops[-1], Affine) or not ops[-1].is_conv:
-                    raise ValueError(f"cannot bound {name}: {node.format_node()} does not follow a Conv2d")
-                ops[-1] = _fold_batchnorm(ops[-1], module)
-            elif kind == "relu":
+                    raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d")
+                weight, bias = fold_batchnorm(ops[-1].weight, ops[-1].bias, module)
+                ops[-1] = replace(ops[-1], weight=weight.detach(), bias=bias.detach())
+            elif layer.kind == "relu":
                 ops.append(ReLU())
-            elif kind == "flatten":
+            elif layer.kind == "flatten":
                 ops.append(Flatten())
-            elif kind == "maxpool" and module.dilation in (1, (1, 1)) and not module.ceil_mode:
+            elif layer.kind == "maxpool":
                 ops.append(MaxPool(_pair(module.kernel_size), _pair(module.stride or module.kernel_size), _pair(module.padding)))
-            elif kind != "identity":
-                raise ValueError(f"cannot bound {name}: {node.format_node()} is not supported; supported: {SUPPORTED}")
-            current = node
-        return cls([op.to(dtype) if isinstance(op, Affine) else op for op in ops])
+            current = layer.name
+        if graph.output != current:
+            raise UnsupportedModelError(f"cannot bound {graph.model}: it does not return its last layer's output")
+        return cls([op.to(dtype) if isinstance(op, Affine) else op for op in ops], names)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _affine(name: str, node: fx.Node, module: nn.Conv2d | nn.Linear, normalize: Normalize | None) -> Affine:
+def _affine(module: nn.Conv2d | nn.Linear, normalize: Normalize | None) -> Affine:
     """The Affine of a Linear/Conv2d module, with ``normalize`` folded in if it reads the normalised image."""
     weight = module.weight.detach().clone()
     bias = module.bias.detach().clone() if module.bias is not None else weight.new_zeros(weight.shape[0])
-    conv = isinstance(module, nn.Conv2d)
-    if conv and (module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-        raise ValueError(f"cannot bound {name}: {node.format_node()} has groups, dilation or non-zero/string padding")
-    pad_value = None
     if normalize is not None:
-        mean, std = normalize.mean.detach(), normalize.std.detach()
-        if not conv:  # Flatten put the channel outermost: each statistic repeats over H*W features
-            if weight.shape[1] % mean.numel():
-                raise ValueError(f"cannot bound {name}: {node.format_node()} reads {weight.shape[1]} features, not a multiple of {mean.numel()} channels")
-            repeats = weight.shape[1] // mean.numel()
-            mean, std = mean.repeat_interleave(repeats), std.repeat_interleave(repeats)
-        view = (1, -1) + (1,) * (weight.dim() - 2)
-        weight = weight / std.view(view)
-        bias = bias - (weight * mean.view(view)).flatten(1).sum(1)
-        pad_value = mean.clone() if conv else None
-    if not conv:
+        weight, bias = fold_normalize(weight, bias, normalize.mean.detach(), normalize.std.detach())
+    if not isinstance(module, nn.Conv2d):
         return Affine(weight, bias)
+    pad_value = None if normalize is None else normalize.mean.detach().clone()  # zero padding after normalising
     return Affine(weight, bias, _pair(module.stride), _pair(module.padding), pad_value)
-
-
-def _fold_batchnorm(conv: Affine, bn: nn.BatchNorm2d) -> Affine:
-    if not bn.track_running_stats or bn.running_var is None:
-        raise ValueError("cannot bound a BatchNorm2d without running statistics")
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
-    scale = (gamma / torch.sqrt(bn.running_var + bn.eps)).to(conv.weight.dtype)  # (O,)
-    bias = beta.to(conv.bias.dtype) + (conv.bias - bn.running_mean.to(conv.bias.dtype)) * scale
-    return replace(conv, weight=conv.weight * scale.view(-1, 1, 1, 1), bias=bias)
 
 
 def as_unit_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

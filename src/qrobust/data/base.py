@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -140,13 +141,13 @@ def dataset_from_lattice(
             f"{source}: labels must have shape ({len(images)},) to match the images, got {tuple(labels.shape)}"
         )
     labels = labels.to(torch.int64)
-    shape = tuple(images.shape[1:])
+    shape = cast(tuple[int, int, int], tuple(images.shape[1:]))  # (C, H, W) when images are (N, C, H, W)
     if info is not None:
         if classes is not None and tuple(classes) != info.classes:
             raise QRobustError(f"{source}: classes {list(classes)} differ from those of {info.name}")
         if shape != info.shape:
             raise QRobustError(f"{source}: images have shape {shape} (C, H, W), but {info.name} has {info.shape}")
-        names = info.classes
+        names: tuple[str, ...] | None = info.classes
     else:
         names = tuple(str(c) for c in classes) if classes is not None else None
         if names is not None and len(set(names)) != len(names):

@@ -102,23 +102,23 @@ def _read_image(path: Path, channels: int | None, resize: Size | None, crop: Siz
             mode = image.mode
             if mode in _GRAY_MODES + _COLOR_MODES:
                 gray = channels == 1 or (channels is None and mode in _GRAY_MODES)
-                image = image.convert("L" if gray else "RGB")
+                picture: Image.Image = image.convert("L" if gray else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise QRobustError(f"{path} is not a readable PNG/JPEG image: {_first_line(error)}") from None
     if mode not in _GRAY_MODES + _COLOR_MODES:
         raise QRobustError(f"{path}: unsupported image mode {mode} (8-bit grayscale or colour expected)")
     if resize is not None:
-        image = image.resize(_resized(image.size, resize), Image.Resampling.BILINEAR)
+        picture = picture.resize(_resized(picture.size, resize), Image.Resampling.BILINEAR)
     if crop is not None:
         height, width = _pair(crop, "crop")
-        if height > image.height or width > image.width:
+        if height > picture.height or width > picture.width:
             raise QRobustError(
-                f"{path}: cannot crop {height}x{width} from a {image.height}x{image.width} image; "
+                f"{path}: cannot crop {height}x{width} from a {picture.height}x{picture.width} image; "
                 "resize it first (resize=)"
             )
-        top, left = (image.height - height) // 2, (image.width - width) // 2
-        image = image.crop((left, top, left + width, top + height))
-    return np.asarray(image, dtype=np.uint8)
+        top, left = (picture.height - height) // 2, (picture.width - width) // 2
+        picture = picture.crop((left, top, left + width, top + height))
+    return np.asarray(picture, dtype=np.uint8)
 
 
 def _pair(size: Size, option: str) -> tuple[int, int]:

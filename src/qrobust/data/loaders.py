@@ -167,8 +167,9 @@ def _find_idx_pair(split: str, dirs: Sequence[Path]) -> tuple[Path, Path] | None
             next((p for p in (directory / f"{stem}.gz", directory / stem) if p.is_file()), None)
             for stem in _idx_file_names(split)
         ]
-        if all(found):
-            return found[0], found[1]
+        images, labels = found
+        if images is not None and labels is not None:
+            return images, labels
     return None
 
 

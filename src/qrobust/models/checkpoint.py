@@ -12,7 +12,6 @@ before it is built for real (``Checkpoint.build``).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import platform
 import zipfile
@@ -35,6 +34,7 @@ from qrobust.data.base import DatasetInfo
 from qrobust.errors import CheckpointError
 from qrobust.limits import check_memory
 from qrobust.models.registry import build_model
+from qrobust.outputs import atomic_path
 
 FORMAT = "qrobust-checkpoint"
 FORMAT_VERSION = 1
@@ -185,11 +185,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
 
 
 def write_archive(path: Path, payload: dict[str, Any]) -> int:
-    """``torch.save`` ``payload`` to ``path`` atomically (a temporary file, then a rename); returns its size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    """``torch.save`` ``payload`` to ``path`` atomically (``qrobust.outputs.atomic_path``); returns its size."""
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
     return path.stat().st_size
 
 
@@ -231,7 +229,7 @@ def read_archive(
                 f"refusing to load {path}: it contains pickled Python objects, which qrobust files never do"
             ) from None
         raise CheckpointError(f"{path} is truncated or corrupt: not a tensor archive") from None
-    except Exception as error:  # noqa: BLE001 -- torch's archive reader raises many types on damaged files
+    except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} is truncated or corrupt: {reason}") from None
     if not isinstance(payload, dict) or payload.get("format") != format_name:

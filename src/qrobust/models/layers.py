@@ -26,6 +26,9 @@ class Normalize(nn.Module):
     Shapes: input (N, C, H, W) -> output (N, C, H, W).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         mean_t = torch.tensor(mean, dtype=torch.get_default_dtype())

@@ -23,10 +23,22 @@ Mixed precision (ARQ, Yang et al. 2025): a ``BitPolicy`` of per-layer weight/act
 through the same verbs: ``calibrate(prepare_qat(model, policy), images)`` (or ``quantize``).
 """
 
-from qrobust.quant.admm import ADMMConfig, ADMMResult, admm_quantize, load_codes, save_codes
+from qrobust.quant.admm import (
+    ADMMConfig,
+    ADMMResult,
+    admm_quantize,
+    load_codes,
+    save_codes,
+)
 from qrobust.quant.backend import Int8Backend, QuantizedBackend, fast_backend
 from qrobust.quant.engine import Int8Model
-from qrobust.quant.lowbit import LowBitConfig, LowBitWeight, WeightQuantizer, lowbit_project, lowbit_quantize
+from qrobust.quant.lowbit import (
+    LowBitConfig,
+    LowBitWeight,
+    WeightQuantizer,
+    lowbit_project,
+    lowbit_quantize,
+)
 from qrobust.quant.mixed import (
     BitPolicy,
     LayerInfo,
@@ -42,7 +54,13 @@ from qrobust.quant.mixed import (
 from qrobust.quant.prepare import prepare_qat
 from qrobust.quant.qat import QATModel, QuantConfig, calibrate, convert
 from qrobust.quant.serialization import Int8Checkpoint, load_int8, save_int8
-from qrobust.quant.sparsity import SparsityReport, prune_channels, sparsity_report
+from qrobust.quant.sparsity import (
+    PruneDecision,
+    SparsityReport,
+    prune_channels,
+    pruning_report,
+    sparsity_report,
+)
 
 __all__ = [
     "ADMMConfig",
@@ -55,6 +73,7 @@ __all__ = [
     "LowBitConfig",
     "LowBitWeight",
     "MixedPrecisionModel",
+    "PruneDecision",
     "QATModel",
     "QuantConfig",
     "QuantizedBackend",
@@ -68,14 +87,15 @@ __all__ = [
     "convert",
     "enforce_budget",
     "fast_backend",
-    "load_codes",
     "kl_clip",
     "layer_infos",
+    "load_codes",
     "load_int8",
     "lowbit_project",
     "lowbit_quantize",
     "prepare_qat",
     "prune_channels",
+    "pruning_report",
     "quantize",
     "save_codes",
     "save_int8",

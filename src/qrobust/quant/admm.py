@@ -44,7 +44,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,8 @@ from torch.func import functional_call
 
 from qrobust.data import LatticeDataset
 from qrobust.errors import CheckpointError
+from qrobust.graph import check_supported, trace
 from qrobust.models.checkpoint import read_archive, write_archive
-from qrobust.models.layers import Normalize
 from qrobust.progress import progress_bar
 from qrobust.quant.lowbit import LowBitWeight, _alternate
 
@@ -75,9 +75,9 @@ def grid_top(bits: int) -> int:
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Linear and Conv2d modules of ``model`` by name, in registration order (forward order for the
-    registry's sequential models); layer k of the paper and of ``qrobust.bounds`` is entry k."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    """The Linear and Conv2d modules of ``model`` by qualified name, in the order forward calls them
+    (``qrobust.graph``; a module called twice counts once), the order of ``qrobust.bounds``' layers."""
+    return [(layer.name, layer.module) for layer in trace(model).affine() if layer.name == layer.target]
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,9 @@ class ADMMConfig:
     """How ``admm_quantize`` runs.
 
     Args:
-        bits: weight bits d_k in 2..8, one for all layers or one per layer (D = +-2^(d_k-2), so 8 bits
-            use codes -64..64 and 4 bits -4..4).
+        bits: weight bits d_k in 2..8 (D = +-2^(d_k-2), so 8 bits use codes -64..64 and 4 bits -4..4):
+            one for all layers, one per layer by name ({"conv1": 8, "fc": 4}), or a tuple in the
+            forward order of ``quantizable_layers``.
         method: "admm" (Weng et al. 2020, certificate-aware) or "lb" (Leng et al. 2018).
         iterations: ADMM iterations, >= 1.
         steps: SGD steps (minibatches) of the G-step per iteration, >= 1.
@@ -107,7 +108,7 @@ class ADMMConfig:
         seed: seed of the minibatch order and of the evaluation subset.
     """
 
-    bits: int | tuple[int, ...] = 8
+    bits: int | tuple[int, ...] | Mapping[str, int] = 8
     method: str = "admm"
     iterations: int = 20
     steps: int = 100
@@ -123,7 +124,8 @@ class ADMMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bits = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        bits = tuple(self.bits.values()) if isinstance(self.bits, Mapping) else self.bits
+        bits = bits if isinstance(bits, tuple) else (bits,)
         if not bits:
             raise ValueError("bits must be an integer or a non-empty tuple of integers, got ()")
         for value in bits:
@@ -139,16 +141,21 @@ class ADMMConfig:
         if not _finite(self.rho_growth) or self.rho_growth < 1:
             raise ValueError(f"rho_growth must be a finite number >= 1, got {self.rho_growth!r}")
         if not isinstance(self.box_codes, bool):
-            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")
+            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")  # noqa: TRY004 (conventions: ValueError)
         if not _finite(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
 
-    def layer_bits(self, layers: int) -> tuple[int, ...]:
-        """The bits of each of ``layers`` layers; raises ValueError if a per-layer tuple has another length."""
+    def layer_bits(self, names: Sequence[str]) -> tuple[int, ...]:
+        """The bits of each layer of ``names`` (call order); raises ValueError if a per-layer tuple has
+        another length or a mapping names other layers."""
+        if isinstance(self.bits, Mapping):
+            if set(self.bits) != set(names):
+                raise ValueError(f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}")
+            return tuple(self.bits[name] for name in names)
         if not isinstance(self.bits, tuple):
-            return (self.bits,) * layers
-        if len(self.bits) != layers:
-            raise ValueError(f"bits has {len(self.bits)} entries but the model has {layers} Linear/Conv2d layers")
+            return (self.bits,) * len(names)
+        if len(self.bits) != len(names):
+            raise ValueError(f"bits has {len(self.bits)} entries but the model has {len(names)} Linear/Conv2d layers")
         return self.bits
 
 
@@ -215,7 +222,7 @@ class ADMMResult:
                 {"name": layer.name, "bits": layer.bits, "scale": float(layer.scale), "epsilon": layer.epsilon,
                  "box_violation": layer.box_violation, "box_feasible": layer.box_feasible}
                 for layer in self.layers
-            ],  # fmt: skip
+            ],
             "history": [asdict(stats) for stats in self.history],
         }
 
@@ -295,7 +302,7 @@ def admm_quantize(
     train_set: LatticeDataset,
     config: ADMMConfig,
     *,
-    epsilons: Sequence[float | None] | None = None,
+    epsilons: Mapping[str, float | None] | None = None,
     test_set: LatticeDataset | None = None,
     progress: bool = False,
 ) -> ADMMResult:
@@ -305,20 +312,21 @@ def admm_quantize(
         model: a trained float model on [0, 1] images (N, C, H, W); it is not modified.
         train_set: the training images f is measured on.
         config: the method and its hyperparameters.
-        epsilons: the certificate radii eps_c^(k) per layer (l_inf, weight units; None for a layer or
-            for all: no constraint), e.g. a percentile of ``qrobust.bounds.certified_eps`` over training
-            images. Only for method "admm".
+        epsilons: the certificate radii eps_c^(k) by layer name (l_inf, weight units; None, or a layer
+            left out: no constraint), e.g. ``certificate_epsilons``. Keyed by name, never by position, so
+            a radius always lands on the layer it was computed for. Only for method "admm".
         test_set: if given, each iteration also records the test accuracy (for the paper's Fig. 2).
         progress: show a progress bar.
 
     Returns the quantized copy (weights exactly scale * codes), per-layer codes and scales, and the
     history (iteration 0 is the initial projection of the float weights).
     """
+    check_supported(model, None, "admm")
     layers_found = quantizable_layers(model)
     if not layers_found:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layers to quantize")
-    bits = config.layer_bits(len(layers_found))
-    radii = _check_epsilons(epsilons, len(layers_found), config.method)
+    bits = config.layer_bits([name for name, _ in layers_found])
+    radii = _check_epsilons(epsilons, [name for name, _ in layers_found], config.method)
     model = copy.deepcopy(model).eval()
     model.requires_grad_(False)
     layers = [
@@ -431,7 +439,7 @@ def _accuracy(model, layers, data: LatticeDataset) -> float:
 
 def _record(model, layers, iteration, rho, loss, evaluation, test_set, started) -> IterationStats:
     with torch.no_grad():
-        residual = max(float(((layer.weight - layer.quantized()).abs().max() / layer.scale)) for layer in layers)
+        residual = max(float((layer.weight - layer.quantized()).abs().max() / layer.scale) for layer in layers)
     test = None if test_set is None else _accuracy(model, layers, test_set)
     return IterationStats(iteration, rho, loss, _accuracy(model, layers, evaluation), test, residual,
                           time.perf_counter() - started)  # fmt: skip
@@ -442,29 +450,31 @@ def _describe(stats: IterationStats) -> str:
     return f"loss {stats.loss:.3f} train {stats.train_accuracy:.3f}{test} residual {stats.residual:.2f}"
 
 
-def certified_layer_bounds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    """The certified l_inf bound (N,) of each Linear/Conv2d layer k perturbed alone, per input
-    (``qrobust.bounds.certified_eps``: within it, the prediction stays ``labels``).
+def certified_layer_bounds(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The certified l_inf bound (N,) of each Linear/Conv2d layer perturbed alone, per input, by layer
+    name (``qrobust.bounds.certified_eps``: within it, the prediction stays ``labels``).
 
-    In the model's weight units: layer 0's bound, computed with Normalize folded into the layer (W / std),
-    is scaled back by the smallest channel std, which keeps |dW / std| within it. Only this helper and
-    ``certificate_epsilons`` need ``qrobust.bounds``; ``admm_quantize`` takes the radii as plain numbers.
+    In the model's weight units: the layer reading the normalised input, whose bound is computed with
+    Normalize folded in (W / std), is scaled back by the smallest channel std, which keeps |dW / std|
+    within it. Only this helper and ``certificate_epsilons`` need ``qrobust.bounds``; ``admm_quantize``
+    takes the radii as plain numbers.
     """
-    from qrobust.bounds import ReluNetwork, certified_eps  # noqa: PLC0415 (a sibling package, optional here)
+    # techniques import one another late: bounds are optional for ADMM
+    from qrobust.bounds import ReluNetwork, certified_eps
 
     network = ReluNetwork.from_model(model)
-    bounds = [certified_eps(network, images, labels, layers=(k,)).float() for k in range(len(quantizable_layers(model)))]
-    normalize = next((module for module in model.modules() if isinstance(module, Normalize)), None)
+    bounds = {name: certified_eps(network, images, labels, layers=(k,)).float() for k, name in enumerate(network.names)}
+    normalize = next((layer.module for layer in trace(model).layers if layer.kind == "normalize"), None)
     if normalize is not None:
-        bounds[0] = bounds[0] * float(normalize.std.min())
+        bounds[network.names[0]] = bounds[network.names[0]] * float(normalize.std.min())
     return bounds
 
 
 def certificate_epsilons(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, percentile: float
-) -> list[float]:
-    """eps_c^(k) for every Linear/Conv2d layer k: the ``percentile`` (0..100) of its certified bounds
-    (``certified_layer_bounds``) over ``images``.
+) -> dict[str, float]:
+    """eps_c^(k) for every Linear/Conv2d layer by name: the ``percentile`` (0..100) of its certified
+    bounds (``certified_layer_bounds``) over ``images``.
 
     The paper takes 100 training images; pass ones the model classifies correctly, since the bound
     certifies that a correct prediction stays (it is 0 for the others).
@@ -472,7 +482,7 @@ def certificate_epsilons(
     if not _finite(percentile) or not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
     bounds = certified_layer_bounds(model, images, labels)
-    return [float(np.percentile(bound.cpu().numpy(), percentile)) for bound in bounds]
+    return {name: float(np.percentile(bound.cpu().numpy(), percentile)) for name, bound in bounds.items()}
 
 
 def save_codes(path: str | Path, result: ADMMResult, metadata: dict[str, Any] | None = None) -> int:
@@ -502,18 +512,21 @@ def load_codes(path: str | Path) -> tuple[dict[str, LowBitWeight], dict[str, Any
         raise CheckpointError(f"{path} is corrupt: {error}") from None
 
 
-def _check_epsilons(epsilons, layers: int, method: str) -> list[float | None]:
+def _check_epsilons(epsilons, names: list[str], method: str) -> list[float | None]:
+    """The radius of each layer of ``names`` (None: unconstrained) from a mapping by layer name."""
     if epsilons is None:
-        return [None] * layers
-    radii = list(epsilons)
-    if len(radii) != layers:
-        raise ValueError(f"epsilons has {len(radii)} entries but the model has {layers} Linear/Conv2d layers")
-    for eps in radii:
+        return [None] * len(names)
+    if not isinstance(epsilons, Mapping):
+        raise TypeError(f"epsilons must map layer names to radii (e.g. {{{names[0]!r}: 0.01}}), got {type(epsilons).__name__}")
+    unknown = sorted(set(epsilons) - set(names))
+    if unknown:
+        raise ValueError(f"epsilons names {unknown}, which are not Linear/Conv2d layers of the model: {names}")
+    for eps in epsilons.values():
         if eps is not None and (not _finite(eps) or eps < 0):
             raise ValueError(f"epsilons must be finite numbers >= 0 or None, got {eps!r}")
-    if method != "admm" and any(eps is not None for eps in radii):
+    if method != "admm" and any(eps is not None for eps in epsilons.values()):
         raise ValueError(f"method {method!r} (Leng et al. 2018) has no certificate constraint; pass epsilons=None")
-    return [None if eps is None else float(eps) for eps in radii]
+    return [None if epsilons.get(name) is None else float(epsilons[name]) for name in names]
 
 
 def _check_bits(bits: object) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qrobust.graph import check_supported
+
 MIN_BITS, MAX_BITS = 2, 8
 FP32_BITS = 32
 POLICY_VERSION = 1
@@ -63,49 +65,38 @@ class LayerInfo:
 def layer_infos(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerInfo]:
     """Every Conv2d and Linear layer of ``model`` in the order a forward pass runs them.
 
-    Found by forward hooks on one dummy image of ``input_shape`` = (C, H, W) with H == W, in [0, 1]
-    (filled with 0.5); ``model`` is left in its train/eval mode. Raises ValueError for a layer that
-    runs twice per pass (one bit-width per layer would be ambiguous), a grouped conv that is not
-    depthwise, a non-square kernel, stride or feature map, or a model with no such layer.
+    Read by ``qrobust.graph`` with shapes from one dummy image of ``input_shape`` = (C, H, W) with
+    H == W, in [0, 1] (filled with 0.5); ``model`` is left in its train/eval mode. Raises ValueError
+    for a layer that runs twice per pass (one bit-width per layer would be ambiguous), a grouped conv
+    that is not depthwise, a non-square kernel, stride or feature map, or a model with no such layer.
     """
     if len(input_shape) != 3 or any(not isinstance(side, int) or side < 1 for side in input_shape):
         raise ValueError(f"input_shape must be (C, H, W) of positive integers, got {input_shape!r}")
-    names = {module: name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
+    graph = check_supported(model, torch.full((1, *input_shape), 0.5), "mixed")
     infos: list[LayerInfo] = []
-
-    def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        name = names[module]
-        if any(info.name == name for info in infos):
-            raise ValueError(f"layer {name!r} runs more than once per forward pass; a bit policy needs each layer once")
-        infos.append(_info(len(infos), name, module, args[0], output))
-
-    handles = [module.register_forward_hook(record) for module in names]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.full((1, *input_shape), 0.5))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    for layer in graph.affine():
+        if layer.name != layer.target:
+            raise ValueError(f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once")
+        infos.append(_info(len(infos), layer.name, layer.module, layer.input_shapes[0], layer.output_shape))
     if not infos:
-        raise ValueError(f"{type(model).__name__} runs no Conv2d or Linear layer")
+        raise ValueError(f"{graph.model} runs no Conv2d or Linear layer")
     return infos
 
 
-def _info(index: int, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerInfo:
+def _info(index: int, name: str, module: nn.Module, x: tuple[int, ...], y: tuple[int, ...]) -> LayerInfo:
+    """The LayerInfo of ``module`` reading shape ``x`` and writing shape ``y`` (with the batch)."""
     params = sum(p.numel() for p in module.parameters(recurse=False))
     if isinstance(module, nn.Linear):
         return LayerInfo(index, name, "linear", module.in_features, module.out_features, 1, 1, 1, 1, params, False)
     square = module.kernel_size[0] == module.kernel_size[1] and module.stride[0] == module.stride[1]
-    if not square or x.shape[-1] != x.shape[-2] or y.shape[-1] != y.shape[-2]:
+    if not square or x[-1] != x[-2] or y[-1] != y[-2]:
         raise ValueError(f"conv {name!r} has a non-square kernel, stride or feature map; BitOPs assume squares")
     depthwise = module.groups == module.in_channels > 1
     if module.groups != 1 and not depthwise:
         raise ValueError(f"conv {name!r} has {module.groups} groups; only plain and depthwise convs are supported")
     return LayerInfo(
         index, name, "conv", module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
-        x.shape[-1], y.shape[-1], params, depthwise,
+        x[-1], y[-1], params, depthwise,
     )  # fmt: skip
 
 
@@ -175,7 +166,7 @@ class BitPolicy:
     def from_dict(cls, fields: dict[str, Any]) -> BitPolicy:
         """The inverse of ``to_dict``; raises ValueError for another version or missing/unknown keys."""
         if not isinstance(fields, dict):
-            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")
+            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")  # noqa: TRY004 (conventions: ValueError)
         if fields.get("version") != POLICY_VERSION:
             raise ValueError(f"bit policy version must be {POLICY_VERSION}, got {fields.get('version')!r}")
         keys = {"version", "weight_bits", "act_bits"}

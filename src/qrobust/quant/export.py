@@ -171,6 +171,8 @@ def _fp32_to_onnx(model: nn.Module, image_shape: tuple[int, ...]) -> onnx.ModelP
     except Exception as error:  # torch.export and the exporter raise many types for unsupported code
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"torch.onnx.export failed on {type(model).__name__}: {reason}") from None
+    if program is None:  # torch.onnx.export returns None only when it writes a file, which it is not asked to
+        raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     _add_props(proto, {INPUT_KIND: "unit"})
     return proto

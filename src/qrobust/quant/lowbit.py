@@ -28,6 +28,8 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import nn
 
+from qrobust.graph import trace
+
 METHODS = ("bc", "br")
 MAX_BITS = 8  # codes are int8
 STATE_VERSION = 1
@@ -179,8 +181,8 @@ class WeightQuantizer:
 
     By default every nn.Conv2d and nn.Linear weight is quantized, first and last layers included, as in
     the paper's parameter counts; biases, BatchNorm and Normalize stay float (few parameters, and BatchNorm
-    becomes a per-channel scale and bias at inference anyway). ``layers`` (module names as in
-    ``model.named_modules()``) restricts the set, e.g. to keep the first and last layers float.
+    becomes a per-channel scale and bias at inference anyway). ``layers`` (qualified module names,
+    as in ``model.named_modules()``) restricts the set, e.g. to keep the first and last layers float.
     """
 
     def __init__(
@@ -305,10 +307,12 @@ class WeightQuantizer:
 
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Parameter]:
-    """The weights to quantize by module name: every Conv2d and Linear, or the named ones."""
-    modules = dict(model.named_modules())
+    """The weights to quantize by module name, in call order (``qrobust.graph``): every Conv2d and
+    Linear the forward pass calls, or the named ones."""
     quantizable = {
-        name: cast(nn.Parameter, m.weight) for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
+        layer.name: cast(nn.Parameter, layer.module.weight)
+        for layer in trace(model).affine()
+        if layer.name == layer.target
     }
     if layers is None:
         selected = quantizable

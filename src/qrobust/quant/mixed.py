@@ -38,8 +38,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
+from qrobust.graph import check_supported
 from qrobust.quant.bitops import (
     MAX_BITS,
     MIN_BITS,
@@ -200,7 +201,7 @@ class QuantizedLayer(nn.Module):
     def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")
+            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")  # noqa: TRY004 (conventions: ValueError)
         _check_bits(weight_bits)
         _check_bits(act_bits)
         self.layer = layer
@@ -236,23 +237,14 @@ class QuantizedLayer(nn.Module):
 
 
 def _layer_order(model: nn.Module) -> list[str]:
-    """Names of the Conv2d/Linear modules in the order the traced forward pass calls them."""
-    try:
-        graph = fx.Tracer().trace(model)
-    except Exception as error:  # fx raises many types; the user needs the model name and the reason
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to order its layers: {error}") from error
-    modules = dict(model.named_modules())
-    names = [
-        node.target
-        for node in graph.nodes
-        if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear))
-    ]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    """Names of the Conv2d/Linear modules in the order the forward pass calls them (``qrobust.graph``)."""
+    layers = check_supported(model, None, "mixed").affine()
+    repeated = sorted({layer.target for layer in layers if layer.name != layer.target})
     if repeated:
         raise ValueError(
             f"layer {repeated[0]!r} runs more than once per forward pass; a bit policy needs each layer once"
         )
-    return names
+    return [layer.name for layer in layers]
 
 
 class MixedPrecisionModel(nn.Module):
@@ -265,7 +257,7 @@ class MixedPrecisionModel(nn.Module):
     def __init__(self, model: nn.Module, policy: BitPolicy) -> None:
         super().__init__()
         if not isinstance(policy, BitPolicy):
-            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")
+            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")  # noqa: TRY004 (conventions: ValueError)
         names = _layer_order(model)
         if len(names) != policy.num_layers:
             raise ValueError(
@@ -312,7 +304,7 @@ def calibrate_mixed(
     ``calibrate(model, images)``; returns ``model``, calibrated in place.
     """
     if not isinstance(model, MixedPrecisionModel):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 (conventions: ValueError for user input)
             f"calibrate_mixed takes a model made by prepare_qat(model, policy), got {type(model).__name__}"
         )
     if images.dim() != 4 or len(images) == 0 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):

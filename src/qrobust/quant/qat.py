@@ -17,7 +17,6 @@ model see only the straight-through surrogate; attack the float model or use gra
 from __future__ import annotations
 
 import abc
-
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qrobust.graph import fold_batchnorm, fold_normalize
 from qrobust.quant.engine import (
     INT32_MAX,
     LATTICE_DTYPES,
@@ -193,9 +193,7 @@ class _QAffine(nn.Module, abc.ABC):
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
         if self.input_mean is None:
             return weight, bias
-        view = (1, -1) + (1,) * (weight.dim() - 2)  # broadcast over input channels / features
-        scaled = weight / self.input_std.view(view)
-        return scaled, bias - (scaled * self.input_mean.view(view)).flatten(1).sum(1)
+        return fold_normalize(weight, bias, self.input_mean, self.input_std)
 
     @abc.abstractmethod
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,10 +282,7 @@ class QConv2d(_QAffine):
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self._normalize_folded(self.conv)
-        if self.bn is None:
-            return weight, bias
-        scale = self._bn_scale()
-        return weight * scale.view(-1, 1, 1, 1), self.bn.bias + (bias - self.bn.running_mean) * scale
+        return (weight, bias) if self.bn is None else fold_batchnorm(weight, bias, self.bn)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         padding = self.conv.padding
@@ -436,7 +431,7 @@ def calibrate(
     if isinstance(model, MixedPrecisionModel):
         return calibrate_mixed(model, images, batch_size=batch_size)
     if not isinstance(model, QATModel):
-        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")
+        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
     if images.dim() != 4 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):
         raise ValueError(
             f"images must be integer lattice values or float of shape (N, C, H, W), got {images.dtype} of shape "
@@ -470,7 +465,7 @@ def convert(model: QATModel) -> Int8Model:
     RuntimeError if ``model`` was neither trained nor calibrated (its activation ranges are unknown).
     """
     if not isinstance(model, QATModel):
-        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")
+        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
     qparams: list[QParams] = [model.input_quant.code_qparams()]
     ops: list[IntOp] = []
     with torch.no_grad():

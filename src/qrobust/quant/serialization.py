@@ -59,7 +59,8 @@ def _unpack(packed: dict[str, torch.Tensor], layout: dict[str, list]) -> dict[st
     for name, (dtype, offset, shape) in layout.items():
         flat = packed.get(dtype)
         if dtype not in _DTYPES or not isinstance(flat, torch.Tensor) or flat.dtype != _DTYPES[dtype]:
-            raise ValueError(f"tensor {name!r} has dtype {dtype!r} stored as {flat.dtype}")
+            stored = flat.dtype if isinstance(flat, torch.Tensor) else "nothing"
+            raise ValueError(f"tensor {name!r} has dtype {dtype!r} stored as {stored}")
         count = math.prod(shape)
         if offset < 0 or offset + count > flat.numel():
             raise ValueError(f"tensor {name!r} lies outside its packed {dtype} data")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrobust.models.cnn import CNN
+from qrobust.graph import Graph, Layer, check_supported, trace
 
 
 @dataclass(frozen=True)
@@ -102,108 +102,146 @@ class ConstantInputConv2d(nn.Module):
 
 
 @dataclass(frozen=True)
-class _Chain:
-    """Output channels of ``parent.<producer>`` reach only ``parent.<consumer>``, through the per-channel
-    modules ``between`` (BatchNorm2d, ReLU, MaxPool2d, Flatten), so they can be removed from both."""
+class PruneDecision:
+    """What ``prune_channels`` does with one Conv2d's output channels.
 
-    parent: nn.Module
+    ``removed`` counts the all-zero channels it removes (0 when none or when the layer is left as it
+    is); ``reason`` says why the layer is left as it is (None when it can be pruned).
+    """
+
+    layer: str
+    removed: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """Output channels of the conv ``producer`` reach only ``consumer`` (a conv, or a Linear after a
+    flatten), through the per-channel layers ``between``, so they can be removed from both."""
+
     producer: str
-    between: tuple[str, ...]
+    between: tuple[Layer, ...]
     consumer: str
 
 
-# Residual blocks (BasicBlock and look-alikes, e.g. in EnResNet members): conv1 -> bn1 -> relu1 -> conv2.
-_BLOCK = ("conv1", ("bn1", "relu1"), "conv2")
-# The CNN: conv1 -> relu1 -> pool1 -> conv2, and conv2 -> relu2 -> pool2 -> flatten -> fc1.
-_CNN = (("conv1", ("relu1", "pool1"), "conv2"), ("conv2", ("relu2", "pool2", "flatten"), "fc1"))
+# Layers that map each channel to itself and a constant channel to a constant one (in eval mode).
+_PER_CHANNEL = ("batchnorm", "relu", "relu6", "maxpool", "adaptive_avgpool", "identity", "flatten")
+
+
+def pruning_report(model: nn.Module) -> tuple[PruneDecision, ...]:
+    """For every Conv2d of ``model`` in call order: how many all-zero channels ``prune_channels`` removes,
+    or why it leaves the layer as it is (read from the data flow of ``qrobust.graph``)."""
+    with torch.no_grad():
+        return tuple(decision for decision, _ in _plan_all(model, trace(model)))
 
 
 def prune_channels(model: nn.Module) -> nn.Module:
     """A copy of ``model`` without its all-zero conv output channels, computing the same outputs in eval mode.
 
     A conv output channel whose weights are all zero outputs its bias b (0 without bias), so after the
-    modules up to the next layer it is a constant c = relu(BN(b)) (BN with its running statistics; the
-    running mean is not assumed to be 0). It is removed from the conv (and the BatchNorm), together with
-    the next layer's matching inputs; if c != 0 its contribution is kept exactly: folded into the bias of
-    a next Linear (the channel's block of flattened, channel-major features), or added by
-    ``ConstantInputConv2d`` around a next conv (where zero padding makes it position dependent).
+    per-channel layers up to the next layer it is a constant c (e.g. relu(BN(b)) with BN's running
+    statistics; the running mean is not assumed to be 0). It is removed from the conv (and the
+    BatchNorm), together with the next layer's matching inputs; if c != 0 its contribution is kept
+    exactly: folded into the bias of a next Linear (the channel's block of flattened, channel-major
+    features), or added by ``ConstantInputConv2d`` around a next conv (where zero padding makes it
+    position dependent).
 
-    Pruned, where the structure guarantees that the channel feeds nothing else:
-    - in every module with ``conv1`` (Conv2d) -> ``bn1`` (BatchNorm2d, running stats) -> ``relu1`` (ReLU)
-      -> ``conv2`` (Conv2d) attributes, i.e. ``BasicBlock``: whose forward must compute
-      conv2(relu1(bn1(conv1(x)))) with nothing else reading or changing that path;
-    - in ``CNN``: conv1 -> conv2 inputs, and conv2 -> fc1 inputs.
-    Next convs must have groups=1 and zero padding. Not pruned: channels of the residual stream (the
-    stem conv, conv2 of blocks, shortcuts), which are added to other blocks' outputs, so removing one
-    needs the whole stream's channel set to agree; and Linear layers. At least one channel of each conv
-    stays, since PyTorch has no zero-channel convs. Prune once: a folded conv is not pruned again.
+    The data flow (``qrobust.graph``) decides: a channel is removed only when every reader of it can
+    drop it, i.e. the conv's output reaches exactly one conv (groups=1, zero padding) or one Linear
+    after a flatten, through layers that act per channel (BatchNorm2d, ReLU, ReLU6, max pooling,
+    average pooling without padding, Identity/Dropout, flatten) and that nothing else reads. Otherwise (residual
+    streams, tensors read twice, grouped convs, ...) the layer is left as it is, and
+    ``pruning_report`` says why. At least one channel of each conv stays, since PyTorch has no
+    zero-channel convs. Prune once: a folded conv is not pruned again.
 
     Measure the gain with ``qrobust.models.count_parameters`` (trainable parameters; the folded kernels
     are buffers of O x kh x kw values each) and ``sparsity_report``. ``model`` is left unchanged.
     """
     pruned = copy.deepcopy(model)
-    chains = [chain for module in pruned.modules() for chain in _chains(module)]
+    graph = check_supported(pruned, None, "prune")
     with torch.no_grad():
+        chains = [chain for decision, chain in _plan_all(pruned, graph) if decision.removed]
         # Plan on the unmodified copy: which channels go, and what constant each carried.
-        plans = []
-        for chain in chains:
-            keep, constants = _plan(chain)
-            if not keep.all():
-                plans.append((chain, keep, constants))
+        plans = [(chain, *_plan(pruned, chain)) for chain in chains]
         # Remove output channels first, then inputs, so a conv that is both (CNN.conv2) has its rows
         # sliced before its removed inputs are folded into a kernel with the remaining rows.
         for chain, keep, _ in plans:
-            _keep_outputs(getattr(chain.parent, chain.producer), keep)
-            for name in chain.between:
-                if isinstance(getattr(chain.parent, name), nn.BatchNorm2d):
-                    _keep_batchnorm(getattr(chain.parent, name), keep)
+            _keep_outputs(pruned.get_submodule(chain.producer), keep)
+            for layer in chain.between:
+                if layer.kind == "batchnorm":
+                    _keep_batchnorm(pruned.get_submodule(layer.target), keep)
         for chain, keep, constants in plans:
-            _drop_inputs(chain, keep, constants)
+            _drop_inputs(pruned, chain, keep, constants)
     return pruned
 
 
-def _chains(module: nn.Module) -> list[_Chain]:
-    """The prunable chains whose modules are attributes of ``module``."""
-    specs = _CNN if isinstance(module, CNN) else (_BLOCK,)
-    chains = [_Chain(module, producer, between, consumer) for producer, between, consumer in specs]
-    return [chain for chain in chains if _prunable(chain)]
+def _plan_all(model: nn.Module, graph: Graph) -> list[tuple[PruneDecision, _Chain | None]]:
+    """Each conv's decision and, where it can be pruned, its chain."""
+    result = []
+    for layer in graph.layers:
+        if layer.kind != "conv" or layer.name != layer.target:
+            continue
+        chain = _chain(graph, layer)
+        if isinstance(chain, str):
+            result.append((PruneDecision(layer.name, 0, chain), None))
+            continue
+        keep, _ = _plan(model, chain)
+        result.append((PruneDecision(layer.name, int((~keep).sum()), None), chain))
+    return result
 
 
-def _prunable(chain: _Chain) -> bool:
-    """Whether the chain's modules have the types and settings that make channel removal exact."""
-    producer = getattr(chain.parent, chain.producer, None)
-    consumer = getattr(chain.parent, chain.consumer, None)
-    between = [getattr(chain.parent, name, None) for name in chain.between]
-    if not (isinstance(producer, nn.Conv2d) and producer.groups == 1):
-        return False
-    for module in between:
-        if isinstance(module, nn.BatchNorm2d):
-            if module.running_mean is None:  # batch statistics even in eval mode: not a per-channel constant
-                return False
-        elif not isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.Flatten)):
-            return False
-    if isinstance(consumer, nn.Conv2d):
-        return consumer.groups == 1 and consumer.padding_mode == "zeros"
-    return isinstance(consumer, nn.Linear) and consumer.in_features % producer.out_channels == 0
+def _chain(graph: Graph, producer: Layer) -> _Chain | str:
+    """The chain from ``producer`` to the one layer that reads its channels, or why there is none."""
+    if producer.module.groups != 1:
+        return f"it has groups={producer.module.groups}"
+    if sum(layer.target == producer.target for layer in graph.layers) > 1:
+        return "it is called more than once"
+    between: list[Layer] = []
+    current = producer
+    while True:
+        if "output" in current.users:
+            return f"the model returns {current.name}'s output"
+        readers = graph.readers(current.name)
+        if len(readers) != 1:
+            names = ", ".join(reader.name for reader in readers)
+            return f"{current.name}'s output is read by {len(readers)} layers ({names}); each must drop the channel"
+        reader = readers[0]
+        if reader.inputs != (current.name,):
+            return f"{reader.describe()} also reads other tensors, whose channels would have to go too"
+        if reader.kind in _PER_CHANNEL or (reader.kind == "avgpool" and reader.module.padding in (0, (0, 0))):
+            if reader.kind == "batchnorm" and (reader.module.running_mean is None or reader.name != reader.target):
+                return f"{reader.describe()} has no running statistics or is called more than once"
+            between.append(reader)
+            current = reader
+            continue
+        flattened = any(layer.kind == "flatten" for layer in between)
+        if reader.name != reader.target:
+            return f"{reader.describe()} is called more than once"
+        module = reader.module
+        if reader.kind == "conv" and not flattened and module.groups == 1 and module.padding_mode == "zeros":
+            return _Chain(producer.name, tuple(between), reader.name)
+        if reader.kind == "linear" and flattened and module.in_features % producer.module.out_channels == 0:
+            return _Chain(producer.name, tuple(between), reader.name)
+        return f"its channels reach {reader.describe()}, which cannot drop them"
 
 
-def _plan(chain: _Chain) -> tuple[torch.Tensor, torch.Tensor]:
+def _plan(model: nn.Module, chain: _Chain) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, constants): the producer's channels to keep (C,) bool, and each channel's constant value
-    after the in-between modules if its weights are all zero (C,)."""
-    producer: nn.Conv2d = getattr(chain.parent, chain.producer)
+    after the in-between layers if its weights are all zero (C,)."""
+    producer: nn.Conv2d = model.get_submodule(chain.producer)
     keep = producer.weight.flatten(1).ne(0).any(1)  # (C,)
     if not keep.any():
         keep[0] = True
     value = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(len(keep))
-    for name in chain.between:
-        module = getattr(chain.parent, name)
-        if isinstance(module, nn.BatchNorm2d):
+    for layer in chain.between:
+        module = layer.module
+        if layer.kind == "batchnorm":
             value = F.batch_norm(
                 value[None], module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
             )[0]
-        elif isinstance(module, nn.ReLU):
-            value = F.relu(value)
-        # MaxPool2d and Flatten keep a constant channel constant.
+        elif layer.kind in ("relu", "relu6"):
+            value = module(value)
+        # Pooling, identity and flatten keep a constant channel constant.
     return keep, value
 
 
@@ -228,9 +266,9 @@ def _keep_batchnorm(bn: nn.BatchNorm2d, keep: torch.Tensor) -> None:
     bn.num_features = int(keep.sum())
 
 
-def _drop_inputs(chain: _Chain, keep: torch.Tensor, constants: torch.Tensor) -> None:
+def _drop_inputs(model: nn.Module, chain: _Chain, keep: torch.Tensor, constants: torch.Tensor) -> None:
     """Remove the consumer's inputs from the dropped channels, keeping their constants' contribution."""
-    consumer = getattr(chain.parent, chain.consumer)
+    consumer = model.get_submodule(chain.consumer)
     drop = ~keep
     constants = torch.where(drop, constants, 0.0)  # (C,) what the removed channels carried
     if isinstance(consumer, nn.Conv2d):
@@ -238,7 +276,8 @@ def _drop_inputs(chain: _Chain, keep: torch.Tensor, constants: torch.Tensor) -> 
         consumer.weight = _replaced(consumer.weight, consumer.weight[:, keep])  # (O, C', kh, kw)
         consumer.in_channels = int(keep.sum())
         if constants.any():
-            setattr(chain.parent, chain.consumer, ConstantInputConv2d(consumer, kernel))
+            parent, _, child = chain.consumer.rpartition(".")
+            setattr(model.get_submodule(parent), child, ConstantInputConv2d(consumer, kernel))
         return
     weight = consumer.weight.view(consumer.out_features, len(keep), -1)  # (O, C, H*W) channel-major
     if constants.any():

@@ -380,6 +380,8 @@ class PolicySearch:
                 if progress:
                     bar.console.log(describe(record))
                 bar.update(task, advance=1, status=_status(best))
+        if best is None:  # SearchConfig asks for at least one episode
+            raise RuntimeError("the search ended without an episode")
         if best_checkpoint is not None and not Path(best_checkpoint).exists():
             self._save(best_checkpoint, self.finetuned(best.policy, best.episode), best, metadata)
         return SearchResult(tuple(records), best, acr_original, resumed)
@@ -419,7 +421,7 @@ class _Certifier:
         self.cache = certify_original(smoothed, validation_set.images, n0=config.n0, n=config.n, alpha=config.alpha, seed=self.seed)
         self.acr_original = acr(self.cache.certificates, validation_set.labels)
 
-    def certify(self, mixed: nn.Module) -> list[Certificate]:
+    def certify(self, mixed: nn.Module) -> Sequence[Certificate]:
         """The quantized smoothed model's certificates, one per validation image; each holds with
         probability >= 1 - alpha - alpha_zeta (l2 radii in [0, 1] pixel units)."""
         config, smoothed = self.config, self._smoothed(mixed)

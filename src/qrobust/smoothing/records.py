@@ -3,11 +3,18 @@
 Certify columns: ``idx label predict radius correct time``; predict columns: ``idx label predict correct
 time``. ``predict`` is -1 when the test abstained, ``correct`` is 0/1, ``time`` is the wall time of the
 example as ``H:MM:SS.ffffff``.
+
+Reading checks every row's values, naming the line of the first bad one: indices unique and >= 0,
+labels >= 0, predictions >= -1, both below the number of classes where it is known (the run config
+next to the TSV, OUTPUT with suffix .json, names the dataset), ``correct`` equal to label == predict,
+radii finite and >= 0 and 0 where the test abstained, times finite and >= 0.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,29 +66,33 @@ class PredictRow:
         return f"{self.idx}\t{self.label}\t{self.predict}\t{int(self.correct)}\t{datetime.timedelta(seconds=self.seconds)}"
 
 
-def read_certify_tsv(path: str | Path, *, interrupted: bool = False) -> list[CertifyRow]:
-    """Rows of a certification TSV; a malformed file raises QRobustError naming the line.
+def read_certify_tsv(path: str | Path, *, interrupted: bool = False, num_classes: int | None = None) -> list[CertifyRow]:
+    """Rows of a certification TSV; a malformed file or a bad value raises QRobustError naming the line.
 
-    ``interrupted``: the run may have been killed while writing, so a last line without its newline
+    ``num_classes``: the classes labels and predictions must be below (default: from the run config
+    next to the TSV, unchecked without one). ``interrupted``: the run may have been killed while writing, so a last line without its newline
     (cut off mid-write) is left out and a table with no rows yet is allowed.
     """
     return _read_rows(
         path, "certification", CERTIFY_HEADER,
-        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])), interrupted,
+        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])), interrupted, num_classes,
     )  # fmt: skip
 
 
-def read_predict_tsv(path: str | Path, *, interrupted: bool = False) -> list[PredictRow]:
-    """Rows of a prediction TSV; a malformed file raises QRobustError naming the line (``interrupted``:
-    as for ``read_certify_tsv``)."""
+def read_predict_tsv(path: str | Path, *, interrupted: bool = False, num_classes: int | None = None) -> list[PredictRow]:
+    """Rows of a prediction TSV; a malformed file or a bad value raises QRobustError naming the line
+    (``interrupted``, ``num_classes``: as for ``read_certify_tsv``)."""
     return _read_rows(
         path, "prediction", PREDICT_HEADER,
-        lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])), interrupted,
+        lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])), interrupted, num_classes,
     )  # fmt: skip
 
 
-def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any], interrupted: bool) -> list:
+def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any], interrupted: bool,
+               num_classes: int | None) -> list:  # fmt: skip
     path = Path(path)
+    if num_classes is None:
+        num_classes = _run_classes(path)
     try:
         text = path.read_text()
     except OSError as error:
@@ -92,18 +103,50 @@ def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[s
     if not lines or lines[0].strip() != header:
         raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{header.expandtabs(1)}'")
     width = header.count("\t") + 1
-    rows = []
+    rows, lines_of = [], {}
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         try:
             if len(fields) != width:
                 raise ValueError(f"expected {width} tab-separated fields, got {len(fields)}")
-            rows.append(parse(fields))
+            row = parse(fields)
+            _check_row(row, fields[-2], num_classes)
+            if row.idx in lines_of:
+                raise ValueError(f"example {row.idx} is already on line {lines_of[row.idx]}")
+            lines_of[row.idx] = number
+            rows.append(row)
         except ValueError as error:
             raise QRobustError(f"{path}, line {number}: {error}") from None
     if not rows and not interrupted:
         raise QRobustError(f"{path} holds no examples")
     return rows
+
+
+def _check_row(row: CertifyRow | PredictRow, correct: str, num_classes: int | None) -> None:
+    """Raise ValueError if ``row`` (with its ``correct`` field) holds a value no run writes."""
+    classes = "" if num_classes is None else f" and < {num_classes} (the dataset's classes)"
+    if row.idx < 0:
+        raise ValueError(f"idx must be >= 0, got {row.idx}")
+    if not 0 <= row.label < (num_classes or math.inf):
+        raise ValueError(f"label must be >= 0{classes}, got {row.label}")
+    if not ABSTAIN <= row.predict < (num_classes or math.inf):
+        raise ValueError(f"predict must be a class >= 0{classes} or {ABSTAIN} (abstained), got {row.predict}")
+    if correct != str(int(row.correct)):
+        raise ValueError(f"correct must be {int(row.correct)} for label {row.label} and predict {row.predict}, got {correct!r}")
+    if not (math.isfinite(row.seconds) and row.seconds >= 0):
+        raise ValueError(f"time must be finite and >= 0, got {row.seconds}")
+    if isinstance(row, CertifyRow) and not (math.isfinite(row.radius) and row.radius >= 0):
+        raise ValueError(f"radius must be finite and >= 0, got {row.radius}")
+    if isinstance(row, CertifyRow) and row.predict == ABSTAIN and row.radius != 0:
+        raise ValueError(f"an abstained example has radius 0, got {row.radius}")
+
+
+def _run_classes(path: Path) -> int | None:
+    """The number of classes of the dataset named by the run config next to ``path``, if there is one."""
+    try:
+        return len(json.loads(path.with_suffix(".json").read_text())["model"]["dataset"]["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def summarize_rows(rows: list[CertifyRow], radii=DEFAULT_RADII) -> CertifiedSummary:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from qrobust.data import LatticeDataset, as_lattice_dataset, augmentation_for, to_unit_interval
 from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from qrobust.outputs import exclusive_lock
 from qrobust.progress import progress_bar
 from qrobust.quant.backend import QuantizedBackend
 from qrobust.quant.engine import Int8Model
@@ -89,7 +90,7 @@ class TrainConfig:
         if self.noise not in NOISE_METHODS:
             raise ValueError(f"noise must be one of {', '.join(NOISE_METHODS)}, got {self.noise!r}")
         if self.loss is None:
-            object.__setattr__(self, "loss", "gaussian" if self.sigma > 0 else "natural")
+            object.__setattr__(self, "loss", self.resolved_loss)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.loss == "natural" and self.sigma > 0:
@@ -104,10 +105,15 @@ class TrainConfig:
         """The smoothing method whose noise augments training, or None when sigma is 0."""
         return NOISE_METHODS[self.noise](self.sigma) if self.sigma > 0 else None
 
+    @property
+    def resolved_loss(self) -> str:
+        """The loss name, with the default (gaussian when sigma > 0, else natural) filled in."""
+        return self.loss or ("gaussian" if self.sigma > 0 else "natural")
+
     def objective(self) -> Objective:
         """The training loss with its adversary."""
         attack = AttackConfig(self.eps, self.step_size, self.attack_steps)
-        return make_objective(self.loss, alpha=self.alpha, beta=self.beta, attack=attack)
+        return make_objective(self.resolved_loss, alpha=self.alpha, beta=self.beta, attack=attack)
 
     def lowbit(self) -> LowBitConfig | None:
         """The low-bit weight training, or None for float weights."""
@@ -154,82 +160,84 @@ def train(
     DataLoaders of (image, label), converted once by ``qrobust.data.as_lattice_dataset`` (the test set
     with the training set's info); batches come from ``config``.
     """
-    train_set = as_lattice_dataset(train_set)
-    test_set = None if test_set is None else as_lattice_dataset(test_set, info=train_set.info)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
-    quantizer = config.weight_quantizer(model)
-    history: list[EpochStats] = []
-    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        history = _restore(load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config)
-        if len(history) > config.epochs:
-            raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
+    lock = nullcontext() if checkpoint_path is None else exclusive_lock(Path(checkpoint_path), "checkpoint")
+    with lock:  # a second run on the same checkpoint refuses instead of interleaving epochs
+        train_set = as_lattice_dataset(train_set)
+        test_set = None if test_set is None else as_lattice_dataset(test_set, info=train_set.info)
+        generator = torch.Generator().manual_seed(config.seed)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+        quantizer = config.weight_quantizer(model)
+        history: list[EpochStats] = []
+        if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+            history = _restore(load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config)
+            if len(history) > config.epochs:
+                raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
-    augmentation = augmentation_for(train_set.info) if config.augment else None
-    noise = config.noise_method()
-    objective = config.objective()
-    quantized = quantizer.applied if quantizer is not None else nullcontext
-    batches = math.ceil(len(train_set) / config.batch_size)
-    with progress_bar(progress) as bar:
-        task = bar.add_task("train", total=(config.epochs - len(history)) * batches, status="")
-        for epoch in range(len(history) + 1, config.epochs + 1):
-            started = time.perf_counter()
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            order = torch.randperm(len(train_set), generator=generator)
-            for start in range(0, len(train_set), config.batch_size):
-                index = order[start : start + config.batch_size]
-                images, labels = train_set.images[index], train_set.labels[index]  # (B, C, H, W) uint8, (B,)
-                if augmentation is not None:
-                    images = augmentation(images, generator)
-                with quantized():  # low-bit weights for forward and backward, float ones for the update
-                    loss, logits = objective(model, model_inputs(images, noise, generator), labels, generator)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(index)
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += len(index)
-                bar.update(task, advance=1, status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if quantizer is not None:
-                quantizer.end_epoch()
-            with quantized():
-                test_accuracy = accuracy(model, test_set) if test_set is not None else None
-            history.append(EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started))
-            classes = train_set.info.num_classes
-            if len(history) >= 2 and all(stats.accuracy <= CHANCE_FACTOR / classes for stats in history[-2:]):
-                warnings.warn(f"epochs {epoch - 1}-{epoch}: training accuracy {history[-2].accuracy:.3f}, "
-                              f"{history[-1].accuracy:.3f} is at chance level ({classes} classes): the model is not "
-                              f"learning; a smaller learning rate usually helps", stacklevel=2)  # fmt: skip
-            if progress:
-                bar.console.log(_describe(history[-1]))
-            if checkpoint_path is not None:
-                training_state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": json.dumps([asdict(stats) for stats in history]),
-                }
+        augmentation = augmentation_for(train_set.info) if config.augment else None
+        noise = config.noise_method()
+        objective = config.objective()
+        quantized = quantizer.applied if quantizer is not None else nullcontext
+        batches = math.ceil(len(train_set) / config.batch_size)
+        with progress_bar(progress) as bar:
+            task = bar.add_task("train", total=(config.epochs - len(history)) * batches, status="")
+            for epoch in range(len(history) + 1, config.epochs + 1):
+                started = time.perf_counter()
+                model.train()
+                loss_sum, correct, seen = 0.0, 0.0, 0
+                order = torch.randperm(len(train_set), generator=generator)
+                for start in range(0, len(train_set), config.batch_size):
+                    index = order[start : start + config.batch_size]
+                    images, labels = train_set.images[index], train_set.labels[index]  # (B, C, H, W) uint8, (B,)
+                    if augmentation is not None:
+                        images = augmentation(images, generator)
+                    with quantized():  # low-bit weights for forward and backward, float ones for the update
+                        loss, logits = objective(model, model_inputs(images, noise, generator), labels, generator)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                    optimizer.step()
+                    loss_sum += loss.item() * len(index)
+                    correct += (logits.argmax(1) == labels).sum().item()
+                    seen += len(index)
+                    bar.update(task, advance=1, status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+                lr = float(scheduler.get_last_lr()[0])
+                scheduler.step()
                 if quantizer is not None:
-                    training_state["quantizer"] = quantizer.state_dict()
-                state = model.state_dict() if quantizer is None else quantizer.projected_state_dict()
-                save_checkpoint(
-                    checkpoint_path,
-                    Checkpoint(
-                        {k: v.detach().clone() for k, v in state.items()},
-                        {**(metadata or {}), "train_config": asdict(config), "epochs_done": epoch},
-                        training_state,
-                    ),
-                )
-    if quantizer is not None:
-        quantizer.finalize()
-    model.eval()
-    return history
+                    quantizer.end_epoch()
+                with quantized():
+                    test_accuracy = accuracy(model, test_set) if test_set is not None else None
+                history.append(EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started))
+                classes = train_set.info.num_classes
+                if len(history) >= 2 and all(stats.accuracy <= CHANCE_FACTOR / classes for stats in history[-2:]):
+                    warnings.warn(f"epochs {epoch - 1}-{epoch}: training accuracy {history[-2].accuracy:.3f}, "
+                                  f"{history[-1].accuracy:.3f} is at chance level ({classes} classes): the model is not "
+                                  f"learning; a smaller learning rate usually helps", stacklevel=2)  # fmt: skip
+                if progress:
+                    bar.console.log(_describe(history[-1]))
+                if checkpoint_path is not None:
+                    training_state = {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "generator": generator.get_state(),
+                        "history": json.dumps([asdict(stats) for stats in history]),
+                    }
+                    if quantizer is not None:
+                        training_state["quantizer"] = quantizer.state_dict()
+                    state = model.state_dict() if quantizer is None else quantizer.projected_state_dict()
+                    save_checkpoint(
+                        checkpoint_path,
+                        Checkpoint(
+                            {k: v.detach().clone() for k, v in state.items()},
+                            {**(metadata or {}), "train_config": asdict(config), "epochs_done": epoch},
+                            training_state,
+                        ),
+                    )
+        if quantizer is not None:
+            quantizer.finalize()
+        model.eval()
+        return history
 
 
 @torch.inference_mode()
