@@ -102,7 +102,7 @@ def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_
 def test_an_int_noise_bank_counts_int16_noise(fashion_int8):
     """The issue's n = 10^7 bank of discrete noise for an int8 model: 2 bytes a value."""
     job = SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, noise_bank=True, memory_limit=8)
-    with pytest.raises(QRobustError, match="a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB"):
+    with pytest.raises(QRobustError, match=r"a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB"):
         job.open()
     with pytest.raises(DataLoaded):  # without the bank, its default batch is well within the limit
         SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, memory_limit=1).open()
