@@ -64,7 +64,7 @@ def main() -> None:
                     )  # fmt: skip
                 certificates.append(certificate)
                 bar.update(task, advance=1)
-            runs[name] = (certificates, time.perf_counter() - started, [int(c.counts.sum()) for c in certificates])
+            runs[name] = (certificates, time.perf_counter() - started, [c.samples for c in certificates])
 
     labels = data.labels[indices].numpy()
     record = {"model": str(args.int8), "sigma": args.sigma, "images": len(indices), "n0": args.n0, "n": args.n,
