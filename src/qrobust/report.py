@@ -17,6 +17,7 @@ from qrobust.outputs import atomic_path, check_outputs, write_text_atomic
 from qrobust.smoothing import (
     ABSTAIN,
     CERTIFY_HEADER,
+    CERTIFY_SAMPLES_HEADER,
     DEFAULT_RADII,
     CertifiedSummary,
     CertifyRow,
@@ -141,7 +142,7 @@ def find_runs(directory: Path) -> list[CertifyRun]:
     runs = []
     for path in sorted(directory.rglob("*.tsv")):
         with path.open() as table:
-            if table.readline().rstrip("\n") != CERTIFY_HEADER:
+            if table.readline().rstrip("\n") not in (CERTIFY_SAMPLES_HEADER, CERTIFY_HEADER):
                 continue
         config_path = path.with_suffix(".json")
         try:

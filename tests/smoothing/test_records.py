@@ -6,6 +6,7 @@ from qrobust.errors import QRobustError
 from qrobust.smoothing import (
     ABSTAIN,
     CERTIFY_HEADER,
+    CERTIFY_SAMPLES_HEADER,
     PREDICT_HEADER,
     CertifyRow,
     PredictRow,
@@ -26,6 +27,22 @@ def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
     summary = summarize_rows(back, radii=(0.0, 0.5))
     assert summary.certified_accuracy == pytest.approx((1 / 3, 1 / 3))
     assert summary.certified_percentage == pytest.approx(2 / 3)
+
+
+def test_rows_record_the_samples_each_example_used(tmp_path):
+    rows = [CertifyRow(0, 3, 3, 0.5, 1.5, samples=2_000), CertifyRow(7, 1, ABSTAIN, 0.0, 0.5, samples=100_000)]
+    path = tmp_path / "run.tsv"
+    path.write_text("\n".join([CERTIFY_SAMPLES_HEADER, *(row.to_line() for row in rows)]) + "\n")
+    assert path.read_text().splitlines()[1] == "0\t3\t3\t0.500000\t1\t0:00:01.500000\t2000"
+    assert [row.samples for row in read_certify_tsv(path)] == [2_000, 100_000]
+    path.write_text(f"{CERTIFY_HEADER}\n0\t3\t3\t0.5\t1\t0:00:01\n")  # Cohen's columns: samples unknown
+    assert read_certify_tsv(path)[0].samples is None
+    path.write_text(f"{CERTIFY_SAMPLES_HEADER}\n0\t3\t3\t0.5\t1\t0:00:01\t0\n")
+    with pytest.raises(QRobustError, match="line 2: samples must be >= 1, got 0"):
+        read_certify_tsv(path)
+    path.write_text(f"{CERTIFY_SAMPLES_HEADER}\n0\t3\t3\t0.5\t1\t0:00:01\n")
+    with pytest.raises(QRobustError, match="line 2: expected 7 tab-separated fields, got 6"):
+        read_certify_tsv(path)
 
 
 @pytest.mark.parametrize(

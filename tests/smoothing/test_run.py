@@ -67,6 +67,9 @@ def test_adaptive_rows_use_the_chosen_sequential_test(tiny_run, sequential, monk
     rows = list(certify_examples(smoothed, data, range(4), n0=20, n=2000, alpha=0.01, settle_radii=(0.0, 0.25),
                                  sequential=sequential))  # fmt: skip
     assert calls == [sequential] * 4 and [row.idx for row in rows] == [0, 1, 2, 3]
+    assert all(1 <= row.samples <= 2000 for row in rows) and any(row.samples < 2000 for row in rows)
+    fixed = list(certify_examples(smoothed, data, range(4), n0=20, n=2000, alpha=0.01))
+    assert [row.samples for row in fixed] == [2000] * 4
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, certified
 from qrobust.smoothing.records import (
     ABSTAIN,
     CERTIFY_HEADER,
+    CERTIFY_SAMPLES_HEADER,
     PREDICT_HEADER,
     CertifyRow,
     PredictRow,
@@ -27,6 +28,7 @@ from qrobust.smoothing.run import certify_examples, evenly_spaced, example_gener
 __all__ = [
     "ABSTAIN",
     "CERTIFY_HEADER",
+    "CERTIFY_SAMPLES_HEADER",
     "DEFAULT_RADII",
     "PREDICT_HEADER",
     "Certificate",

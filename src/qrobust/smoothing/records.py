@@ -1,8 +1,10 @@
 """The per-example TSVs of certify and predict runs, in the format of Cohen et al.'s reference code.
 
-Certify columns: ``idx label predict radius correct time``; predict columns: ``idx label predict correct
-time``. ``predict`` is -1 when the test abstained, ``correct`` is 0/1, ``time`` is the wall time of the
-example as ``H:MM:SS.ffffff``.
+Certify columns: ``idx label predict radius correct time samples`` (``CERTIFY_SAMPLES_HEADER``; Cohen's
+files, without ``samples``, read too); predict columns: ``idx label predict correct time``. ``predict`` is
+-1 when the test abstained, ``correct`` is 0/1, ``time`` is the wall time of the example as
+``H:MM:SS.ffffff``, ``samples`` the estimation samples its certificate used (n, or fewer when adaptive
+certification stopped early; ``Certificate.samples``).
 
 Reading checks every row's values, naming the line of the first bad one: indices unique and >= 0,
 labels >= 0, predictions >= -1, both below the number of classes where it is known (the run config
@@ -25,7 +27,8 @@ import numpy as np
 from qrobust.errors import QRobustError
 from qrobust.smoothing.metrics import DEFAULT_RADII, CertifiedSummary, summarize
 
-CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+CERTIFY_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s columns
+CERTIFY_SAMPLES_HEADER = CERTIFY_HEADER + "\tsamples"  # what qrobust writes
 PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
 ABSTAIN = -1
 
@@ -39,14 +42,17 @@ class CertifyRow:
     predict: int  # ABSTAIN (-1) when the certificate abstained
     radius: float
     seconds: float
+    samples: int | None = None  # estimation samples used; None in Cohen's format
 
     @property
     def correct(self) -> bool:
         return self.predict == self.label
 
     def to_line(self) -> str:
+        """The row as a TSV line: Cohen's six columns, and ``samples`` when it is known."""
         elapsed = datetime.timedelta(seconds=self.seconds)
-        return f"{self.idx}\t{self.label}\t{self.predict}\t{self.radius:.6f}\t{int(self.correct)}\t{elapsed}"
+        line = f"{self.idx}\t{self.label}\t{self.predict}\t{self.radius:.6f}\t{int(self.correct)}\t{elapsed}"
+        return line if self.samples is None else f"{line}\t{self.samples}"
 
 
 @dataclass(frozen=True)
@@ -73,23 +79,28 @@ def read_certify_tsv(path: str | Path, *, interrupted: bool = False, num_classes
     next to the TSV, unchecked without one). ``interrupted``: the run may have been killed while writing, so a last line without its newline
     (cut off mid-write) is left out and a table with no rows yet is allowed.
     """
-    return _read_rows(
-        path, "certification", CERTIFY_HEADER,
-        lambda f: CertifyRow(int(f[0]), int(f[1]), int(f[2]), float(f[3]), _parse_seconds(f[5])), interrupted, num_classes,
-    )  # fmt: skip
+    return _read_rows(path, "certification", (CERTIFY_SAMPLES_HEADER, CERTIFY_HEADER), _certify_row, interrupted, num_classes)
+
+
+def _certify_row(fields: list[str]) -> CertifyRow:
+    samples = int(fields[6]) if len(fields) > 6 else None
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    return CertifyRow(int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), _parse_seconds(fields[5]), samples)
 
 
 def read_predict_tsv(path: str | Path, *, interrupted: bool = False, num_classes: int | None = None) -> list[PredictRow]:
     """Rows of a prediction TSV; a malformed file or a bad value raises QRobustError naming the line
     (``interrupted``, ``num_classes``: as for ``read_certify_tsv``)."""
     return _read_rows(
-        path, "prediction", PREDICT_HEADER,
+        path, "prediction", (PREDICT_HEADER,),
         lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])), interrupted, num_classes,
     )  # fmt: skip
 
 
-def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[str]], Any], interrupted: bool,
-               num_classes: int | None) -> list:  # fmt: skip
+def _read_rows(path: str | Path, kind: str, headers: tuple[str, ...], parse: Callable[[list[str]], Any],
+               interrupted: bool, num_classes: int | None) -> list:  # fmt: skip
+    """The rows under the first line, which must be one of ``headers`` (the first is the one named in errors)."""
     path = Path(path)
     if num_classes is None:
         num_classes = _run_classes(path)
@@ -100,9 +111,10 @@ def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[s
     if interrupted and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # rows are written whole, newline last: drop a cut-off one
     lines = text.splitlines()
-    if not lines or lines[0].strip() != header:
-        raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{header.expandtabs(1)}'")
-    width = header.count("\t") + 1
+    if not lines or lines[0].strip() not in headers:
+        raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{headers[0].expandtabs(1)}'")
+    columns = lines[0].strip().split("\t")
+    width, correct = len(columns), columns.index("correct")
     rows, lines_of = [], {}
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
@@ -110,7 +122,7 @@ def _read_rows(path: str | Path, kind: str, header: str, parse: Callable[[list[s
             if len(fields) != width:
                 raise ValueError(f"expected {width} tab-separated fields, got {len(fields)}")
             row = parse(fields)
-            _check_row(row, fields[-2], num_classes)
+            _check_row(row, fields[correct], num_classes)
             if row.idx in lines_of:
                 raise ValueError(f"example {row.idx} is already on line {lines_of[row.idx]}")
             lines_of[row.idx] = number

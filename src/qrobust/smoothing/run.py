@@ -91,7 +91,9 @@ def _certify_rows(
                 generator=generator,
             )  # fmt: skip
         label = ABSTAIN if certificate.abstained else certificate.label
-        yield CertifyRow(index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started)
+        yield CertifyRow(
+            index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started, certificate.samples
+        )
 
 
 def predict_examples(
