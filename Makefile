@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 DEMO := runs/demo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test lint clean
 
 # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 $(INSTALLED): pyproject.toml
@@ -48,6 +48,12 @@ demo: setup
 test: $(INSTALLED)
 	-@$(MAKE) --no-print-directory data
 	$(BIN)/python -m pytest
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this beside the tests.
+lint: $(INSTALLED)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO) build src/*.egg-info
