@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -77,13 +77,16 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     for layer in graph.affine():
         if layer.name != layer.target:
             raise ValueError(f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once")
-        infos.append(_info(len(infos), layer.name, layer.module, layer.input_shapes[0], layer.output_shape))
+        module = cast(nn.Conv2d | nn.Linear, layer.module)  # graph.affine(): the conv and linear layers
+        shapes, output_shape = layer.input_shapes, layer.output_shape
+        assert shapes is not None and output_shape is not None  # traced with an example input
+        infos.append(_info(len(infos), layer.name, module, shapes[0], output_shape))
     if not infos:
         raise ValueError(f"{graph.model} runs no Conv2d or Linear layer")
     return infos
 
 
-def _info(index: int, name: str, module: nn.Module, x: tuple[int, ...], y: tuple[int, ...]) -> LayerInfo:
+def _info(index: int, name: str, module: nn.Conv2d | nn.Linear, x: tuple[int, ...], y: tuple[int, ...]) -> LayerInfo:
     """The LayerInfo of ``module`` reading shape ``x`` and writing shape ``y`` (with the batch)."""
     params = sum(p.numel() for p in module.parameters(recurse=False))
     if isinstance(module, nn.Linear):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,13 +88,14 @@ def fake_quantize_linear(x: torch.Tensor, clip: torch.Tensor, bits: int, signed:
     (a tensor keeps the model traceable). Shapes: x any -> same.
     """
     if isinstance(signed, bool):
-        levels: float | torch.Tensor = float(grid_levels(bits, signed))
-        low: float | torch.Tensor = -levels if signed else 0.0
+        levels = float(grid_levels(bits, signed))
+        scale = clip / levels
+        code = torch.clamp(x / scale, min=-levels if signed else 0.0, max=levels)
     else:  # a tensor flag keeps the choice of grid inside a traced graph
-        levels = torch.where(signed, float(grid_levels(bits, True)), float(grid_levels(bits, False))).to(x.dtype)
-        low = torch.where(signed, -levels, torch.zeros_like(levels))
-    scale = clip / levels
-    code = torch.clamp(x / scale, min=low, max=levels)
+        tensor_levels = torch.where(signed, float(grid_levels(bits, True)), float(grid_levels(bits, False))).to(x.dtype)
+        scale = clip / tensor_levels
+        low = torch.where(signed, -tensor_levels, torch.zeros_like(tensor_levels))
+        code = torch.clamp(x / scale, min=low, max=tensor_levels)
     return (code + (torch.round(code) - code).detach()) * scale
 
 
@@ -198,6 +200,10 @@ class QuantizedLayer(nn.Module):
     float weights, which training updates. Shapes: those of ``layer``.
     """
 
+    weight_clip: torch.Tensor
+    act_clip: torch.Tensor
+    act_signed: torch.Tensor
+
     def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -274,7 +280,7 @@ class MixedPrecisionModel(nn.Module):
 
     def quantized_layers(self) -> list[QuantizedLayer]:
         """The wrapped layers, in policy order."""
-        return [self.model.get_submodule(name) for name in self.layer_names]
+        return [cast(QuantizedLayer, self.model.get_submodule(name)) for name in self.layer_names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -333,9 +339,10 @@ def calibrate_mixed(
                 observer.start_histogram()
             _run(model, images, batch_size)
             for layer, observer in zip(layers, observers):
-                signed, top = observer.low < 0, observer.top
+                signed, top, histogram = observer.low < 0, observer.top, observer.histogram
+                assert histogram is not None  # start_histogram ran
                 levels = grid_levels(layer.act_bits, signed)
-                layer.act_clip.fill_(kl_threshold(observer.histogram.numpy(), top, levels) if top else 1.0)
+                layer.act_clip.fill_(kl_threshold(histogram.numpy(), top, levels) if top else 1.0)
                 layer.act_signed.fill_(signed)
     finally:
         for layer in layers:
