@@ -47,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,10 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from qrobust.bounds.certify import certified_eps
+from qrobust.bounds.network import ReluNetwork
 from qrobust.data import LatticeDataset
 from qrobust.errors import CheckpointError
 from qrobust.graph import check_supported, trace
 from qrobust.models.checkpoint import read_archive, write_archive
+from qrobust.models.layers import Normalize
 from qrobust.progress import progress_bar
 from qrobust.quant.lowbit import LowBitWeight, _alternate
 
@@ -74,10 +77,11 @@ def grid_top(bits: int) -> int:
     return 2 ** (bits - 2)
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     """The Linear and Conv2d modules of ``model`` by qualified name, in the order forward calls them
     (``qrobust.graph``; a module called twice counts once), the order of ``qrobust.bounds``' layers."""
-    return [(layer.name, layer.module) for layer in trace(model).affine() if layer.name == layer.target]
+    # graph.affine() holds the conv and linear layers
+    return [(layer.name, cast(nn.Conv2d | nn.Linear, layer.module)) for layer in trace(model).affine() if layer.name == layer.target]
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,9 @@ class _Layer:
         self.top = grid_top(bits)
         self.codes, self.scale = _project(center, self.top, config.scale_steps)
         # Codes in the box need a grid that reaches every box: q top >= |C| - eps.
-        self.scale_floor = max(float(center.abs().max()) - epsilon, 0.0) / self.top if self.boxed_codes else 0.0
+        self.scale_floor = 0.0
+        if epsilon is not None and self.boxed_codes:
+            self.scale_floor = max(float(center.abs().max()) - epsilon, 0.0) / self.top
         if self.boxed_codes:
             self.scale = torch.clamp(self.scale, min=self.scale_floor)
             self.codes = self.project_codes(center / self.scale)
@@ -273,7 +279,9 @@ class _Layer:
 
     def code_box(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The certificate box in code units (l, h) and the codes inside it and D (ceil l .. floor h)."""
-        low, high = (self.center - self.epsilon) / self.scale, (self.center + self.epsilon) / self.scale
+        epsilon = self.epsilon
+        assert epsilon is not None  # only a layer with a radius has a box
+        low, high = (self.center - epsilon) / self.scale, (self.center + epsilon) / self.scale
         return low, high, torch.ceil(low).clamp(min=-self.top), torch.floor(high).clamp(max=self.top)
 
     def project_codes(self, b: torch.Tensor) -> torch.Tensor:
@@ -459,12 +467,9 @@ def certified_layer_bounds(model: nn.Module, images: torch.Tensor, labels: torch
     within it. Only this helper and ``certificate_epsilons`` need ``qrobust.bounds``; ``admm_quantize``
     takes the radii as plain numbers.
     """
-    # techniques import one another late: bounds are optional for ADMM
-    from qrobust.bounds import ReluNetwork, certified_eps
-
     network = ReluNetwork.from_model(model)
     bounds = {name: certified_eps(network, images, labels, layers=(k,)).float() for k, name in enumerate(network.names)}
-    normalize = next((layer.module for layer in trace(model).layers if layer.kind == "normalize"), None)
+    normalize = next((cast(Normalize, layer.module) for layer in trace(model).layers if layer.kind == "normalize"), None)
     if normalize is not None:
         bounds[network.names[0]] = bounds[network.names[0]] * float(normalize.std.min())
     return bounds
