@@ -228,14 +228,20 @@ class FaultSneakingAttack:
             int((magnitude > 0).sum()), hits[:num_targets], hits[num_targets:], self.keep_fraction,
         )  # fmt: skip
 
+    def _layer_bias(self) -> torch.Tensor:
+        """The layer's bias, read only when ``self.bias`` (``__init__`` refuses bias=True without one)."""
+        bias = self.module.bias
+        assert bias is not None
+        return bias
+
     def _zero(self) -> torch.Tensor:
-        count = self.module.weight.numel() + (self.module.bias.numel() if self.bias else 0)
+        count = self.module.weight.numel() + (self._layer_bias().numel() if self.bias else 0)
         return self.module.weight.new_zeros(count)
 
     def _split(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat perturbation (P,) as views (weight delta, bias delta or None)."""
         n = self.module.weight.numel()
-        return delta[:n].view_as(self.module.weight), (delta[n:].view_as(self.module.bias) if self.bias else None)
+        return delta[:n].view_as(self.module.weight), (delta[n:].view_as(self._layer_bias()) if self.bias else None)
 
     def _forward(self, x: torch.Tensor) -> Forward:
         """The map from a flat perturbation (P,) of the layer to the model's logits on ``x`` (N, K).
@@ -250,7 +256,7 @@ class FaultSneakingAttack:
             weight, bias = self._split(delta)
             changed = {f"{self.name}.weight": self.module.weight.detach() + weight}
             if bias is not None:
-                changed[f"{self.name}.bias"] = self.module.bias.detach() + bias
+                changed[f"{self.name}.bias"] = self._layer_bias().detach() + bias
             return functional_call(model, parameters | changed, (x,))
 
         return forward
