@@ -14,11 +14,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from qrobust.models import count_parameters  # noqa: E402
-from qrobust.quant import prune_channels, sparsity_report  # noqa: E402
-from qrobust.train import load_model  # noqa: E402
+from qrobust.models import count_parameters
+from qrobust.quant import prune_channels, sparsity_report
+from qrobust.train import load_model
 
 PAPER_ATTACKS = {"natural": "N", "fgsm": "A1 FGSM", "ifgsm": "A2 IFGSM", "cw": "A3 C&W"}
 

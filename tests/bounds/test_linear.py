@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps
-from qrobust.bounds import linear
+from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps, linear
 from qrobust.bounds.interval import LayerBall, interval_margins
 from qrobust.bounds.linear import _following_linear_layers
 from qrobust.bounds.perturbation import dual_norm

@@ -145,7 +145,7 @@ class ADMMConfig:
         if not _finite(self.rho_growth) or self.rho_growth < 1:
             raise ValueError(f"rho_growth must be a finite number >= 1, got {self.rho_growth!r}")
         if not isinstance(self.box_codes, bool):
-            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")
         if not _finite(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
 

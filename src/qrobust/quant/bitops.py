@@ -169,7 +169,7 @@ class BitPolicy:
     def from_dict(cls, fields: dict[str, Any]) -> BitPolicy:
         """The inverse of ``to_dict``; raises ValueError for another version or missing/unknown keys."""
         if not isinstance(fields, dict):
-            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")
         if fields.get("version") != POLICY_VERSION:
             raise ValueError(f"bit policy version must be {POLICY_VERSION}, got {fields.get('version')!r}")
         keys = {"version", "weight_bits", "act_bits"}

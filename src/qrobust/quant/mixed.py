@@ -207,7 +207,7 @@ class QuantizedLayer(nn.Module):
     def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")
         _check_bits(weight_bits)
         _check_bits(act_bits)
         self.layer = layer
@@ -263,7 +263,7 @@ class MixedPrecisionModel(nn.Module):
     def __init__(self, model: nn.Module, policy: BitPolicy) -> None:
         super().__init__()
         if not isinstance(policy, BitPolicy):
-            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")
         names = _layer_order(model)
         if len(names) != policy.num_layers:
             raise ValueError(
@@ -310,7 +310,7 @@ def calibrate_mixed(
     ``calibrate(model, images)``; returns ``model``, calibrated in place.
     """
     if not isinstance(model, MixedPrecisionModel):
-        raise ValueError(  # noqa: TRY004 (conventions: ValueError for user input)
+        raise ValueError(
             f"calibrate_mixed takes a model made by prepare_qat(model, policy), got {type(model).__name__}"
         )
     if images.dim() != 4 or len(images) == 0 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):

@@ -66,7 +66,7 @@ def prepare_qat(
     if isinstance(config, BitPolicy):
         return prepare_mixed(model, config)
     if not isinstance(config, QuantConfig):
-        raise ValueError(f"config must be a QuantConfig or a BitPolicy, got {type(config).__name__}")  # noqa: TRY004
+        raise ValueError(f"config must be a QuantConfig or a BitPolicy, got {type(config).__name__}")
     graph = check_supported(model, None, "int8")
     qat = _Builder(graph, config).build()
     return qat.train(model.training)

@@ -448,7 +448,7 @@ def calibrate(
     if isinstance(model, MixedPrecisionModel):
         return calibrate_mixed(model, images, batch_size=batch_size)
     if not isinstance(model, QATModel):
-        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
+        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")
     if images.dim() != 4 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):
         raise ValueError(
             f"images must be integer lattice values or float of shape (N, C, H, W), got {images.dtype} of shape "
@@ -482,7 +482,7 @@ def convert(model: QATModel) -> Int8Model:
     RuntimeError if ``model`` was neither trained nor calibrated (its activation ranges are unknown).
     """
     if not isinstance(model, QATModel):
-        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
+        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")
     qparams: list[QParams] = [model.input_quant.code_qparams()]
     ops: list[IntOp] = []
     with torch.no_grad():

@@ -71,7 +71,7 @@ def _unpack(packed: dict[str, torch.Tensor], layout: dict[str, list]) -> dict[st
 def save_int8(path: str | Path, model: Int8Model, metadata: dict[str, Any] | None = None) -> int:
     """Write ``model`` and JSON-serialisable ``metadata`` to ``path`` atomically; return the file's size in bytes."""
     if not isinstance(model, Int8Model):
-        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")  # noqa: TRY004 -- qrobust's user errors are ValueErrors
+        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")
     try:
         metadata_json = json.dumps(metadata or {})
     except TypeError as error:
