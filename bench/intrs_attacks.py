@@ -36,7 +36,7 @@ def figure1(fp32, qat, int8, images, labels, seed: int) -> dict[str, list[float]
     """Accuracy (%) of each base model under PGD-l_inf at each eps of FIG1_EPS."""
     curves = {"fp32 (white-box)": [], "int8 QAT twin (white-box)": [], "int8 engine (transfer from QAT twin)": []}
     for eps in FIG1_EPS:
-        def pgd(model):
+        def pgd(model, eps=eps):
             return PGD(model, norm="inf", eps=eps, step_size=2.5 * eps / 7, steps=7, generator=torch.Generator().manual_seed(seed))
         curves["fp32 (white-box)"].append(100 * robust_accuracy(fp32, pgd(fp32), images, labels))
         twin = pgd(qat)

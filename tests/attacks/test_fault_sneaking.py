@@ -168,7 +168,7 @@ def test_validation(digits, problem):
     with pytest.raises(ValueError, match="has no bias"):
         FaultSneakingAttack(model, 0, bias=True)
     attack = FaultSneakingAttack(digits.model, 0)
-    with pytest.raises(ValueError, match="labels must be in 0..9"):
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.9"):
         attack(images, targets + 10, keep)
     with pytest.raises(ValueError, match="x must lie in"):
         attack(images * 2, targets, keep)

@@ -24,7 +24,7 @@ def network_of(name: str) -> ReluNetwork:
 
 
 def inputs(network, digit_images, count):
-    images, labels = digit_images
+    images, _ = digit_images
     x = images[:count].double() / 255
     return x, network(x).argmax(1)  # certify the network's own predictions
 
@@ -127,7 +127,7 @@ def test_multi_layer_interval_bounds_are_sound(digit_images):
     for i in range(len(x)):
         changes = {k: sample_deltas(layer.weight.shape, 1, float(radii[i]), math.inf, SAMPLES, generator) for k, layer in enumerate(network.layers)}
 
-        def run(w0, b0, w1, b1, w2, b2):
+        def run(w0, b0, w1, b1, w2, b2, i=i):
             weights = {k: layer.weight + w for k, (layer, w) in enumerate(zip(network.layers, (w0, w1, w2)))}
             biases = {k: layer.bias + b for k, (layer, b) in enumerate(zip(network.layers, (b0, b1, b2)))}
             return network(x[i : i + 1], weights, biases)[0]

@@ -82,7 +82,7 @@ class TwoInputs(nn.Module):
 
 
 def test_errors_are_one_line_and_name_the_model() -> None:
-    with pytest.raises(QRobustError, match="cannot trace Branching with torch.fx") as caught:
+    with pytest.raises(QRobustError, match=r"cannot trace Branching with torch\.fx") as caught:
         trace(Branching())
     with pytest.raises(QRobustError, match="TwoInputs must take one input tensor, its forward takes 2"):
         trace(TwoInputs())

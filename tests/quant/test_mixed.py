@@ -93,8 +93,8 @@ def test_enforce_budget_never_leaves_a_policy_over_budget_and_lowers_back_to_fro
     for _ in range(300):
         count = int(rng.integers(3, 12))
         layers = random_layers(rng, count)
-        weight = [8] + rng.integers(2, 9, count - 2).tolist() + [8]
-        act = [8] + rng.integers(2, 9, count - 2).tolist() + [8]
+        weight = [8, *rng.integers(2, 9, count - 2).tolist(), 8]
+        act = [8, *rng.integers(2, 9, count - 2).tolist(), 8]
         policy = BitPolicy(tuple(weight), tuple(act))
         budget = float(rng.uniform(0.2, 1.2) * bitops_percent(layers, policy))
         try:

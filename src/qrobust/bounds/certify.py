@@ -7,6 +7,7 @@ all j != c; the certified radius is found by bisection on eps (the bounds grow w
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -211,30 +212,30 @@ def _search(
         todo = torch.nonzero(torch.where(bracketed, hi > lo * (1 + rtol), lo < high)).flatten()
         if len(todo) == 0:
             return lo, margin_lo
-        l, h, closed = lo[todo], hi[todo], bracketed[todo]
+        below, above, closed = lo[todo], hi[todo], bracketed[todo]
         drop = exact[todo] - margin_lo[todo]  # (T,)
         # the power law through (lo, hi) once bracketed, else through the last two certified radii (or eps = 0)
-        other = torch.where(closed, h, prev[todo])
+        other = torch.where(closed, above, prev[todo])
         other_drop = exact[todo] - torch.where(closed, margin_hi[todo], margin_prev[todo])
-        power = ((other_drop / drop).log() / (other / l).log()).clamp(1, MAX_POWER)
+        power = ((other_drop / drop).log() / (other / below).log()).clamp(1, MAX_POWER)
         power = torch.where(torch.isfinite(power) & (other > 0), power, 1.0)
-        estimate = l * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
+        estimate = below * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
         estimate = torch.where(other > 0, estimate, estimate * FIRST_STEP)
-        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(l * MIN_GROWTH, l * MAX_GROWTH)
-        share = ((estimate.log() - l.log()) / (h.log() - l.log())).clamp(0.02, 0.98)  # position in the log bracket
-        share = torch.where(slow[todo] & (estimate > l * (1 + rtol) ** 2), 0.5, share)  # unless the root looks within reach
-        step = torch.where(closed, l * (h / l) ** share, torch.minimum(estimate, h))
-        step = torch.where(closed & (step < l * (1 + rtol) ** 2), l * (1 + rtol), step)  # a failure there ends the search
-        last = h / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
+        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(below * MIN_GROWTH, below * MAX_GROWTH)
+        share = ((estimate.log() - below.log()) / (above.log() - below.log())).clamp(0.02, 0.98)  # position in the log bracket
+        share = torch.where(slow[todo] & (estimate > below * (1 + rtol) ** 2), 0.5, share)  # unless the root looks within reach
+        step = torch.where(closed, below * (above / below) ** share, torch.minimum(estimate, above))
+        step = torch.where(closed & (step < below * (1 + rtol) ** 2), below * (1 + rtol), step)  # a failure there ends the search
+        last = above / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
         step = torch.where(closed & (step > last / (1 + rtol)), last, step)
-        step = torch.where(closed & (h <= l * (1 + rtol) ** 2), (l * h).sqrt(), step)  # either result ends it there
+        step = torch.where(closed & (above <= below * (1 + rtol) ** 2), (below * above).sqrt(), step)  # either result ends it there
         margin = _worst(bound, step, index[todo])
         ok = margin > 0
-        kept = torch.where(ok, h.log() - step.log(), step.log() - l.log()) / (h.log() - l.log())
+        kept = torch.where(ok, above.log() - step.log(), step.log() - below.log()) / (above.log() - below.log())
         slow[todo] = closed & (kept > 2 / 3)
-        prev[todo], margin_prev[todo] = torch.where(ok, l, prev[todo]), torch.where(ok, margin_lo[todo], margin_prev[todo])
-        lo[todo], margin_lo[todo] = torch.where(ok, step, l), torch.where(ok, margin, margin_lo[todo])
-        hi[todo], margin_hi[todo] = torch.where(ok, h, step), torch.where(ok, margin_hi[todo], margin)
+        prev[todo], margin_prev[todo] = torch.where(ok, below, prev[todo]), torch.where(ok, margin_lo[todo], margin_prev[todo])
+        lo[todo], margin_lo[todo] = torch.where(ok, step, below), torch.where(ok, margin, margin_lo[todo])
+        hi[todo], margin_hi[todo] = torch.where(ok, above, step), torch.where(ok, margin_hi[todo], margin)
 
 
 MIN_GROWTH, MAX_GROWTH = 1.01, 1e6  # bounds on the factor between successive radii tried from below
@@ -253,7 +254,7 @@ def _in_threads(function: Callable[[slice], torch.Tensor], count: int, batch_siz
     threads = torch.get_num_threads()
     pieces = max(-(-count // batch_size), min(threads, count // MIN_SLICE), 1)
     edges = [round(i * count / pieces) for i in range(pieces + 1)]
-    slices = [slice(start, end) for start, end in zip(edges, edges[1:])]
+    slices = [slice(start, end) for start, end in itertools.pairwise(edges)]
     if threads == 1 or pieces == 1:
         return [function(part) for part in slices]
     torch.set_num_threads(1)

@@ -342,15 +342,15 @@ class _Level:
         widths = [int(count.max()) if len(lower) else 0 for count in counts]
         order = torch.sort(live.to(torch.uint8) + unstable.to(torch.uint8), dim=1, descending=True, stable=True).indices
         self.live = torch.where(torch.arange(widths[0]) < counts[0], order[:, : widths[0]], lower.shape[1])  # (M, A)
-        l, u = F.pad(lower, (0, 1)).gather(1, self.live), F.pad(upper, (0, 1)).gather(1, self.live)  # (M, A), 0 in the padding
-        unstable = (l < 0)[:, : widths[1]]  # (M, U)
-        l_u, u_u = l[:, : widths[1]], u[:, : widths[1]]
-        slope_up = u_u / (u_u - l_u).clamp_min(torch.finfo(l.dtype).tiny)
-        self.slope = torch.where(l < 0, (u > -l).to(l.dtype), (u > 0).to(l.dtype))
+        live_lower, live_upper = F.pad(lower, (0, 1)).gather(1, self.live), F.pad(upper, (0, 1)).gather(1, self.live)  # (M, A), 0 in the padding
+        unstable = (live_lower < 0)[:, : widths[1]]  # (M, U)
+        l_u, u_u = live_lower[:, : widths[1]], live_upper[:, : widths[1]]
+        slope_up = u_u / (u_u - l_u).clamp_min(torch.finfo(live_lower.dtype).tiny)
+        self.slope = torch.where(live_lower < 0, (live_upper > -live_lower).to(live_lower.dtype), (live_upper > 0).to(live_lower.dtype))
         self.gap = torch.where(unstable, slope_up - self.slope[:, : widths[1]], 0.0)
         self.offset = torch.where(unstable, -slope_up * l_u, 0.0)
-        low = l.clamp_min(0)
-        self.width = u - low
+        low = live_lower.clamp_min(0)
+        self.width = live_upper - low
         if below is None or weight is None or bias is None:
             if not (below is None and weight is None and bias is None):
                 raise ValueError("a level above the first needs the level below, its weight and its bias")

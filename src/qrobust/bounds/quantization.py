@@ -89,7 +89,7 @@ def quantization_noise(float_model: nn.Module | ReluNetwork, int8_model: Int8Mod
     affine = [(step, op) for step, op in enumerate(int8_model.ops) if isinstance(op, (IntLinear, IntConv2d))]
     shapes = [tuple(op.weight.shape) for _, op in affine]
     if shapes != [tuple(layer.weight.shape) for layer in network.layers]:
-        raise ValueError(f"the int8 model's layers {shapes} do not match the float model's {[tuple(l.weight.shape) for l in network.layers]}")
+        raise ValueError(f"the int8 model's layers {shapes} do not match the float model's {[tuple(layer.weight.shape) for layer in network.layers]}")
     qparams = int8_model.value_qparams
     # per value: (relu, relative error) of the affine op that last wrote it (value 0: the input)
     producer: list[tuple[bool, float]] = [(False, 0.0)]

@@ -147,8 +147,8 @@ def kl_threshold(histogram: np.ndarray, top: float, levels: int) -> float:
     tail = total - mass_before[cut]  # (M,) clipped mass
     last = h[cut - 1] + tail  # (M,) P_i of its last bin
     # level l holds bins j with (j + 1/2) levels / i + 1/2 in [l, l + 1): j >= ((2l - 1) i - levels) / (2 levels)
-    l = np.arange(levels + 2)
-    edges = np.clip(-((levels - (2 * l - 1) * cut[:, None]) // (2 * levels)), 0, cut[:, None])  # (M, levels + 2)
+    level = np.arange(levels + 2)
+    edges = np.clip(-((levels - (2 * level - 1) * cut[:, None]) // (2 * levels)), 0, cut[:, None])  # (M, levels + 2)
     q_mass = mass_before[edges[:, 1:]] - mass_before[edges[:, :-1]]  # (M, levels + 1) Q_i's mass per level
     count = filled_before[edges[:, 1:]] - filled_before[edges[:, :-1]]  # non-empty bins per level
     count[:, -1] += (last > 0).astype(float) - (h[cut - 1] > 0)  # the last bin holds the clipped mass too
