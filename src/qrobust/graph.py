@@ -33,9 +33,21 @@ from qrobust.errors import QRobustError, UnsupportedModelError
 from qrobust.models.layers import Normalize
 
 KINDS = (
-    "linear", "conv", "relu", "relu6", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "add", "cat",
-    "normalize", "batchnorm", "identity", "other",
-)  # fmt: skip
+    "linear",
+    "conv",
+    "relu",
+    "relu6",
+    "maxpool",
+    "avgpool",
+    "adaptive_avgpool",
+    "flatten",
+    "add",
+    "cat",
+    "normalize",
+    "batchnorm",
+    "identity",
+    "other",
+)
 AFFINE = ("conv", "linear")
 
 # The kinds each technique runs: int8 QAT/convert and its ONNX export (the integer engine's ops), the
@@ -52,8 +64,14 @@ TECHNIQUES: dict[str, frozenset[str] | None] = {
     "admm": None,
     "prune": None,
 }
-_VERBS = {"int8": "quantize (int8)", "export": "export", "bounds": "bound", "mixed": "quantize (mixed precision)",
-          "admm": "quantize (ADMM)", "prune": "prune"}  # fmt: skip
+_VERBS = {
+    "int8": "quantize (int8)",
+    "export": "export",
+    "bounds": "bound",
+    "mixed": "quantize (mixed precision)",
+    "admm": "quantize (ADMM)",
+    "prune": "prune",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,7 +173,9 @@ def _propagate_shapes(model: nn.Module, fx_graph: fx.Graph, example_input: torch
             ShapeProp(fx.GraphModule(model.eval(), fx_graph)).propagate(example_input)
     except Exception as error:  # any failure of the user's forward on the example input
         shape = tuple(example_input.shape)
-        raise QRobustError(f"{type(model).__name__} fails on an input of shape {shape}: {_first_line(error)}") from error
+        raise QRobustError(
+            f"{type(model).__name__} fails on an input of shape {shape}: {_first_line(error)}"
+        ) from error
     finally:
         model.train(was_training)
 
@@ -246,9 +266,16 @@ class _Reader:
         shapes = None if any(m is None for m in meta) else tuple(tuple(m.shape) for m in meta if m is not None)
         out = node.meta.get("tensor_meta")
         return Layer(
-            self.names[node], kind, target, module, tuple(self.names[arg] for arg in reads), tuple(users),
-            shapes, tuple(out.shape) if out is not None and hasattr(out, "shape") else None, _source(node),
-        )  # fmt: skip
+            self.names[node],
+            kind,
+            target,
+            module,
+            tuple(self.names[arg] for arg in reads),
+            tuple(users),
+            shapes,
+            tuple(out.shape) if out is not None and hasattr(out, "shape") else None,
+            _source(node),
+        )
 
     def _kind(self, node: fx.Node) -> tuple[str, nn.Module | None]:
         """(kind, module or equivalent module) of a tensor-valued node."""
@@ -302,7 +329,12 @@ class _Reader:
     def _inline_normalize(self, div: fx.Node) -> Normalize | None:
         """``(x - mean) / std`` on the model input, with per-channel or scalar constants, as a Normalize."""
         sub = div.args[0]
-        if not (isinstance(sub, fx.Node) and sub.op == "call_function" and sub.target is operator.sub and len(sub.users) == 1):
+        if not (
+            isinstance(sub, fx.Node)
+            and sub.op == "call_function"
+            and sub.target is operator.sub
+            and len(sub.users) == 1
+        ):
             return None
         if not isinstance(sub.args[0], fx.Node) or sub.args[0].op != "placeholder":
             return None
@@ -387,11 +419,23 @@ def _why_not(layer: Layer, technique: str) -> str | None:
             return f"has groups={module.groups} (depthwise/grouped convs are not supported)"
         if module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return "has dilation, string padding or a non-zero padding mode"
-    if layer.kind == "maxpool" and isinstance(module, nn.MaxPool2d) and (module.dilation not in (1, (1, 1)) or module.ceil_mode):
+    if (
+        layer.kind == "maxpool"
+        and isinstance(module, nn.MaxPool2d)
+        and (module.dilation not in (1, (1, 1)) or module.ceil_mode)
+    ):
         return "has dilation or ceil_mode"
-    if layer.kind == "adaptive_avgpool" and isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+    if (
+        layer.kind == "adaptive_avgpool"
+        and isinstance(module, nn.AdaptiveAvgPool2d)
+        and module.output_size not in (1, (1, 1))
+    ):
         return f"has output size {module.output_size} (only global pooling, output size 1)"
-    if layer.kind == "batchnorm" and isinstance(module, nn.BatchNorm2d) and (not module.affine or not module.track_running_stats):
+    if (
+        layer.kind == "batchnorm"
+        and isinstance(module, nn.BatchNorm2d)
+        and (not module.affine or not module.track_running_stats)
+    ):
         return "has no affine parameters or running statistics to fold"
     return None
 
@@ -430,7 +474,9 @@ def fold_normalize(
     mean, std = mean.to(weight.dtype), std.to(weight.dtype)
     if weight.dim() == 2:  # Flatten put the channel outermost: each statistic repeats over H*W features
         if weight.shape[1] % mean.numel():
-            raise QRobustError(f"a Linear reading {weight.shape[1]} normalised features: not a multiple of {mean.numel()} channels")
+            raise QRobustError(
+                f"a Linear reading {weight.shape[1]} normalised features: not a multiple of {mean.numel()} channels"
+            )
         repeats = weight.shape[1] // mean.numel()
         mean, std = mean.repeat_interleave(repeats), std.repeat_interleave(repeats)
     view = (1, -1) + (1,) * (weight.dim() - 2)

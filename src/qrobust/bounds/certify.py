@@ -21,7 +21,9 @@ from qrobust.bounds.network import ReluNetwork, as_unit_images
 from qrobust.bounds.perturbation import WeightPerturbation, check_norm
 
 METHODS = ("auto", "linear", "interval")
-Bounder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (eps scale (M,), inputs (M,)) -> margin lower bounds (M, classes)
+Bounder = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (eps scale (M,), inputs (M,)) -> margin lower bounds (M, classes)
 
 
 def resolve_method(network: ReluNetwork, layers: Sequence[int], method: str) -> str:
@@ -137,7 +139,9 @@ def certified_eps(
     _check_batch_size(batch_size)
     x, labels = _inputs(network, images, labels)
     method = resolve_method(network, perturbation.layers, method)
-    results = _in_threads(lambda part: _radius(network, x[part], labels[part], perturbation, method, low, high, rtol), len(x), batch_size)
+    results = _in_threads(
+        lambda part: _radius(network, x[part], labels[part], perturbation, method, low, high, rtol), len(x), batch_size
+    )
     return torch.cat(results) if results else torch.zeros(0, dtype=network.dtype)
 
 
@@ -167,8 +171,12 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     (layer,) = perturbation.layers
     single = SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias)
     linear = _linear(single, labels, perturbation)
-    line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(1)  # linear bounds at lo, to first order
-    margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # for the fit only: lo is certified by interval bounds or checked below
+    line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(
+        1
+    )  # linear bounds at lo, to first order
+    margin_lo = torch.where(
+        at_low, torch.maximum(margin_lo, line), line
+    )  # for the fit only: lo is certified by interval bounds or checked below
     rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()
     unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
     result = torch.where(at_high, hi, 0.0)  # (a tensor: two Python floats would make float32)
@@ -221,19 +229,32 @@ def _search(
         power = torch.where(torch.isfinite(power) & (other > 0), power, 1.0)
         estimate = below * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
         estimate = torch.where(other > 0, estimate, estimate * FIRST_STEP)
-        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(below * MIN_GROWTH, below * MAX_GROWTH)
-        share = ((estimate.log() - below.log()) / (above.log() - below.log())).clamp(0.02, 0.98)  # position in the log bracket
-        share = torch.where(slow[todo] & (estimate > below * (1 + rtol) ** 2), 0.5, share)  # unless the root looks within reach
+        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(
+            below * MIN_GROWTH, below * MAX_GROWTH
+        )
+        share = ((estimate.log() - below.log()) / (above.log() - below.log())).clamp(
+            0.02, 0.98
+        )  # position in the log bracket
+        share = torch.where(
+            slow[todo] & (estimate > below * (1 + rtol) ** 2), 0.5, share
+        )  # unless the root looks within reach
         step = torch.where(closed, below * (above / below) ** share, torch.minimum(estimate, above))
-        step = torch.where(closed & (step < below * (1 + rtol) ** 2), below * (1 + rtol), step)  # a failure there ends the search
+        step = torch.where(
+            closed & (step < below * (1 + rtol) ** 2), below * (1 + rtol), step
+        )  # a failure there ends the search
         last = above / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
         step = torch.where(closed & (step > last / (1 + rtol)), last, step)
-        step = torch.where(closed & (above <= below * (1 + rtol) ** 2), (below * above).sqrt(), step)  # either result ends it there
+        step = torch.where(
+            closed & (above <= below * (1 + rtol) ** 2), (below * above).sqrt(), step
+        )  # either result ends it there
         margin = _worst(bound, step, index[todo])
         ok = margin > 0
         kept = torch.where(ok, above.log() - step.log(), step.log() - below.log()) / (above.log() - below.log())
         slow[todo] = closed & (kept > 2 / 3)
-        prev[todo], margin_prev[todo] = torch.where(ok, below, prev[todo]), torch.where(ok, margin_lo[todo], margin_prev[todo])
+        prev[todo], margin_prev[todo] = (
+            torch.where(ok, below, prev[todo]),
+            torch.where(ok, margin_lo[todo], margin_prev[todo]),
+        )
         lo[todo], margin_lo[todo] = torch.where(ok, step, below), torch.where(ok, margin, margin_lo[todo])
         hi[todo], margin_hi[todo] = torch.where(ok, above, step), torch.where(ok, margin_hi[todo], margin)
 
@@ -273,13 +294,18 @@ def _worst(bound: Bounder, eps: torch.Tensor, index: torch.Tensor) -> torch.Tens
     return bound(eps, index).amin(1)
 
 
-def _bounder(network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, perturbation: WeightPerturbation, method: str) -> Bounder:
+def _bounder(
+    network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, perturbation: WeightPerturbation, method: str
+) -> Bounder:
     """Margin lower bounds of the inputs ``index`` as a function of a per-input scale of ``perturbation``'s
     radii. Linear bounds are never looser than interval ones: their boxes lie inside the interval boxes,
     and the first bound their margins meet is the interval one on those boxes (tested)."""
 
     def interval(scale: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        balls = {k: LayerBall(scale * perturbation.eps_of(k), perturbation.norm, perturbation.bias) for k in perturbation.layers}
+        balls = {
+            k: LayerBall(scale * perturbation.eps_of(k), perturbation.norm, perturbation.bias)
+            for k in perturbation.layers
+        }
         with torch.no_grad():
             return interval_margins(network, x[index], labels[index], balls)
 
@@ -353,7 +379,9 @@ def certified_eps_table(
 def _inputs(network: ReluNetwork, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = as_unit_images(images, network.dtype)
     if not isinstance(labels, torch.Tensor) or labels.shape != (len(x),) or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape ({len(x)},), got {getattr(labels, 'shape', labels)!r}")
+        raise ValueError(
+            f"labels must be an integer tensor of shape ({len(x)},), got {getattr(labels, 'shape', labels)!r}"
+        )
     classes = network.layers[-1].weight.shape[0]
     if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
         raise ValueError(f"labels must be in [0, {classes - 1}]")

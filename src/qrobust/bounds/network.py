@@ -38,11 +38,15 @@ class Affine:
     def is_conv(self) -> bool:
         return self.weight.dim() == 4
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The layer on ``x`` with its own weight and bias, or the given ones."""
         return self.core(self.pad(x), weight, bias)
 
-    def core(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def core(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The layer on an already padded input (see ``pad``)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
@@ -74,7 +78,9 @@ class Affine:
 
     def describe(self) -> str:
         if self.is_conv:
-            return f"Conv2d {self.weight.shape[1]}->{self.weight.shape[0]} {self.weight.shape[2]}x{self.weight.shape[3]}"
+            return (
+                f"Conv2d {self.weight.shape[1]}->{self.weight.shape[0]} {self.weight.shape[2]}x{self.weight.shape[3]}"
+            )
         return f"Linear {self.weight.shape[1]}->{self.weight.shape[0]}"
 
 
@@ -194,13 +200,19 @@ class ReluNetwork:
         current = graph.input
         for layer in graph.layers:
             if layer.inputs != (current,):
-                raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} is not part of a single chain of layers")
+                raise UnsupportedModelError(
+                    f"cannot bound {graph.model}: {layer.describe()} is not part of a single chain of layers"
+                )
             if normalize is not None and layer.kind not in ("flatten", "identity", "conv", "linear"):
-                raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be read by the first Linear/Conv2d, not {layer.describe()}")
+                raise UnsupportedModelError(
+                    f"cannot bound {graph.model}: Normalize must be read by the first Linear/Conv2d, not {layer.describe()}"
+                )
             module = layer.module  # of the class its kind names (graph's _MODULE_KINDS)
             if layer.kind == "normalize":
                 if ops:
-                    raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be the first layer, not {layer.describe()}")
+                    raise UnsupportedModelError(
+                        f"cannot bound {graph.model}: Normalize must be the first layer, not {layer.describe()}"
+                    )
                 normalize = cast(Normalize, module)
             elif layer.kind in ("conv", "linear"):
                 ops.append(_affine(cast(nn.Conv2d | nn.Linear, module), normalize))
@@ -208,7 +220,9 @@ class ReluNetwork:
                 normalize = None
             elif layer.kind == "batchnorm":
                 if not ops or not isinstance(ops[-1], Affine) or not ops[-1].is_conv:
-                    raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d")
+                    raise UnsupportedModelError(
+                        f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d"
+                    )
                 weight, bias = fold_batchnorm(ops[-1].weight, ops[-1].bias, cast(nn.BatchNorm2d, module))
                 ops[-1] = replace(ops[-1], weight=weight.detach(), bias=bias.detach())
             elif layer.kind == "relu":
@@ -217,7 +231,9 @@ class ReluNetwork:
                 ops.append(Flatten())
             elif layer.kind == "maxpool":
                 pool = cast(nn.MaxPool2d, module)
-                ops.append(MaxPool(_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)))
+                ops.append(
+                    MaxPool(_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
+                )
             current = layer.name
         if graph.output != current:
             raise UnsupportedModelError(f"cannot bound {graph.model}: it does not return its last layer's output")
@@ -250,5 +266,7 @@ def as_unit_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 lattice values or floats in [0, 1], got {images.dtype}")
     if images.numel() and not (images.min() >= 0 and images.max() <= 1):
-        raise ValueError(f"float images must lie in [0, 1], got values in [{float(images.min()):.4g}, {float(images.max()):.4g}]")
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{float(images.min()):.4g}, {float(images.max()):.4g}]"
+        )
     return images.to(dtype)

@@ -81,7 +81,11 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linea
     """The Linear and Conv2d modules of ``model`` by qualified name, in the order forward calls them
     (``qrobust.graph``; a module called twice counts once), the order of ``qrobust.bounds``' layers."""
     # graph.affine() holds the conv and linear layers
-    return [(layer.name, cast(nn.Conv2d | nn.Linear, layer.module)) for layer in trace(model).affine() if layer.name == layer.target]
+    return [
+        (layer.name, cast(nn.Conv2d | nn.Linear, layer.module))
+        for layer in trace(model).affine()
+        if layer.name == layer.target
+    ]
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,9 @@ class ADMMConfig:
         another length or a mapping names other layers."""
         if isinstance(self.bits, Mapping):
             if set(self.bits) != set(names):
-                raise ValueError(f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}")
+                raise ValueError(
+                    f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}"
+                )
             return tuple(self.bits[name] for name in names)
         if not isinstance(self.bits, tuple):
             return (self.bits,) * len(names)
@@ -223,8 +229,14 @@ class ADMMResult:
         return {
             "config": asdict(self.config),
             "layers": [
-                {"name": layer.name, "bits": layer.bits, "scale": float(layer.scale), "epsilon": layer.epsilon,
-                 "box_violation": layer.box_violation, "box_feasible": layer.box_feasible}
+                {
+                    "name": layer.name,
+                    "bits": layer.bits,
+                    "scale": float(layer.scale),
+                    "epsilon": layer.epsilon,
+                    "box_violation": layer.box_violation,
+                    "box_feasible": layer.box_feasible,
+                }
                 for layer in self.layers
             ],
             "history": [asdict(stats) for stats in self.history],
@@ -347,8 +359,11 @@ def admm_quantize(
     rho = config.rho
     history = [_record(model, layers, 0, rho, None, evaluation, test_set, time.perf_counter())]
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"{config.method} {bits[0]}-bit" if len(set(bits)) == 1 else config.method,
-                            total=config.iterations, status="")  # fmt: skip
+        task = bar.add_task(
+            f"{config.method} {bits[0]}-bit" if len(set(bits)) == 1 else config.method,
+            total=config.iterations,
+            status="",
+        )
         for iteration in range(1, config.iterations + 1):
             started = time.perf_counter()
             loss = _g_step(model, layers, train_set, config, rho, optimizer, generator)
@@ -449,8 +464,9 @@ def _record(model, layers, iteration, rho, loss, evaluation, test_set, started) 
     with torch.no_grad():
         residual = max(float((layer.weight - layer.quantized()).abs().max() / layer.scale) for layer in layers)
     test = None if test_set is None else _accuracy(model, layers, test_set)
-    return IterationStats(iteration, rho, loss, _accuracy(model, layers, evaluation), test, residual,
-                          time.perf_counter() - started)  # fmt: skip
+    return IterationStats(
+        iteration, rho, loss, _accuracy(model, layers, evaluation), test, residual, time.perf_counter() - started
+    )
 
 
 def _describe(stats: IterationStats) -> str:
@@ -469,7 +485,9 @@ def certified_layer_bounds(model: nn.Module, images: torch.Tensor, labels: torch
     """
     network = ReluNetwork.from_model(model)
     bounds = {name: certified_eps(network, images, labels, layers=(k,)).float() for k, name in enumerate(network.names)}
-    normalize = next((cast(Normalize, layer.module) for layer in trace(model).layers if layer.kind == "normalize"), None)
+    normalize = next(
+        (cast(Normalize, layer.module) for layer in trace(model).layers if layer.kind == "normalize"), None
+    )
     if normalize is not None:
         bounds[network.names[0]] = bounds[network.names[0]] * float(normalize.std.min())
     return bounds
@@ -522,7 +540,9 @@ def _check_epsilons(epsilons, names: list[str], method: str) -> list[float | Non
     if epsilons is None:
         return [None] * len(names)
     if not isinstance(epsilons, Mapping):
-        raise TypeError(f"epsilons must map layer names to radii (e.g. {{{names[0]!r}: 0.01}}), got {type(epsilons).__name__}")
+        raise TypeError(
+            f"epsilons must map layer names to radii (e.g. {{{names[0]!r}: 0.01}}), got {type(epsilons).__name__}"
+        )
     unknown = sorted(set(epsilons) - set(names))
     if unknown:
         raise ValueError(f"epsilons names {unknown}, which are not Linear/Conv2d layers of the model: {names}")

@@ -76,7 +76,9 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     infos: list[LayerInfo] = []
     for layer in graph.affine():
         if layer.name != layer.target:
-            raise ValueError(f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once")
+            raise ValueError(
+                f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once"
+            )
         module = cast(nn.Conv2d | nn.Linear, layer.module)  # graph.affine(): the conv and linear layers
         shapes, output_shape = layer.input_shapes, layer.output_shape
         assert shapes is not None and output_shape is not None  # traced with an example input
@@ -98,9 +100,18 @@ def _info(index: int, name: str, module: nn.Conv2d | nn.Linear, x: tuple[int, ..
     if module.groups != 1 and not depthwise:
         raise ValueError(f"conv {name!r} has {module.groups} groups; only plain and depthwise convs are supported")
     return LayerInfo(
-        index, name, "conv", module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
-        x[-1], y[-1], params, depthwise,
-    )  # fmt: skip
+        index,
+        name,
+        "conv",
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size[0],
+        module.stride[0],
+        x[-1],
+        y[-1],
+        params,
+        depthwise,
+    )
 
 
 @dataclass(frozen=True)

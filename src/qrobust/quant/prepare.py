@@ -47,7 +47,8 @@ class _Normalized:
 
 
 def prepare_qat(
-    model: nn.Module, config: QuantConfig | BitPolicy = QuantConfig()  # noqa: B008 (frozen, immutable)
+    model: nn.Module,
+    config: QuantConfig | BitPolicy = QuantConfig(),  # noqa: B008 (frozen, immutable)
 ) -> QATModel | MixedPrecisionModel:
     """A fake-quantized copy of ``model`` for quantization-aware training or calibration.
 
@@ -196,4 +197,6 @@ class _Builder:
             step = QConv2d(copy.deepcopy(module), bn, relu, normalize, in_quant, out_quant)
         else:
             step = QLinear(copy.deepcopy(cast(nn.Linear, module)), relu, normalize, in_quant, out_quant)
-        self.env.update(dict.fromkeys([layer.name, *(f.name for f in fused.values())], self._emit(step, (source,), out_quant)))
+        self.env.update(
+            dict.fromkeys([layer.name, *(f.name for f in fused.values())], self._emit(step, (source,), out_quant))
+        )

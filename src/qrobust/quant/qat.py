@@ -218,7 +218,7 @@ class _QAffine(nn.Module, abc.ABC):
 
     def to_integer(self, in_qparams: Sequence[QParams]) -> tuple[IntOp, QParams]:
         """The integer op for this layer reading a value with ``in_qparams``, and its output qparams."""
-        (in_scale, in_zero_point), = in_qparams
+        ((in_scale, in_zero_point),) = in_qparams
         weight, bias = (t.detach() for t in self.folded())
         q_weight, weight_scale = quantize_weight(weight)
         weight_scale = weight_scale.double()
@@ -288,7 +288,9 @@ class QConv2d(_QAffine):
 
     @staticmethod
     def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
-        return bn.weight / torch.sqrt(cast(torch.Tensor, bn.running_var) + bn.eps)  # (O,); check_supported refuses a BatchNorm without running statistics
+        return bn.weight / torch.sqrt(
+            cast(torch.Tensor, bn.running_var) + bn.eps
+        )  # (O,); check_supported refuses a BatchNorm without running statistics
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self._normalize_folded(self.conv)
@@ -392,7 +394,7 @@ class QGlobalAvgPool(nn.Module):
         return self.out_quant(x.mean((2, 3), keepdim=True))
 
     def to_integer(self, in_qparams: Sequence[QParams]) -> tuple[IntOp, QParams]:
-        (in_scale, in_zero_point), = in_qparams
+        ((in_scale, in_zero_point),) = in_qparams
         out_scale, out_zero_point = _qparams(self.out_quant)
         multiplier, shift = quantize_multiplier(in_scale / out_scale)
         return IntGlobalAvgPool(in_zero_point, out_zero_point, multiplier, shift), (out_scale, out_zero_point)

@@ -98,7 +98,9 @@ def load_int8(path: str | Path, memory_limit: float | None = None) -> Int8Checkp
     try:
         spec, layout = json.loads(payload["program"]), json.loads(payload["layout"])
         skeleton = build_skeleton(lambda: Int8Model.from_spec(spec), len(layout), "the int8 model")
-        check_skeleton(skeleton, {name: shape for name, (_, _, shape) in layout.items()}, "the int8 model", memory_limit)
+        check_skeleton(
+            skeleton, {name: shape for name, (_, _, shape) in layout.items()}, "the int8 model", memory_limit
+        )
         model = Int8Model.from_spec(spec)
         model.load_state_dict(_unpack(payload["tensors"], layout))
         return Int8Checkpoint(model, json.loads(payload["metadata"]))

@@ -212,7 +212,9 @@ def _chain(graph: Graph, producer: Layer) -> _Chain | str:
         reader = readers[0]
         if reader.inputs != (current.name,):
             return f"{reader.describe()} also reads other tensors, whose channels would have to go too"
-        if reader.kind in _PER_CHANNEL or (reader.kind == "avgpool" and cast(nn.AvgPool2d, reader.module).padding in (0, (0, 0))):
+        if reader.kind in _PER_CHANNEL or (
+            reader.kind == "avgpool" and cast(nn.AvgPool2d, reader.module).padding in (0, (0, 0))
+        ):
             bn = cast(nn.BatchNorm2d, reader.module) if reader.kind == "batchnorm" else None
             if bn is not None and (bn.running_mean is None or reader.name != reader.target):
                 return f"{reader.describe()} has no running statistics or is called more than once"
