@@ -45,7 +45,9 @@ def main() -> None:
     saved = load_int8(args.int8)
     info = DatasetInfo.from_dict(saved.metadata["dataset"])
     data = load_dataset(info.name, "test")
-    smoothed = SmoothedClassifier(fast_backend(saved.model), info.num_classes, IntRS(args.sigma), 256, noise_bank_seed=0)
+    smoothed = SmoothedClassifier(
+        fast_backend(saved.model), info.num_classes, IntRS(args.sigma), 256, noise_bank_seed=0
+    )
     indices = evenly_spaced(len(data), args.images)
     schedule = SampleSchedule(args.n)
     runs = {"fixed": ([], 0.0, []), "adaptive": ([], 0.0, [])}
@@ -67,8 +69,16 @@ def main() -> None:
             runs[name] = (certificates, time.perf_counter() - started, [c.samples for c in certificates])
 
     labels = data.labels[indices].numpy()
-    record = {"model": str(args.int8), "sigma": args.sigma, "images": len(indices), "n0": args.n0, "n": args.n,
-              "alpha": args.alpha, "checkpoints": list(schedule.checkpoints), "radii": list(radii)}  # fmt: skip
+    record = {
+        "model": str(args.int8),
+        "sigma": args.sigma,
+        "images": len(indices),
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "checkpoints": list(schedule.checkpoints),
+        "radii": list(radii),
+    }
     for name, (certificates, seconds, samples) in runs.items():
         predicted = np.array([-1 if c.abstained else c.label for c in certificates])
         radius = np.array([c.radius for c in certificates])
@@ -90,8 +100,10 @@ def main() -> None:
         row = record[name]
         accuracy = "".join(f"  {row['certified_accuracy'][f'{r:g}']:6.1f}%" for r in radii)
         print(f"{name:10}{accuracy}  {row['mean_samples']:12.0f}  {row['seconds']:8.1f}")
-    print(f"adaptive / fixed samples: {record['samples_ratio']:.3f}; "
-          f"largest certified-accuracy gap: {record['max_accuracy_gap']:.1f} points  -> {args.output}")  # fmt: skip
+    print(
+        f"adaptive / fixed samples: {record['samples_ratio']:.3f}; "
+        f"largest certified-accuracy gap: {record['max_accuracy_gap']:.1f} points  -> {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ METHODS = {"certified ADMM": ("admm", True), "ADMM": ("admm", False), "LB": ("lb
 def pretrain(depth: int, train_set: LatticeDataset, args) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = build_model("mlp", train_set.info, depth=depth, width=args.width)
-    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0, lr_step=max(args.epochs, 1), seed=args.seed)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=0.0, lr_step=max(args.epochs, 1), seed=args.seed
+    )
     train(model, train_set, config, progress=False)
     return model.eval()
 
@@ -80,13 +82,17 @@ def percentile_radii(bounds: dict[str, torch.Tensor], percentile: float) -> dict
 
 def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """The same table as markdown (``path``) and TSV (``path`` with suffix .tsv)."""
-    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
+    markdown = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
     path.write_text("\n".join(markdown) + "\n")
     path.with_suffix(".tsv").write_text("\n".join("\t".join(row) for row in [header, *rows]) + "\n")
     print("\n".join(markdown))
 
 
-def plot(path: Path, curves: dict[str, tuple[list[float], list[float], str]], xlabel: str, title: str, xscale: str = "linear") -> None:
+def plot(
+    path: Path, curves: dict[str, tuple[list[float], list[float], str]], xlabel: str, title: str, xscale: str = "linear"
+) -> None:
     """One PNG with a line per curve: name -> (x, y in %, line style)."""
     figure = Figure(figsize=(6.4, 4.2), dpi=120)
     axes = figure.add_subplot()
@@ -129,10 +135,19 @@ def table1(model: torch.nn.Module, train_set: LatticeDataset, test_set: LatticeD
         after.append(f"{100 * accuracy(result.apply(model), test_set):.1f}")
         bound.append(f"{float(certified[names[k]].median()):.2g}")
         perturbation.append(f"{result.linf:.3g}" + ("" if result.feasible else " (infeasible)"))
-        success.append(f"{int(result.success.sum())}/{len(targets)}, kept {100 * float(result.kept.float().mean()):.1f}%")
-        print(f"layer {k + 1} ({time.perf_counter() - started:.0f} s): radius {result.radius:.3g}, certified {bound[-1]}, attack l_inf {perturbation[-1]}, targets {success[-1]}, acc {after[-1]}%", flush=True)
-    rows += [["acc after attack (%)", *after], ["certified bound (median)", *bound],
-             ["attack perturbation (l_inf)", *perturbation], ["targets hit, kept", *success]]  # fmt: skip
+        success.append(
+            f"{int(result.success.sum())}/{len(targets)}, kept {100 * float(result.kept.float().mean()):.1f}%"
+        )
+        print(
+            f"layer {k + 1} ({time.perf_counter() - started:.0f} s): radius {result.radius:.3g}, certified {bound[-1]}, attack l_inf {perturbation[-1]}, targets {success[-1]}, acc {after[-1]}%",
+            flush=True,
+        )
+    rows += [
+        ["acc after attack (%)", *after],
+        ["certified bound (median)", *bound],
+        ["attack perturbation (l_inf)", *perturbation],
+        ["targets hit, kept", *success],
+    ]
     write_table(args.output / "table1.md", header, rows)
 
 
@@ -140,10 +155,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="directory for tables, figures and config.json")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="fashion-mnist")
-    parser.add_argument("--data-root", type=Path, default=None, help="where the dataset's files are (default: its usual place)")
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="where the dataset's files are (default: its usual place)"
+    )
     parser.add_argument("--depths", default="8", help="comma-separated MLP depths of the quantization table")
     parser.add_argument("--fig-depth", type=int, default=8, help="MLP depth of Fig. 1 and Fig. 2")
-    parser.add_argument("--fsa-depth", type=int, default=10, help="MLP depth of Table 1 (its last 4 layers are attacked)")
+    parser.add_argument(
+        "--fsa-depth", type=int, default=10, help="MLP depth of Table 1 (its last 4 layers are attacked)"
+    )
     parser.add_argument("--width", type=int, default=256, help="hidden units of every MLP")
     parser.add_argument("--bits", default="4,6,8", help="comma-separated weight bits")
     parser.add_argument("--percentile", type=float, default=50.0, help="certificate percentile of the table")
@@ -155,15 +174,29 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=2000, help="test images for every accuracy")
     parser.add_argument("--iterations", type=int, default=10, help="ADMM iterations")
     parser.add_argument("--steps", type=int, default=100, help="SGD steps per ADMM iteration")
-    parser.add_argument("--certify-images", type=int, default=100, help="training images the certificate percentiles are over")
+    parser.add_argument(
+        "--certify-images", type=int, default=100, help="training images the certificate percentiles are over"
+    )
     parser.add_argument("--fsa-targets", type=int, default=4, help="images the fault sneaking attack relabels")
     parser.add_argument("--fsa-keep", type=int, default=500, help="training images whose predictions it keeps")
-    parser.add_argument("--fsa-keep-fraction", type=float, default=1.0,
-                        help="share of the kept images the attack must keep (FaultSneakingAttack keep_fraction)")
-    parser.add_argument("--fsa-layers", default=None, help="comma-separated 1-based layers of Table 1 (default: the last 4)")
-    parser.add_argument("--fsa-steps", type=int, default=1000, help="Adam steps per radius of the attack (FaultSneakingAttack steps)")
-    parser.add_argument("--only", choices=("all", "table", "table1"), default="all",
-                        help="run everything, or only the quantization table or Table 1 (config goes to config-{table,table1}.json)")
+    parser.add_argument(
+        "--fsa-keep-fraction",
+        type=float,
+        default=1.0,
+        help="share of the kept images the attack must keep (FaultSneakingAttack keep_fraction)",
+    )
+    parser.add_argument(
+        "--fsa-layers", default=None, help="comma-separated 1-based layers of Table 1 (default: the last 4)"
+    )
+    parser.add_argument(
+        "--fsa-steps", type=int, default=1000, help="Adam steps per radius of the attack (FaultSneakingAttack steps)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "table", "table1"),
+        default="all",
+        help="run everything, or only the quantization table or Table 1 (config goes to config-{table,table1}.json)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -177,10 +210,22 @@ def main() -> None:
         raise SystemExit(f"error: {error}") from None
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    (args.output / ("config.json" if args.only == "all" else f"config-{args.only}.json")).write_text(json.dumps(
-        vars(args) | {"output": str(args.output), "data_root": None if args.data_root is None else str(args.data_root),
-                      "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__, "python": platform.python_version()}},
-        indent=2) + "\n")  # fmt: skip
+    (args.output / ("config.json" if args.only == "all" else f"config-{args.only}.json")).write_text(
+        json.dumps(
+            vars(args)
+            | {
+                "output": str(args.output),
+                "data_root": None if args.data_root is None else str(args.data_root),
+                "versions": {
+                    "qrobust": qrobust.__version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     if args.train_subset is not None:
         train_set = train_set.subset(args.train_subset, args.seed)
@@ -193,8 +238,10 @@ def main() -> None:
         models[depth] = pretrain(depth, train_set, args)
         chosen = certified_images(models[depth], train_set, args.certify_images)
         bounds[depth] = certified_layer_bounds(models[depth], chosen.floats(), chosen.labels)
-        print(f"{depth}-layer MLP: float test accuracy {100 * accuracy(models[depth], test_set):.2f}%, median certified "
-              f"bound per layer " + ", ".join(f"{float(b.median()):.2g}" for b in bounds[depth].values()))  # fmt: skip
+        print(
+            f"{depth}-layer MLP: float test accuracy {100 * accuracy(models[depth], test_set):.2f}%, median certified "
+            f"bound per layer " + ", ".join(f"{float(b.median()):.2g}" for b in bounds[depth].values())
+        )
 
     # Table: every depth x bits x method, from the same pre-trained weights.
     results: dict[tuple[int, int, str], ADMMResult] = {}
@@ -207,7 +254,9 @@ def main() -> None:
                 results[depth, bits, name] = quantize(models[depth], train_set, test_set, bits, method, epsilons, args)
                 row.append(f"{100 * results[depth, bits, name].history[-1].test_accuracy:.2f}")
             rows.append(row)
-    write_table(args.output / "quantization.md", ["layers", "bits", "float", *(f"{name} (%)" for name in METHODS)], rows)
+    write_table(
+        args.output / "quantization.md", ["layers", "bits", "float", *(f"{name} (%)" for name in METHODS)], rows
+    )
     if args.only == "table":
         print(f"done in {time.perf_counter() - started:.0f} s -> {args.output}")
         return
@@ -219,16 +268,28 @@ def main() -> None:
     for color, bits in enumerate(bits_list):
         accuracies = []
         for percentile in percentiles:
-            result = quantize(models[depth], train_set, test_set, bits, "admm", percentile_radii(bounds[depth], percentile), args)
+            result = quantize(
+                models[depth], train_set, test_set, bits, "admm", percentile_radii(bounds[depth], percentile), args
+            )
             accuracies.append(100 * result.history[-1].test_accuracy)
             lines.append(f"{bits}\t{percentile:g}\t{accuracies[-1]:.2f}")
-        plain = results.get((depth, bits, "ADMM")) or quantize(models[depth], train_set, test_set, bits, "admm", None, args)
+        plain = results.get((depth, bits, "ADMM")) or quantize(
+            models[depth], train_set, test_set, bits, "admm", None, args
+        )
         fig1[f"{bits} bits, certified"] = (percentiles, accuracies, f"C{color}-")
-        fig1[f"{bits} bits, no certificate"] = (percentiles, [100 * plain.history[-1].test_accuracy] * len(percentiles), f"C{color}:")
+        fig1[f"{bits} bits, no certificate"] = (
+            percentiles,
+            [100 * plain.history[-1].test_accuracy] * len(percentiles),
+            f"C{color}:",
+        )
         lines.append(f"{bits}\tnone\t{100 * plain.history[-1].test_accuracy:.2f}")
     (args.output / "fig1.tsv").write_text("\n".join(lines) + "\n")
-    plot(args.output / "fig1.png", fig1, "certificate percentile of eps_c",
-         f"Quantized {depth}-layer MLP on {args.dataset}: test accuracy vs eps_c")  # fmt: skip
+    plot(
+        args.output / "fig1.png",
+        fig1,
+        "certificate percentile of eps_c",
+        f"Quantized {depth}-layer MLP on {args.dataset}: test accuracy vs eps_c",
+    )
 
     # Fig. 2: accuracy vs ADMM iteration.
     fig2, lines = {}, ["method\titeration\ttrain_accuracy\ttest_accuracy"]
@@ -242,7 +303,12 @@ def main() -> None:
         fig2[f"{name} test"] = (x, [100 * s.test_accuracy for s in result.history], f"C{color}-")
         lines += [f"{name}\t{s.iteration}\t{s.train_accuracy:.4f}\t{s.test_accuracy:.4f}" for s in result.history]
     (args.output / "fig2.tsv").write_text("\n".join(lines) + "\n")
-    plot(args.output / "fig2.png", fig2, "ADMM iteration", f"{fig2_bits}-bit {depth}-layer MLP: train (dashed) / test (solid)")
+    plot(
+        args.output / "fig2.png",
+        fig2,
+        "ADMM iteration",
+        f"{fig2_bits}-bit {depth}-layer MLP: train (dashed) / test (solid)",
+    )
 
     table1(models.get(args.fsa_depth) or pretrain(args.fsa_depth, train_set, args), train_set, test_set, args)
     print(f"done in {time.perf_counter() - started:.0f} s -> {args.output}")

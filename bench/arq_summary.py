@@ -47,11 +47,17 @@ def main() -> None:
         summary = summarize_rows(read_certify_tsv(directory / "certify.tsv"), RADII)
         seconds = directory / "search-seconds.txt"
         spelled[float(sigma)] = sigma
-        results.setdefault(float(sigma), []).append({
-            "method": method, "bits": int(bits), "policy": policy, "bitops": bitops_percent(layers, policy),
-            "acr": summary.average_certified_radius, "accuracy": summary.certified_accuracy,
-            "search_seconds": float(seconds.read_text()) if seconds.exists() else None,
-        })  # fmt: skip
+        results.setdefault(float(sigma), []).append(
+            {
+                "method": method,
+                "bits": int(bits),
+                "policy": policy,
+                "bitops": bitops_percent(layers, policy),
+                "acr": summary.average_certified_radius,
+                "accuracy": summary.certified_accuracy,
+                "search_seconds": float(seconds.read_text()) if seconds.exists() else None,
+            }
+        )
         for name in ("policy.json", "search.jsonl", "search-seconds.txt", "certify.tsv", "certify.json"):
             if (directory / name).exists():
                 shutil.copy(directory / name, out / "runs" / f"{directory.name}-{name}")
@@ -59,15 +65,25 @@ def main() -> None:
     for sigma in fp32:
         shutil.copy(runs / f"fp32-{spelled[sigma]}.tsv", out / "runs" / f"fp32-{spelled[sigma]}-certify.tsv")
 
-    lines = [f"# ARQ vs HAQ-style vs fixed precision (Fashion-MNIST, {model})", "",
-             f"Made by `bench/arq_compare.sh` then `{_command()}`.", ""]  # fmt: skip
+    lines = [
+        f"# ARQ vs HAQ-style vs fixed precision (Fashion-MNIST, {model})",
+        "",
+        f"Made by `bench/arq_compare.sh` then `{_command()}`.",
+        "",
+    ]
     for sigma, rows in sorted(results.items()):
         rows.sort(key=lambda row: (row["bits"], METHODS.index(row["method"])))
-        lines += [f"## sigma = {sigma:g}", "",
-                  "| budget | method | BitOPs % | ACR | " + " | ".join(f"r={r:g}" for r in RADII) + " | search s | weight bits | act bits |",
-                  "|---|---|---:|---:|" + "---:|" * len(RADII) + "---:|---|---|",
-                  f"| - | fp32 | 100 | {fp32[sigma].average_certified_radius:.3f} | "
-                  + " | ".join(f"{100 * a:.1f}" for a in fp32[sigma].certified_accuracy) + " | - | - | - |"]  # fmt: skip
+        lines += [
+            f"## sigma = {sigma:g}",
+            "",
+            "| budget | method | BitOPs % | ACR | "
+            + " | ".join(f"r={r:g}" for r in RADII)
+            + " | search s | weight bits | act bits |",
+            "|---|---|---:|---:|" + "---:|" * len(RADII) + "---:|---|---|",
+            f"| - | fp32 | 100 | {fp32[sigma].average_certified_radius:.3f} | "
+            + " | ".join(f"{100 * a:.1f}" for a in fp32[sigma].certified_accuracy)
+            + " | - | - | - |",
+        ]
         for row in rows:
             search = "-" if row["search_seconds"] is None else f"{row['search_seconds']:.0f}"
             lines.append(
@@ -81,9 +97,17 @@ def main() -> None:
         (out / "ablations.md").write_text(_ablations(results, model))
     _plot_acr(results, fp32, out / "acr-vs-bitops.png")
     _plot_bits(results, out / "bits-per-layer.png")
-    (out / "summary.json").write_text(json.dumps(
-        {f"{s:g}": [{k: (v.to_dict() if k == "policy" else v) for k, v in row.items()} for row in rows]
-         for s, rows in results.items()}, indent=2, default=list) + "\n")  # fmt: skip
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                f"{s:g}": [{k: (v.to_dict() if k == "policy" else v) for k, v in row.items()} for row in rows]
+                for s, rows in results.items()
+            },
+            indent=2,
+            default=list,
+        )
+        + "\n"
+    )
     print((out / "tables.md").read_text())
 
 
@@ -95,21 +119,40 @@ def _ablations(results, model: str) -> str:
     """Markdown of the two ablations: rewards compared where arq-cert ran (Table 3), IRS vs plain RS as
     the search's certifier where arq-rs ran (Table 4); ACR and certified accuracy on the test images."""
     tables = {
-        "Table 3 analog: the reward (ACR; certified accuracy at r = 0.5; noisy validation accuracy)":
-            ("arq-cert", ("arq", "arq-cert", "haq")),
-        "Table 4 analog: IRS vs re-running RS (same samples per image) inside the search": ("arq-rs", ("arq", "arq-rs")),
-    }  # fmt: skip
-    lines = [f"# ARQ ablations (Fashion-MNIST, {model})", "",
-             f"Made by `bench/arq_compare.sh` (METHODS=arq-cert / arq-rs) then `{_command()}`.", ""]  # fmt: skip
+        "Table 3 analog: the reward (ACR; certified accuracy at r = 0.5; noisy validation accuracy)": (
+            "arq-cert",
+            ("arq", "arq-cert", "haq"),
+        ),
+        "Table 4 analog: IRS vs re-running RS (same samples per image) inside the search": (
+            "arq-rs",
+            ("arq", "arq-rs"),
+        ),
+    }
+    lines = [
+        f"# ARQ ablations (Fashion-MNIST, {model})",
+        "",
+        f"Made by `bench/arq_compare.sh` (METHODS=arq-cert / arq-rs) then `{_command()}`.",
+        "",
+    ]
     for title, (marker, methods) in tables.items():
-        lines += [f"## {title}", "", "| sigma | budget | method | BitOPs % | ACR | "
-                  + " | ".join(f"r={r:g}" for r in RADII) + " | search s |", "|---|---|---|---:|---:|" + "---:|" * (len(RADII) + 1)]  # fmt: skip
+        lines += [
+            f"## {title}",
+            "",
+            "| sigma | budget | method | BitOPs % | ACR | " + " | ".join(f"r={r:g}" for r in RADII) + " | search s |",
+            "|---|---|---|---:|---:|" + "---:|" * (len(RADII) + 1),
+        ]
         for sigma, rows in sorted(results.items()):
             for bits in sorted({row["bits"] for row in rows if row["method"] == marker}):
-                for row in sorted((r for r in rows if r["bits"] == bits and r["method"] in methods), key=lambda r: methods.index(r["method"])):
+                for row in sorted(
+                    (r for r in rows if r["bits"] == bits and r["method"] in methods),
+                    key=lambda r: methods.index(r["method"]),
+                ):
                     search = "-" if row["search_seconds"] is None else f"{row['search_seconds']:.0f}"
-                    lines.append(f"| {sigma:g} | {bits}-bit | {row['method']} | {row['bitops']:.3f} | {row['acr']:.3f} | "
-                                 + " | ".join(f"{100 * a:.1f}" for a in row["accuracy"]) + f" | {search} |")  # fmt: skip
+                    lines.append(
+                        f"| {sigma:g} | {bits}-bit | {row['method']} | {row['bitops']:.3f} | {row['acr']:.3f} | "
+                        + " | ".join(f"{100 * a:.1f}" for a in row["accuracy"])
+                        + f" | {search} |"
+                    )
         lines.append("")
     return "\n".join(lines)
 
@@ -135,12 +178,16 @@ def _plot_acr(results, fp32, path: Path) -> None:
 
 def _plot_bits(results, path: Path) -> None:
     """Bits per layer of the searched policies (weights: dots, activations: crosses), ARQ paper Fig. 2."""
-    searched = [(sigma, row) for sigma, rows in sorted(results.items()) for row in rows if row["method"] in ("arq", "haq")]
+    searched = [
+        (sigma, row) for sigma, rows in sorted(results.items()) for row in rows if row["method"] in ("arq", "haq")
+    ]
     figure = Figure(figsize=(7, 3.2 + 0.2 * len(searched)), dpi=120)
     axes = figure.add_subplot()
     for offset, (sigma, row) in enumerate(searched):
         layers = np.arange(len(row["policy"].weight_bits)) + 0.06 * (offset - len(searched) / 2)
-        line, = axes.plot(layers, row["policy"].weight_bits, "o-", label=f"{row['method']} sigma={sigma:g} {row['bits']}-bit budget")
+        (line,) = axes.plot(
+            layers, row["policy"].weight_bits, "o-", label=f"{row['method']} sigma={sigma:g} {row['bits']}-bit budget"
+        )
         axes.plot(layers, row["policy"].act_bits, "x--", color=line.get_color())
     axes.set_xlabel("layer (first and last fixed at 8 bits)")
     axes.set_ylabel("bits (o weights, x activations)")

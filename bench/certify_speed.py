@@ -40,7 +40,9 @@ def variants(name: str, dataset: str, batch_size: int):
     info = dataset_info(dataset)
     torch.manual_seed(0)
     model = build_model(name, info).eval()
-    calibration = IntRS(SIGMA).perturb(torch.randint(0, 256, (256, *info.shape), dtype=torch.uint8), torch.Generator().manual_seed(0))
+    calibration = IntRS(SIGMA).perturb(
+        torch.randint(0, 256, (256, *info.shape), dtype=torch.uint8), torch.Generator().manual_seed(0)
+    )
     int8 = convert(calibrate(prepare_qat(model), calibration))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -58,7 +60,9 @@ def variants(name: str, dataset: str, batch_size: int):
 @torch.inference_mode()
 def forward_throughput(base, method, shape, batch_size: int, seconds: float = 3.0) -> float:
     """Images per second of ``base`` alone on one pre-made noisy batch."""
-    batch = method.perturb(torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8), torch.Generator().manual_seed(1))
+    batch = method.perturb(
+        torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8), torch.Generator().manual_seed(1)
+    )
     base(batch)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -73,19 +77,32 @@ def main() -> None:
     parser.add_argument("--n0", type=int, default=100, help="selection samples per image")
     parser.add_argument("--images", type=int, default=2, help="images certified per variant")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--noise-bank", action=argparse.BooleanOptionalAction, default=True,
-                        help="draw each variant's noise once and reuse it (timed once per variant, outside the per-image figure)")
-    parser.add_argument("--models", default=",".join(name for name, _ in MODELS), help="comma-separated subset of resnet20,cnn")
+    parser.add_argument(
+        "--noise-bank",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw each variant's noise once and reuse it (timed once per variant, outside the per-image figure)",
+    )
+    parser.add_argument(
+        "--models", default=",".join(name for name, _ in MODELS), help="comma-separated subset of resnet20,cnn"
+    )
     args = parser.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; n0={args.n0}, n={args.n}, {args.images} images, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; n0={args.n0}, n={args.n}, {args.images} images, batch {args.batch_size}"
+    )
     for name, dataset in MODELS:
         if name not in args.models.split(","):
             continue
         info, runs, fp32_size, int8_size = variants(name, dataset, args.batch_size)
-        images = torch.randint(0, 256, (args.images + 1, *info.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        images = torch.randint(
+            0, 256, (args.images + 1, *info.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+        )
         bank_seed = 4 if args.noise_bank else None
-        smoothers = {label: SmoothedClassifier(base, info.num_classes, method, args.batch_size, bank_seed) for label, base, method in runs}
+        smoothers = {
+            label: SmoothedClassifier(base, info.num_classes, method, args.batch_size, bank_seed)
+            for label, base, method in runs
+        }
         seconds: dict[str, list[float]] = {label: [] for label in smoothers}
         setup: dict[str, float] = {}
         with progress_bar() as bar:
@@ -93,22 +110,30 @@ def main() -> None:
             for index, image in enumerate(images):  # interleave the variants so machine load hits them alike
                 for label, smoothed in smoothers.items():
                     start = time.perf_counter()
-                    smoothed.certify(image, n0=args.n0, n=args.n, alpha=0.001, generator=torch.Generator().manual_seed(3))
+                    smoothed.certify(
+                        image, n0=args.n0, n=args.n, alpha=0.001, generator=torch.Generator().manual_seed(3)
+                    )
                     # the first image pays the once-per-run costs: the noise bank and IntRS's radius table
                     if index:
                         seconds[label].append(time.perf_counter() - start)
                     else:
                         setup[label] = time.perf_counter() - start
                     bar.update(task, advance=1, status=label)
-        print(f"\n## {name} ({'x'.join(map(str, info.shape))}): fp32 weights {fp32_size / 1024:.0f} KiB, "
-              f"int8 file {int8_size / 1024:.0f} KiB ({100 * int8_size / fp32_size:.0f}%)")  # fmt: skip
-        print(f"{'variant':<30} {'first image s':>13} {'s/image':>9} {'samples/s':>10} {'forward img/s':>13} {'pipeline share':>14}")
+        print(
+            f"\n## {name} ({'x'.join(map(str, info.shape))}): fp32 weights {fp32_size / 1024:.0f} KiB, "
+            f"int8 file {int8_size / 1024:.0f} KiB ({100 * int8_size / fp32_size:.0f}%)"
+        )
+        print(
+            f"{'variant':<30} {'first image s':>13} {'s/image':>9} {'samples/s':>10} {'forward img/s':>13} {'pipeline share':>14}"
+        )
         medians = {}
         for label, base, method in runs:
             medians[label] = statistics.median(seconds[label])
             pipeline = (args.n0 + args.n) / medians[label]
             forward = forward_throughput(base, method, info.shape, args.batch_size)
-            print(f"{label:<30} {setup[label]:13.2f} {medians[label]:9.2f} {pipeline:10.0f} {forward:13.0f} {100 * pipeline / forward:13.0f}%")
+            print(
+                f"{label:<30} {setup[label]:13.2f} {medians[label]:9.2f} {pipeline:10.0f} {forward:13.0f} {100 * pipeline / forward:13.0f}%"
+            )
         a, b, c = (medians[label] for label, _, _ in runs)
         print(f"speedup (c)/(a) = {a / c:.2f}x, (c)/(b) = {b / c:.2f}x, (b)/(a) = {a / b:.2f}x")
 

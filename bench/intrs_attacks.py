@@ -36,8 +36,17 @@ def figure1(fp32, qat, int8, images, labels, seed: int) -> dict[str, list[float]
     """Accuracy (%) of each base model under PGD-l_inf at each eps of FIG1_EPS."""
     curves = {"fp32 (white-box)": [], "int8 QAT twin (white-box)": [], "int8 engine (transfer from QAT twin)": []}
     for eps in FIG1_EPS:
-        def pgd(model):
-            return PGD(model, norm="inf", eps=eps, step_size=2.5 * eps / 7, steps=7, generator=torch.Generator().manual_seed(seed))
+
+        def pgd(model, eps=eps):
+            return PGD(
+                model,
+                norm="inf",
+                eps=eps,
+                step_size=2.5 * eps / 7,
+                steps=7,
+                generator=torch.Generator().manual_seed(seed),
+            )
+
         curves["fp32 (white-box)"].append(100 * robust_accuracy(fp32, pgd(fp32), images, labels))
         twin = pgd(qat)
         curves["int8 QAT twin (white-box)"].append(100 * robust_accuracy(qat, twin, images, labels))
@@ -59,7 +68,14 @@ def figure10(fp32, qat, int8_fast, images, labels, indices, sigma: float, n: int
             for name, (source, classifier) in smoothed.items():
                 task = bar.add_task(f"{name} eps {eps}", total=len(images), status="")
                 expectation = ExpectationOverNoise(source, sigma, 16, generator=torch.Generator().manual_seed(seed))
-                attack = PGD(expectation, norm="2", eps=eps, step_size=eps / 8, steps=20, generator=torch.Generator().manual_seed(seed))
+                attack = PGD(
+                    expectation,
+                    norm="2",
+                    eps=eps,
+                    step_size=eps / 8,
+                    steps=20,
+                    generator=torch.Generator().manual_seed(seed),
+                )
                 correct = 0
                 for start in range(0, len(images), 50):
                     x, y = images[start : start + 50], labels[start : start + 50]
@@ -94,7 +110,9 @@ def save(curves: dict[str, list[float]], eps: tuple[float, ...], title: str, xla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sigma", type=float, default=0.25)
-    parser.add_argument("--runs", type=Path, default=Path("runs/intrs"), help="where bench/intrs_table2.sh wrote the models")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("runs/intrs"), help="where bench/intrs_table2.sh wrote the models"
+    )
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--n", type=int, default=1000)
@@ -110,11 +128,23 @@ def main() -> None:
     images, labels = to_unit_interval(data.images[indices]), data.labels[indices]
     args.out.mkdir(parents=True, exist_ok=True)
     curves = figure1(fp32, qat, LatticeInputs(int8), images, labels, args.seed)
-    save(curves, FIG1_EPS, f"PGD-l_inf (7 steps) on the base models, sigma {args.sigma} training",
-         "l_inf eps ([0, 1] pixel units)", args.out, "fig1-pgd-linf-base")  # fmt: skip
+    save(
+        curves,
+        FIG1_EPS,
+        f"PGD-l_inf (7 steps) on the base models, sigma {args.sigma} training",
+        "l_inf eps ([0, 1] pixel units)",
+        args.out,
+        "fig1-pgd-linf-base",
+    )
     curves = figure10(fp32, qat, fast_backend(int8), images, labels, indices, args.sigma, args.n, args.seed)
-    save(curves, FIG10_EPS, f"EOT PGD-l2 (20 steps) on smoothed models, sigma {args.sigma}, n {args.n}",
-         "l2 eps ([0, 1] pixel units)", args.out, "fig10-pgd-l2-smoothed")  # fmt: skip
+    save(
+        curves,
+        FIG10_EPS,
+        f"EOT PGD-l2 (20 steps) on smoothed models, sigma {args.sigma}, n {args.n}",
+        "l2 eps ([0, 1] pixel units)",
+        args.out,
+        "fig10-pgd-l2-smoothed",
+    )
 
 
 if __name__ == "__main__":

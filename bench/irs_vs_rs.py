@@ -107,19 +107,27 @@ def main() -> None:
     parser.add_argument("--n-zeta", type=int, default=1_000, help="IRS replayed samples")
     parser.add_argument("--n-fallback", default=None, help="comma-separated IRS fallback samples (default: n_zeta)")
     parser.add_argument("--alpha-zeta", type=float, default=0.001)
-    parser.add_argument("--gamma", default="0.99", help="comma-separated: IRS falls back to RS when cached pA_lower >= gamma")
+    parser.add_argument(
+        "--gamma", default="0.99", help="comma-separated: IRS falls back to RS when cached pA_lower >= gamma"
+    )
     parser.add_argument("--rs-samples", default="1000,2000,5000,10000", help="estimation samples of the RS re-runs")
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args}", flush=True)  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args}",
+        flush=True,
+    )
 
     started = time.perf_counter()
     model, sigma = base_model(args)
     modified = rounded_copy(model, args.weights)
     test = load_dataset(DATASET, "test")
-    print(f"model ready in {time.perf_counter() - started:.0f} s; sigma {sigma}; clean test accuracy: original "
-          f"{accuracy(model, test):.4f}, {args.weights} copy {accuracy(modified, test):.4f}", flush=True)  # fmt: skip
+    print(
+        f"model ready in {time.perf_counter() - started:.0f} s; sigma {sigma}; clean test accuracy: original "
+        f"{accuracy(model, test):.4f}, {args.weights} copy {accuracy(modified, test):.4f}",
+        flush=True,
+    )
     indices = evenly_spaced(len(test), args.images)
     images, labels = test.images[indices], test.labels[indices].numpy()
     example = torch.rand(args.batch_size, *test.info.shape)
@@ -132,35 +140,49 @@ def main() -> None:
     irs_rows = []
     n_fallbacks = [int(value) for value in (args.n_fallback or str(args.n_zeta)).split(",")]
     for gamma, n_fallback in itertools.product([float(value) for value in args.gamma.split(",")], n_fallbacks):
-        irs, cpu, wall = timed(lambda gamma=gamma, n_fallback=n_fallback: certify_incremental(
-            cache, smoothed, n_zeta=args.n_zeta, alpha_zeta=args.alpha_zeta, gamma=gamma, n_fallback=n_fallback))  # fmt: skip
+        irs, cpu, wall = timed(
+            lambda gamma=gamma, n_fallback=n_fallback: certify_incremental(
+                cache, smoothed, n_zeta=args.n_zeta, alpha_zeta=args.alpha_zeta, gamma=gamma, n_fallback=n_fallback
+            )
+        )
         irs_rows.append((f"IRS (gamma {gamma:g}, fallback n={n_fallback})", args.n_zeta, irs, cpu, wall))
         fallback = np.array([c.fallback for c in irs])
         zetas = np.array([c.zeta for c in irs if c.zeta is not None])
-        print(f"IRS, gamma {gamma:g}, fallback n={n_fallback}: {cpu:.1f} CPU s, {wall:.1f} wall s; fallback on {fallback.sum()}/{len(irs)} "
-              f"inputs; zeta on the incremental path: median {np.median(zetas) if zetas.size else float('nan'):.4f}, "
-              f"max {zetas.max() if zetas.size else float('nan'):.4f}", flush=True)  # fmt: skip
+        print(
+            f"IRS, gamma {gamma:g}, fallback n={n_fallback}: {cpu:.1f} CPU s, {wall:.1f} wall s; fallback on {fallback.sum()}/{len(irs)} "
+            f"inputs; zeta on the incremental path: median {np.median(zetas) if zetas.size else float('nan'):.4f}, "
+            f"max {zetas.max() if zetas.size else float('nan'):.4f}",
+            flush=True,
+        )
     rows += irs_rows
     level = args.alpha + args.alpha_zeta
     for n in (int(value) for value in args.rs_samples.split(",")):
-        certificates, cpu, wall = timed(lambda n=n: [
-            smoothed.certify(x, n0=args.n0, n=n, alpha=level, generator=example_generator(1, i))
-            for i, x in enumerate(images)
-        ])  # fmt: skip
+        certificates, cpu, wall = timed(
+            lambda n=n: [
+                smoothed.certify(x, n0=args.n0, n=n, alpha=level, generator=example_generator(1, i))
+                for i, x in enumerate(images)
+            ]
+        )
         rows.append((f"RS re-run (alpha {level:g})", n, certificates, cpu, wall))
         print(f"RS n={n}: {cpu:.1f} CPU s, {wall:.1f} wall s", flush=True)
 
-    print(f"\n{len(images)} images, sigma {sigma}, modified = {args.weights} weights; original n0={args.n0} "
-          f"n={args.n} alpha={args.alpha}; IRS n_zeta={args.n_zeta} alpha_zeta={args.alpha_zeta}")  # fmt: skip
-    print(f"{'certification':<36} {'samples':>7} {'CPU s':>8} {'wall s':>8} {'RS/IRS CPU':>10} {'ACR':>7} "
-          f"{'cert acc r=0 / 0.25 / 0.5 / 0.75':>34}")  # fmt: skip
+    print(
+        f"\n{len(images)} images, sigma {sigma}, modified = {args.weights} weights; original n0={args.n0} "
+        f"n={args.n} alpha={args.alpha}; IRS n_zeta={args.n_zeta} alpha_zeta={args.alpha_zeta}"
+    )
+    print(
+        f"{'certification':<36} {'samples':>7} {'CPU s':>8} {'wall s':>8} {'RS/IRS CPU':>10} {'ACR':>7} "
+        f"{'cert acc r=0 / 0.25 / 0.5 / 0.75':>34}"
+    )
     acrs = {}
     for name, samples, certificates, cpu, wall in rows:
         summary = summarize_certificates(certificates, labels, radii=(0.0, 0.25, 0.5, 0.75))
         acrs[name, samples] = summary.average_certified_radius
         accuracies = " / ".join(f"{a:.3f}" for a in summary.certified_accuracy)
         ratio = f"{cpu / irs_rows[0][3]:10.2f}" if name.startswith("RS") else " " * 10
-        print(f"{name:<36} {samples:7d} {cpu:8.1f} {wall:8.1f} {ratio} {summary.average_certified_radius:7.4f} {accuracies:>34}")
+        print(
+            f"{name:<36} {samples:7d} {cpu:8.1f} {wall:8.1f} {ratio} {summary.average_certified_radius:7.4f} {accuracies:>34}"
+        )
     reruns = [(n, cpu, acrs[name, n]) for name, n, _, cpu, _ in rows if name.startswith("RS")]
     for name, samples, _, irs_cpu, _ in irs_rows:
         irs_acr = acrs[name, samples]
@@ -168,9 +190,12 @@ def main() -> None:
         reached = f"n={min(matching)[0]}, {min(matching)[1] / irs_cpu:.2f}x its CPU time" if matching else "none"
         n, cpu, acr = reruns[-1]
         verdict = "met" if cpu / irs_cpu >= 1.3 and abs(acr - irs_acr) <= 0.01 else "not met"
-        print(f"{name}: smallest RS re-run with ACR >= its ACR - 0.01: {reached}; vs RS re-run at n={n}: "
-              f"{cpu / irs_cpu:.2f}x faster, ACR {acr - irs_acr:+.4f} in RS's favour "
-              f"(goal: >= 1.3x faster with ACR within 0.01: {verdict})")  # fmt: skip
+        print(
+            f"{name}: smallest RS re-run with ACR >= its ACR - 0.01: {reached}; vs RS re-run at n={n}: "
+            f"{cpu / irs_cpu:.2f}x faster, ACR {acr - irs_acr:+.4f} in RS's favour "
+            f"(goal: >= 1.3x faster with ACR within 0.01: {verdict})"
+        )
+
 
 if __name__ == "__main__":
     main()

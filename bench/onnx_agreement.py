@@ -51,12 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("int8", type=Path, help="int8 model file (qrobust quantize)")
     parser.add_argument("--images", type=int, default=2000, help="test images, one noise draw each")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="IntRS noise std in [0, 1] units (default: the model's training sigma, else 0.25)")
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="IntRS noise std in [0, 1] units (default: the model's training sigma, else 0.25)",
+    )
     parser.add_argument("--batch", type=int, default=256, help="images per forward pass")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="onnxruntime intra-op threads (default: torch.get_num_threads())")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: torch.get_num_threads())"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -77,8 +82,10 @@ def main() -> None:
     reference = labels["int8 reference engine"]
 
     print(f"{args.int8} ({info.name}, {len(noisy)} test images, one IntRS draw each at sigma {sigma})")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
-          f"({models['onnxruntime int8'].threads} threads), {platform.machine()}")  # fmt: skip
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
+        f"({models['onnxruntime int8'].threads} threads), {platform.machine()}"
+    )
     print(f"sizes: int8 file {args.int8.stat().st_size / 1024:.1f} KiB, ONNX {proto.ByteSize() / 1024:.1f} KiB")
     timed = {name: model for name, model in models.items() if "reference" not in name}  # the engine is slow
     speed = throughput(timed, noisy[: args.batch], args.rounds)
@@ -89,8 +96,10 @@ def main() -> None:
         rate = f"{speed[name]:.0f}" if name in speed else "-"
         print(f"{name:<24}{100 * agreement:>16.2f}%{100 * accuracy:>9.2f}%{rate:>10}")
     disagree = int((labels["onnxruntime int8"] != reference).sum())
-    print(f"onnxruntime vs engine: {disagree} of {len(noisy)} predictions differ; "
-          f"onnxruntime / torch fast throughput: {speed['onnxruntime int8'] / speed['torch fast int8 (x86)']:.2f}x")
+    print(
+        f"onnxruntime vs engine: {disagree} of {len(noisy)} predictions differ; "
+        f"onnxruntime / torch fast throughput: {speed['onnxruntime int8'] / speed['torch fast int8 (x86)']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

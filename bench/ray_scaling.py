@@ -42,8 +42,13 @@ def main() -> None:
         seconds[workers] = time.perf_counter() - started
         print(f"{workers} worker(s): {seconds[workers]:.1f} s for {len(indices)} examples at n = {args.n}")
     ray.shutdown()
-    record = {"job": asdict(job), "examples": len(indices), "seconds": seconds,
-              "speedup": seconds[1] / seconds[2], "rows_equal": rows[1] == rows[2]}  # fmt: skip
+    record = {
+        "job": asdict(job),
+        "examples": len(indices),
+        "seconds": seconds,
+        "speedup": seconds[1] / seconds[2],
+        "rows_equal": rows[1] == rows[2],
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"2 workers vs 1: {record['speedup']:.2f}x; identical rows: {record['rows_equal']}  -> {args.output}")

@@ -14,11 +14,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from qrobust.models import count_parameters  # noqa: E402
-from qrobust.quant import prune_channels, sparsity_report  # noqa: E402
-from qrobust.train import load_model  # noqa: E402
+from qrobust.models import count_parameters
+from qrobust.quant import prune_channels, sparsity_report
+from qrobust.train import load_model
 
 PAPER_ATTACKS = {"natural": "N", "fgsm": "A1 FGSM", "ifgsm": "A2 IFGSM", "cw": "A3 C&W"}
 
@@ -40,7 +40,8 @@ def load_runs(runs: Path, out: Path) -> dict[str, dict]:
             "pruned_parameters": count_parameters(prune_channels(model)),
             "sparsity": report,
             "config": config,
-            "model": checkpoint.metadata["model"] + "".join(f" {k}={v}" for k, v in checkpoint.metadata["model_options"].items()),
+            "model": checkpoint.metadata["model"]
+            + "".join(f" {k}={v}" for k, v in checkpoint.metadata["model_options"].items()),
         }
     return table
 
@@ -54,8 +55,15 @@ def accuracy_table(runs: dict[str, dict], names: list[str], columns: dict[str, s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         run, config = runs[name], runs[name]["config"]
-        loss = config["loss"] + {"trades": f" beta={config['beta']:g}", "tradeoff": f" a={config['alpha']:g} b={config['beta']:g}"}.get(config["loss"], "")
-        weights = "float" if config["quant"] == "none" else f"{config['quant'].upper()} {({1: 'binary', 2: 'ternary'}).get(config['bits'], str(config['bits']) + '-bit')}"
+        loss = config["loss"] + {
+            "trades": f" beta={config['beta']:g}",
+            "tradeoff": f" a={config['alpha']:g} b={config['beta']:g}",
+        }.get(config["loss"], "")
+        weights = (
+            "float"
+            if config["quant"] == "none"
+            else f"{config['quant'].upper()} {({1: 'binary', 2: 'ternary'}).get(config['bits'], str(config['bits']) + '-bit')}"
+        )
         cells = [name, run["model"], f"{run['parameters']:,}", loss, weights, *(value(run) for _, value in extra)]
         cells += [f"{100 * run['accuracy'][key]:.2f}" if key in run["accuracy"] else "-" for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -66,9 +74,14 @@ def main(runs_dir: str, out_dir: str) -> None:
     runs, out = Path(runs_dir), Path(out_dir)
     results = load_runs(runs, out)
     examples = sorted({run["examples"] for run in results.values()})
-    lines = [f"# Robust quantized networks on Fashion-MNIST (accuracy in %, {', '.join(map(str, examples))} test images)", ""]
+    lines = [
+        f"# Robust quantized networks on Fashion-MNIST (accuracy in %, {', '.join(map(str, examples))} test images)",
+        "",
+    ]
     lines += ["## Acceptance: adversarial training vs natural training (CNN, l_inf eps = 0.1)", ""]
-    lines += accuracy_table(results, ["cnn-natural", "cnn-pgd"], {"natural": "natural", "fgsm": "FGSM", "pgd": "PGD-20"})
+    lines += accuracy_table(
+        results, ["cnn-natural", "cnn-pgd"], {"natural": "natural", "fgsm": "FGSM", "pgd": "PGD-20"}
+    )
     lines += ["", "## Tables 1-2: ResNet vs EnResNet, float vs BinaryConnect vs Binary-Relax (PGD training)", ""]
     binary = [f"{net}-{weights}-at" for net in ("resnet", "en1", "en2") for weights in ("float", "bc", "br")]
     lines += accuracy_table(results, binary, PAPER_ATTACKS)
@@ -78,14 +91,21 @@ def main(runs_dir: str, out_dir: str) -> None:
     lines += accuracy_table(results, losses, PAPER_ATTACKS)
     sparsity = (
         ("weight sparsity", lambda run: f"{100 * run['sparsity'].weight_sparsity:.2f}%"),
-        ("channel sparsity", lambda run: f"{100 * run['sparsity'].channel_sparsity:.2f}% ({run['sparsity'].zero_channels}/{run['sparsity'].total_channels})"),
+        (
+            "channel sparsity",
+            lambda run: (
+                f"{100 * run['sparsity'].channel_sparsity:.2f}% ({run['sparsity'].zero_channels}/{run['sparsity'].total_channels})"
+            ),
+        ),
         ("params after pruning", lambda run: f"{run['pruned_parameters']:,}"),
     )
     lines += ["", "## Table 5: ternary and 4-bit (Binary-Relax): sparsity and its structure", ""]
     lowbit = [f"en1-br{bits}-{loss}" for bits in (2, 4) for loss in ("natural", "at", "tradeoff8")]
     lines += accuracy_table(results, lowbit, dict(list(PAPER_ATTACKS.items())[:3]), sparsity)
     lines += ["", "Attacks (`qrobust attack`, as recorded in the JSON files):", ""]
-    attacks = {f"{name}: `{attack}`" for run in results.values() for name, attack in run["attacks"].items() if attack != "None"}
+    attacks = {
+        f"{name}: `{attack}`" for run in results.values() for name, attack in run["attacks"].items() if attack != "None"
+    }
     lines += [f"* {attack}" for attack in sorted(attacks)]
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -25,7 +25,9 @@ TABLE_SIGMAS = (0.5, 2.0, 31.875, 63.75, 255.0)
 
 def table_report(sigmas: tuple[float, ...]) -> None:
     """Support, guide-table miss rate and distance to the exact distribution of each table."""
-    print(f"{'sigma_int':>9} {'K':>5} {'ambiguous':>9} {'tail mass':>10} {'TV to exact':>11} {'log2 TV':>7} {'build s':>7}")
+    print(
+        f"{'sigma_int':>9} {'K':>5} {'ambiguous':>9} {'tail mass':>10} {'TV to exact':>11} {'log2 TV':>7} {'build s':>7}"
+    )
     for sigma_int in sigmas:
         start = time.perf_counter()
         table = inverse_cdf_table(sigma_int)

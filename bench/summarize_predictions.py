@@ -22,8 +22,10 @@ def main(paths: list[str]) -> None:
         correct = sum(row.correct for row in rows)
         abstain = sum(row.predict == ABSTAIN for row in rows)
         seconds = sum(row.seconds for row in rows) / total
-        print(f"| {path.stem} | {config['method']} | {config['sigma']} | {config['n']} | {config['alpha']} | {total} | "
-              f"{100 * correct / total:.1f} | {100 * abstain / total:.1f} | {100 * (total - correct - abstain) / total:.1f} | {seconds:.3f} |")  # fmt: skip
+        print(
+            f"| {path.stem} | {config['method']} | {config['sigma']} | {config['n']} | {config['alpha']} | {total} | "
+            f"{100 * correct / total:.1f} | {100 * abstain / total:.1f} | {100 * (total - correct - abstain) / total:.1f} | {seconds:.3f} |"
+        )
 
 
 if __name__ == "__main__":

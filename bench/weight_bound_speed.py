@@ -52,7 +52,9 @@ def main() -> None:
         )
         labels = network(x).argmax(1)
     layers = range(network.num_layers) if args.layers is None else args.layers
-    print(f"{args.depth}-layer MLP, width {args.width}, {len(images)} {source}, {args.threads} threads, float64, rtol {args.rtol:g}")
+    print(
+        f"{args.depth}-layer MLP, width {args.width}, {len(images)} {source}, {args.threads} threads, float64, rtol {args.rtol:g}"
+    )
     total = total_cpu = slowest = 0.0
     for k in layers:
         (one, one_cpu), _ = timed(certify, network, images, labels, WeightPerturbation((k,), 1e-4))
@@ -62,7 +64,9 @@ def main() -> None:
             f"layer {k}: one bound {one:.3f} s (cpu {one_cpu:.3f} s), certified_eps {full:.3f} s (cpu {full_cpu:.3f} s) "
             f"(median eps {float(eps.median()):.3g})"
         )
-    print(f"total certified_eps time: {total:.2f} s (cpu {total_cpu:.2f} s), slowest layer {slowest:.2f} s (target <= 10 s on 2 cores)")
+    print(
+        f"total certified_eps time: {total:.2f} s (cpu {total_cpu:.2f} s), slowest layer {slowest:.2f} s (target <= 10 s on 2 cores)"
+    )
 
 
 def timed(function, *args, **kwargs):

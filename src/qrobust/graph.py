@@ -22,6 +22,7 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,21 @@ from qrobust.errors import QRobustError, UnsupportedModelError
 from qrobust.models.layers import Normalize
 
 KINDS = (
-    "linear", "conv", "relu", "relu6", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "add", "cat",
-    "normalize", "batchnorm", "identity", "other",
-)  # fmt: skip
+    "linear",
+    "conv",
+    "relu",
+    "relu6",
+    "maxpool",
+    "avgpool",
+    "adaptive_avgpool",
+    "flatten",
+    "add",
+    "cat",
+    "normalize",
+    "batchnorm",
+    "identity",
+    "other",
+)
 AFFINE = ("conv", "linear")
 
 # The kinds each technique runs: int8 QAT/convert and its ONNX export (the integer engine's ops), the
@@ -51,8 +64,14 @@ TECHNIQUES: dict[str, frozenset[str] | None] = {
     "admm": None,
     "prune": None,
 }
-_VERBS = {"int8": "quantize (int8)", "export": "export", "bounds": "bound", "mixed": "quantize (mixed precision)",
-          "admm": "quantize (ADMM)", "prune": "prune"}  # fmt: skip
+_VERBS = {
+    "int8": "quantize (int8)",
+    "export": "export",
+    "bounds": "bound",
+    "mixed": "quantize (mixed precision)",
+    "admm": "quantize (ADMM)",
+    "prune": "prune",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,7 +173,9 @@ def _propagate_shapes(model: nn.Module, fx_graph: fx.Graph, example_input: torch
             ShapeProp(fx.GraphModule(model.eval(), fx_graph)).propagate(example_input)
     except Exception as error:  # any failure of the user's forward on the example input
         shape = tuple(example_input.shape)
-        raise QRobustError(f"{type(model).__name__} fails on an input of shape {shape}: {_first_line(error)}") from error
+        raise QRobustError(
+            f"{type(model).__name__} fails on an input of shape {shape}: {_first_line(error)}"
+        ) from error
     finally:
         model.train(was_training)
 
@@ -225,7 +246,10 @@ class _Reader:
 
     def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         """The tensor-valued nodes ``node`` reads (an inline normalisation reads what its sub reads)."""
-        node = node.args[0] if node in self.normalized else node
+        if node in self.normalized:
+            sub = node.args[0]
+            assert isinstance(sub, fx.Node)  # _inline_normalize only records a div of a sub node
+            node = sub
         return [arg for arg in dict.fromkeys(node.all_input_nodes) if arg in self.names]
 
     def _layer(self, node: fx.Node) -> Layer:
@@ -239,12 +263,19 @@ class _Reader:
         reads = self._tensor_inputs(node)
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         meta = [arg.meta.get("tensor_meta") for arg in reads]
-        shapes = None if any(m is None for m in meta) else tuple(tuple(m.shape) for m in meta)
+        shapes = None if any(m is None for m in meta) else tuple(tuple(m.shape) for m in meta if m is not None)
         out = node.meta.get("tensor_meta")
         return Layer(
-            self.names[node], kind, target, module, tuple(self.names[arg] for arg in reads), tuple(users),
-            shapes, tuple(out.shape) if out is not None and hasattr(out, "shape") else None, _source(node),
-        )  # fmt: skip
+            self.names[node],
+            kind,
+            target,
+            module,
+            tuple(self.names[arg] for arg in reads),
+            tuple(users),
+            shapes,
+            tuple(out.shape) if out is not None and hasattr(out, "shape") else None,
+            _source(node),
+        )
 
     def _kind(self, node: fx.Node) -> tuple[str, nn.Module | None]:
         """(kind, module or equivalent module) of a tensor-valued node."""
@@ -255,6 +286,8 @@ class _Reader:
                     return kind, module
             return "other", module
         target, args, kwargs = node.target, node.args, node.kwargs
+        pool_args: tuple[Any, ...] = args[1:]  # fx arguments: the pooling module checks its own parameters
+        pool_kwargs: dict[str, Any] = dict(kwargs)
         if node.op == "call_function":
             if target in (operator.add, torch.add) and len(args) == 2 and not kwargs and _all_nodes(args):
                 return "add", None
@@ -263,11 +296,11 @@ class _Reader:
             if target is F.relu6 and len(args) == 1:
                 return "relu6", nn.ReLU6()
             if target is F.max_pool2d and not kwargs.get("return_indices") and len(args) < 7:
-                return "maxpool", nn.MaxPool2d(*args[1:], **_without(kwargs, "return_indices"))
+                return "maxpool", nn.MaxPool2d(*pool_args, **_without(pool_kwargs, "return_indices"))
             if target is F.avg_pool2d:
-                return "avgpool", nn.AvgPool2d(*args[1:], **kwargs)
+                return "avgpool", nn.AvgPool2d(*pool_args, **pool_kwargs)
             if target is F.adaptive_avg_pool2d:
-                return "adaptive_avgpool", nn.AdaptiveAvgPool2d(*args[1:], **kwargs)
+                return "adaptive_avgpool", nn.AdaptiveAvgPool2d(*pool_args, **pool_kwargs)
             if target is torch.flatten and _flattens(args[1:], kwargs):
                 return "flatten", nn.Flatten()
             if target is torch.cat and _cat_dim(args, kwargs) == 1:
@@ -296,7 +329,12 @@ class _Reader:
     def _inline_normalize(self, div: fx.Node) -> Normalize | None:
         """``(x - mean) / std`` on the model input, with per-channel or scalar constants, as a Normalize."""
         sub = div.args[0]
-        if not (isinstance(sub, fx.Node) and sub.op == "call_function" and sub.target is operator.sub and len(sub.users) == 1):
+        if not (
+            isinstance(sub, fx.Node)
+            and sub.op == "call_function"
+            and sub.target is operator.sub
+            and len(sub.users) == 1
+        ):
             return None
         if not isinstance(sub.args[0], fx.Node) or sub.args[0].op != "placeholder":
             return None
@@ -318,7 +356,9 @@ class _Reader:
             return torch.tensor([float(value)])
         if not (isinstance(value, fx.Node) and value.op == "get_attr"):
             return None
-        tensor = self.model
+        if not isinstance(value.target, str):
+            return None
+        tensor: object = self.model
         for part in value.target.split("."):
             tensor = getattr(tensor, part, None)
         if not isinstance(tensor, torch.Tensor) or tensor.dim() > 4:
@@ -328,7 +368,7 @@ class _Reader:
         return flat.to(torch.get_default_dtype()) if per_channel else None
 
 
-_MODULE_KINDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+_MODULE_KINDS: tuple[tuple[str, type[nn.Module] | tuple[type[nn.Module], ...]], ...] = (
     ("normalize", Normalize),
     ("conv", nn.Conv2d),
     ("linear", nn.Linear),
@@ -374,16 +414,28 @@ def _why_not(layer: Layer, technique: str) -> str | None:
     if layer.kind not in kinds:
         return "is not supported"
     module = layer.module
-    if layer.kind == "conv":
+    if layer.kind == "conv" and isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"has groups={module.groups} (depthwise/grouped convs are not supported)"
         if module.dilation != (1, 1) or module.padding_mode != "zeros" or isinstance(module.padding, str):
             return "has dilation, string padding or a non-zero padding mode"
-    if layer.kind == "maxpool" and (module.dilation not in (1, (1, 1)) or module.ceil_mode):
+    if (
+        layer.kind == "maxpool"
+        and isinstance(module, nn.MaxPool2d)
+        and (module.dilation not in (1, (1, 1)) or module.ceil_mode)
+    ):
         return "has dilation or ceil_mode"
-    if layer.kind == "adaptive_avgpool" and module.output_size not in (1, (1, 1)):
+    if (
+        layer.kind == "adaptive_avgpool"
+        and isinstance(module, nn.AdaptiveAvgPool2d)
+        and module.output_size not in (1, (1, 1))
+    ):
         return f"has output size {module.output_size} (only global pooling, output size 1)"
-    if layer.kind == "batchnorm" and (not module.affine or not module.track_running_stats):
+    if (
+        layer.kind == "batchnorm"
+        and isinstance(module, nn.BatchNorm2d)
+        and (not module.affine or not module.track_running_stats)
+    ):
         return "has no affine parameters or running statistics to fold"
     return None
 
@@ -403,7 +455,7 @@ def check_supported(model: nn.Module, example_input: torch.Tensor | None, techni
         if why is not None:
             kinds = TECHNIQUES[technique]
             raise UnsupportedModelError(
-                f"cannot {_VERBS[technique]} {graph.model}: {layer.describe()} {why}; supported: {', '.join(sorted(kinds))}"
+                f"cannot {_VERBS[technique]} {graph.model}: {layer.describe()} {why}; supported: {', '.join(sorted(kinds or ()))}"
             )
     return graph
 
@@ -422,7 +474,9 @@ def fold_normalize(
     mean, std = mean.to(weight.dtype), std.to(weight.dtype)
     if weight.dim() == 2:  # Flatten put the channel outermost: each statistic repeats over H*W features
         if weight.shape[1] % mean.numel():
-            raise QRobustError(f"a Linear reading {weight.shape[1]} normalised features: not a multiple of {mean.numel()} channels")
+            raise QRobustError(
+                f"a Linear reading {weight.shape[1]} normalised features: not a multiple of {mean.numel()} channels"
+            )
         repeats = weight.shape[1] // mean.numel()
         mean, std = mean.repeat_interleave(repeats), std.repeat_interleave(repeats)
     view = (1, -1) + (1,) * (weight.dim() - 2)
@@ -436,10 +490,12 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d)
     scale = gamma / sqrt(var + eps); W' = W scale per output channel, b' = beta + (b - mean) scale.
     Differentiable in the weights and in gamma and beta (QAT trains through it).
     """
-    if not bn.track_running_stats or bn.running_var is None:
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if not bn.track_running_stats or running_var is None or running_mean is None:
         raise QRobustError("cannot fold a BatchNorm2d without running statistics")
-    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_var)
-    scale = (gamma / torch.sqrt(bn.running_var + bn.eps)).to(weight.dtype)  # (O,)
-    bias = beta.to(bias.dtype) + (bias - bn.running_mean.to(bias.dtype)) * scale
+    # affine=True is what gives a BatchNorm its weight and bias
+    gamma = bn.weight if bn.affine and bn.weight is not None else torch.ones_like(running_var)
+    beta = bn.bias if bn.affine and bn.bias is not None else torch.zeros_like(running_var)
+    scale = (gamma / torch.sqrt(running_var + bn.eps)).to(weight.dtype)  # (O,)
+    bias = beta.to(bias.dtype) + (bias - running_mean.to(bias.dtype)) * scale
     return weight * scale.view(-1, *(1,) * (weight.dim() - 1)), bias

@@ -41,13 +41,13 @@ class ConvLinear(nn.Module):
         return self.fc2(self.relu2(self.fc1(self.flatten(self.relu1(self.conv(self.normalize(x)))))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits():
     """The digits training split (8x8 uint8 images)."""
     return load_dataset("digits", "train")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(name: str, **options) -> nn.Module:
     """Registry model ``name`` trained full-batch with Adam on digits for a few hundred steps (seeded)."""
     data = digits()

@@ -24,7 +24,7 @@ def network_of(name: str) -> ReluNetwork:
 
 
 def inputs(network, digit_images, count):
-    images, labels = digit_images
+    images, _ = digit_images
     x = images[:count].double() / 255
     return x, network(x).argmax(1)  # certify the network's own predictions
 
@@ -75,7 +75,9 @@ def test_sampled_weights_never_flip_a_certified_prediction(name, k, norm, bias, 
             weights, biases = sample_deltas(layer.weight.shape, int(bias), eps, norm, SAMPLES, generator)
             logits = perturbed_logits(network, k, x[i], weights, biases)  # (S, classes)
             margins = logits[:, labels[i], None] - logits  # (S, classes)
-            bound = margin_bounds(network, x[i : i + 1], labels[i : i + 1], WeightPerturbation((k,), eps, norm, bias))[0]
+            bound = margin_bounds(network, x[i : i + 1], labels[i : i + 1], WeightPerturbation((k,), eps, norm, bias))[
+                0
+            ]
             finite = torch.isfinite(bound)
             assert bool((margins[:, finite] >= bound[finite] - 1e-9).all()), "a sampled margin lies below its bound"
             if scale == 1.0:
@@ -87,7 +89,9 @@ def pgd_on_weights(network, k, x, labels, eps, steps=60, seed=0):
     layer = network.layers[k]
     generator = torch.Generator().manual_seed(seed)
     eps = eps.view(-1, *([1] * layer.weight.dim()))
-    delta = ((2 * torch.rand(len(x), *layer.weight.shape, generator=generator, dtype=torch.float64) - 1) * eps).requires_grad_()
+    delta = (
+        (2 * torch.rand(len(x), *layer.weight.shape, generator=generator, dtype=torch.float64) - 1) * eps
+    ).requires_grad_()
 
     def margin(dw, image, label):
         logits = network(image.unsqueeze(0), {k: layer.weight + dw})[0]
@@ -125,9 +129,12 @@ def test_multi_layer_interval_bounds_are_sound(digit_images):
     assert bool((radii > 0).all()) and resolve_method(network, (0, 1, 2), "auto") == "interval"
     generator = torch.Generator().manual_seed(0)
     for i in range(len(x)):
-        changes = {k: sample_deltas(layer.weight.shape, 1, float(radii[i]), math.inf, SAMPLES, generator) for k, layer in enumerate(network.layers)}
+        changes = {
+            k: sample_deltas(layer.weight.shape, 1, float(radii[i]), math.inf, SAMPLES, generator)
+            for k, layer in enumerate(network.layers)
+        }
 
-        def run(w0, b0, w1, b1, w2, b2):
+        def run(w0, b0, w1, b1, w2, b2, i=i):
             weights = {k: layer.weight + w for k, (layer, w) in enumerate(zip(network.layers, (w0, w1, w2)))}
             biases = {k: layer.bias + b for k, (layer, b) in enumerate(zip(network.layers, (b0, b1, b2)))}
             return network(x[i : i + 1], weights, biases)[0]
@@ -179,7 +186,10 @@ def test_agrees_with_the_exact_worst_case_on_a_one_hidden_layer_net(digit_images
         assert 0.5 * lo <= float(radii[i]) <= lo * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("name, k, norm", [("mlp", 0, math.inf), ("mlp", 1, 2.0), ("mlp", 2, math.inf), ("cnn", 0, math.inf), ("cnn", 2, 1.0)])
+@pytest.mark.parametrize(
+    "name, k, norm",
+    [("mlp", 0, math.inf), ("mlp", 1, 2.0), ("mlp", 2, math.inf), ("cnn", 0, math.inf), ("cnn", 2, 1.0)],
+)
 def test_bounds_shrink_as_eps_grows(name, k, norm, digit_images):
     network = network_of(name)
     x, labels = inputs(network, digit_images, 6)

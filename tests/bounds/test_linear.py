@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps
-from qrobust.bounds import linear
+from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps, linear
 from qrobust.bounds.interval import LayerBall, interval_margins
 from qrobust.bounds.linear import _following_linear_layers
 from qrobust.bounds.perturbation import dual_norm
@@ -72,13 +71,21 @@ def reference_margins(network, image, label, k, eps, norm, bias, zonotopes):
                 zonotope = (after[0]((low + high) / 2), after[0].weight * ((high - low) / 2))
             (middle, generators), (below_lower, below_upper) = zonotope, boxes[-1]
             unstable = (below_lower < 0) & (below_upper > 0)
-            scale = torch.where(below_lower >= 0, 1.0, torch.where(unstable, below_upper / (below_upper - below_lower), 0.0))
+            scale = torch.where(
+                below_lower >= 0, 1.0, torch.where(unstable, below_upper / (below_upper - below_lower), 0.0)
+            )
             mu = torch.where(unstable, -scale * below_lower / 2, 0.0)  # relu(z) = scale z + mu +- mu
-            zonotope = (layer(middle * scale + mu), layer.weight @ torch.cat([generators * scale.unsqueeze(1), torch.diag(mu)], 1))
+            zonotope = (
+                layer(middle * scale + mu),
+                layer.weight @ torch.cat([generators * scale.unsqueeze(1), torch.diag(mu)], 1),
+            )
             reach = zonotope[1].abs().sum(1)
             lower, upper = torch.maximum(lower, zonotope[0] - reach), torch.minimum(upper, zonotope[0] + reach)
         for j in torch.nonzero((lower < 0) & (upper > 0)).flatten().tolist():
-            rows, consts = torch.stack([layer.weight[j], -layer.weight[j]]), torch.stack([layer.bias[j], -layer.bias[j]])
+            rows, consts = (
+                torch.stack([layer.weight[j], -layer.weight[j]]),
+                torch.stack([layer.bias[j], -layer.bias[j]]),
+            )
             found = bound(rows, consts, h - 1, stop=True)
             lower[j], upper[j] = torch.maximum(lower[j], found[0]), torch.minimum(upper[j], -found[1])
         boxes.append((lower, upper))
@@ -88,7 +95,12 @@ def reference_margins(network, image, label, k, eps, norm, bias, zonotopes):
     return margins
 
 
-CASES = [("mlp-4", 0, math.inf, False), ("mlp-4", 1, 2.0, True), ("mlp-3", 0, 1.0, False), ("conv_linear", 0, 2.0, True)]
+CASES = [
+    ("mlp-4", 0, math.inf, False),
+    ("mlp-4", 1, 2.0, True),
+    ("mlp-3", 0, 1.0, False),
+    ("conv_linear", 0, 2.0, True),
+]
 CASES += [("mlp-6", 0, math.inf, False), ("mlp-6", 1, 2.0, True)]  # zonotopes over several layers
 DEPTHS = {"mlp-3": 3, "mlp-4": 4, "mlp-6": 6}
 
@@ -111,7 +123,12 @@ def test_batched_bounds_equal_the_plain_computation(name, k, norm, bias, zonotop
     assert bool((radii > 0).all())
     for scale in (0.5, 1.0, 3.0):  # below, at and above the radius: few, some and many unstable neurons
         eps = radii * scale
-        expected = torch.stack([reference_margins(network, x[i], labels[i], k, float(eps[i]), norm, bias, zonotopes) for i in range(len(x))])
+        expected = torch.stack(
+            [
+                reference_margins(network, x[i], labels[i], k, float(eps[i]), norm, bias, zonotopes)
+                for i in range(len(x))
+            ]
+        )
         for chunk in (linear.CHUNK, 64):  # all inputs in one chunk, or a few (and regrouped) at a time
             monkeypatch.setattr(linear, "CHUNK", chunk)
             batched = SingleLayerBound(network, x, k, norm, bias).margins(eps, labels)
@@ -151,7 +168,9 @@ def test_every_box_contains_sampled_pre_activations(k, zonotopes, digit_images, 
     for scale in (1.0, 3.0):
         eps = radii * scale
         single = SingleLayerBound(network, x, k, math.inf, False)
-        levels = single._levels(linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x)))
+        levels = single._levels(
+            linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x))
+        )
         for i in range(len(x)):
             corners = torch.randint(0, 2, (1000, *weight.shape), generator=generator).double() * 2 - 1
             uniform = torch.rand(1000, *weight.shape, generator=generator, dtype=torch.float64) * 2 - 1
@@ -160,7 +179,9 @@ def test_every_box_contains_sampled_pre_activations(k, zonotopes, digit_images, 
             for g, level in enumerate(levels):
                 if g:
                     z = single.after[g - 1](F.relu(z))
-                assert bool((z >= level.lower[i] - 1e-9).all() and (z <= level.upper[i] + 1e-9).all()), f"z_{g} left its box"
+                assert bool((z >= level.lower[i] - 1e-9).all() and (z <= level.upper[i] + 1e-9).all()), (
+                    f"z_{g} left its box"
+                )
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
@@ -175,7 +196,9 @@ def test_float32_zonotopes_contain_the_exact_ones(scale, digit_images, monkeypat
     x = images[:4].double() / 255
     single = SingleLayerBound(network, x, 0, math.inf, False)
     eps = torch.full((len(x),), 1e-3 * scale, dtype=torch.float64)
-    levels = single._levels(linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x)))
+    levels = single._levels(
+        linear._Batch(eps, single.z_center, single.patches, single.patch_norms), torch.arange(len(x))
+    )
     boxes = {}
     for dtype in (torch.float32, torch.float64):
         monkeypatch.setattr(linear, "ZONOTOPE_DTYPE", dtype)
@@ -213,7 +236,9 @@ def test_descent_is_the_slope_of_the_bounds_at_zero(name, k, norm, bias, digit_i
     logits = network(x)
     exact = (logits.gather(1, labels.view(-1, 1)) - logits).scatter(1, labels.view(-1, 1), math.inf)
     descent = single.descent(labels)
-    assert bool((descent > 0).sum(1).eq(logits.shape[1] - 1).all()) and bool((descent.gather(1, labels.view(-1, 1)) == 0).all())
+    assert bool((descent > 0).sum(1).eq(logits.shape[1] - 1).all()) and bool(
+        (descent.gather(1, labels.view(-1, 1)) == 0).all()
+    )
     eps = radii * 1e-6
     drop = exact - single.margins(eps, labels)
     line = eps.view(-1, 1) * descent

@@ -80,7 +80,9 @@ def test_unsupported_layers_are_refused(model, message):
 
 def test_residual_models_are_refused():
     with pytest.raises(ValueError, match="single chain"):
-        ReluNetwork.from_model(build_model("resnet8", DatasetInfo("c", (3, 8, 8), tuple("abcdefghij"), (0.5,) * 3, (0.2,) * 3)))
+        ReluNetwork.from_model(
+            build_model("resnet8", DatasetInfo("c", (3, 8, 8), tuple("abcdefghij"), (0.5,) * 3, (0.2,) * 3))
+        )
 
 
 @pytest.mark.parametrize(

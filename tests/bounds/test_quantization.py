@@ -14,7 +14,9 @@ def int8_of(model, margin=0):
     return convert(calibrate(prepare_qat(model, QuantConfig(input_margin=margin)), calibration))
 
 
-@pytest.mark.parametrize("name, margin, least", [("mlp", 0, 0.5), ("tiny_cnn", 0, 0.05), ("tiny_cnn", 40, None), ("mlp", 255, None)])
+@pytest.mark.parametrize(
+    "name, margin, least", [("mlp", 0, 0.5), ("tiny_cnn", 0, 0.05), ("tiny_cnn", 40, None), ("mlp", 255, None)]
+)
 def test_int8_logits_lie_in_the_bounds_and_certified_inputs_agree(name, margin, least):
     """``least``: the certified fraction the bounds reach (interval bounds loosen with depth and pooling;
     None where the input step > 1 adds noise on every pixel and soundness alone is checked)."""
@@ -26,7 +28,9 @@ def test_int8_logits_lie_in_the_bounds_and_certified_inputs_agree(name, margin, 
     assert bool(((logits >= result.logit_lower) & (logits <= result.logit_upper)).all())
     certified = result.certified
     assert bool((int8.predict(images)[certified] == result.float_predictions[certified]).all())
-    assert least is None or least < result.fraction < 1.0, "the certificate is too loose to be useful, or the test too easy"
+    assert least is None or least < result.fraction < 1.0, (
+        "the certificate is too loose to be useful, or the test too easy"
+    )
     with torch.no_grad():
         assert bool((result.float_predictions == model(images.float() / 255).argmax(1)).all())
 

@@ -71,8 +71,11 @@ def test_graph_lists_layers_in_call_order_with_their_shapes(name: str) -> None:
     """Module layers come in the order forward hooks see them run, with the shapes they see."""
     entry, model = ZOO[name], build(name)
     calls = []
-    hooks = [module.register_forward_hook(lambda m, args, out, n=n: calls.append((n, tuple(out.shape))))
-             for n, module in model.named_modules() if n and next(module.children(), None) is None]  # fmt: skip
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, n=n: calls.append((n, tuple(out.shape))))
+        for n, module in model.named_modules()
+        if n and next(module.children(), None) is None
+    ]
     x = torch.rand(2, *entry.shape)
     with torch.no_grad():
         logits = model(x)
@@ -81,7 +84,9 @@ def test_graph_lists_layers_in_call_order_with_their_shapes(name: str) -> None:
     graph = trace(model, x)
     assert [layer.name for layer in graph.affine()] == list(entry.affine)
     named = dict(model.named_modules())
-    modules = [(layer.target, layer.output_shape) for layer in graph.layers if layer.module is named.get(layer.target, 0)]
+    modules = [
+        (layer.target, layer.output_shape) for layer in graph.layers if layer.module is named.get(layer.target, 0)
+    ]
     assert modules == calls
     assert graph[graph.output].output_shape == tuple(logits.shape)
     assert {layer.kind for layer in graph.layers} <= set(KINDS)
@@ -104,8 +109,17 @@ def test_graph_data_flow_of_residuals_branches_and_reused_modules() -> None:
     assert cat["cat"].output_shape == (1, 8, 8, 8) and cat["branch1"].users == ("relu",)
     tutorial = trace(build("tutorial_cnn"))
     assert [layer.kind for layer in tutorial.layers] == [
-        "conv", "relu", "maxpool", "conv", "relu", "maxpool", "flatten", "linear", "relu", "linear",
-    ]  # fmt: skip
+        "conv",
+        "relu",
+        "maxpool",
+        "conv",
+        "relu",
+        "maxpool",
+        "flatten",
+        "linear",
+        "relu",
+        "linear",
+    ]
     inline = trace(build("inline_norm_mlp"))
     assert inline.layers[0].kind == "normalize" and inline.layers[0].inputs == (inline.input,)
     torch.testing.assert_close(inline.layers[0].module.std, torch.tensor([0.2, 0.25, 0.3]))
@@ -234,7 +248,9 @@ def tiny_dataset(name: str, model: nn.Module, n: int = 64) -> LatticeDataset:
     images = lattice(n, ZOO[name].shape, seed=8)
     with torch.no_grad():
         labels = model(images.float() / 255).argmax(1)
-    info = DatasetInfo(name, ZOO[name].shape, tuple("abcdefghij"), (0.5,) * ZOO[name].shape[0], (0.25,) * ZOO[name].shape[0])
+    info = DatasetInfo(
+        name, ZOO[name].shape, tuple("abcdefghij"), (0.5,) * ZOO[name].shape[0], (0.25,) * ZOO[name].shape[0]
+    )
     return LatticeDataset(images, labels, info)
 
 

@@ -102,7 +102,7 @@ class Quantized:
     images: torch.Tensor  # uint8 (N, C, H, W), noisy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantized(name: str, n: int = 256, margin: int = 0) -> Quantized:
     shape = SHAPES[name]
     torch.manual_seed(0)

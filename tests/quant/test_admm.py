@@ -150,7 +150,12 @@ def test_paper_splitting_boxes_the_continuous_weights_only(digits):
     each V-step) keeps every code within one grid step of C / q; the final rounding leaves the box."""
     model, train_set, _ = digits
     centers = [module.weight.detach().clone() for _, module in quantizable_layers(model)]
-    result = admm_quantize(model, train_set, ADMMConfig(bits=4, iterations=3, steps=20), epsilons=dict.fromkeys(["hidden.0", "hidden.2", "head"], 1e-6))
+    result = admm_quantize(
+        model,
+        train_set,
+        ADMMConfig(bits=4, iterations=3, steps=20),
+        epsilons=dict.fromkeys(["hidden.0", "hidden.2", "head"], 1e-6),
+    )
     for layer, center in zip(result.layers, centers, strict=True):
         target = torch.clamp(center / layer.scale, -grid_top(4), grid_top(4))
         assert float((layer.codes.float() - target).abs().max()) <= 1 + 1e-3
@@ -212,7 +217,9 @@ def test_per_layer_bits(digits):
     assert [layer.bits for layer in result.layers] == [8, 3, 2]
     assert [int(layer.codes.abs().max()) <= grid_top(layer.bits) for layer in result.layers] == [True] * 3
     assert int(result.layers[2].codes.abs().max()) == 1  # 2 bits: ternary codes
-    by_name = admm_quantize(model, train_set, ADMMConfig(bits={"head": 2, "hidden.0": 8, "hidden.2": 3}, iterations=1, steps=5))
+    by_name = admm_quantize(
+        model, train_set, ADMMConfig(bits={"head": 2, "hidden.0": 8, "hidden.2": 3}, iterations=1, steps=5)
+    )
     assert [layer.bits for layer in by_name.layers] == [8, 3, 2]
     with pytest.raises(ValueError, match="bits names layers"):
         admm_quantize(model, train_set, ADMMConfig(bits={"hidden.0": 8}))
@@ -246,5 +253,7 @@ def test_certified_radii_land_on_the_layers_they_were_computed_for():
     epsilons = certificate_epsilons(model, images, labels, 50)
     info = DatasetInfo("tiny", (1, 4, 4), ("a", "b", "c"), (0.0,), (1.0,))
     train_set = LatticeDataset((images * 255).round().to(torch.uint8), labels, info)
-    result = admm_quantize(model, train_set, ADMMConfig(bits=8, iterations=1, steps=1, eval_images=4), epsilons=epsilons)
+    result = admm_quantize(
+        model, train_set, ADMMConfig(bits=8, iterations=1, steps=1, eval_images=4), epsilons=epsilons
+    )
     assert {layer.name: layer.epsilon for layer in result.layers} == pytest.approx(expected, rel=1e-6)

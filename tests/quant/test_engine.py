@@ -36,9 +36,7 @@ class DtypeRecorder(TorchDispatchMode):
         return [(name, dtypes) for name, dtypes in self.calls if dtypes & set(real)]
 
 
-@pytest.mark.parametrize(
-    "name, margin", [(name, 0) for name in QUANTIZABLE] + [("cnn", 255), ("resnet20", 383)]
-)
+@pytest.mark.parametrize("name, margin", [(name, 0) for name in QUANTIZABLE] + [("cnn", 255), ("resnet20", 383)])
 def test_every_op_of_the_engine_is_integer(name: str, margin: int, quantized) -> None:
     """Including the input quantizer: unclipped int16 x + noise to uint8 codes by integer division."""
     q = quantized(name, margin=margin)

@@ -116,7 +116,7 @@ def test_mbit_search_never_ends_worse_than_its_start(bits: int, heavy_tails: boo
     for seed, shape in itertools.product(range(4), [(5,), (9,), (3, 16), (8, 4, 3, 3)]):
         w = weights(seed, shape, heavy_tails)
         results = [distance(w, *lowbit_quantize(w, bits, iterations=k)) for k in (0, 1, 2, 5, 50)]
-        assert all(later <= earlier for earlier, later in zip(results, results[1:])), results
+        assert all(later <= earlier for earlier, later in itertools.pairwise(results)), results
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -238,7 +238,7 @@ def test_short_training_lowers_the_loss_and_leaves_float_weights_outside_the_blo
     quantizer = WeightQuantizer(model, bits=1, method="br", rho=1.5, cutoff_epoch=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     losses = []
-    for epoch in range(4):
+    for _ in range(4):
         losses += [step(model, quantizer, optimizer, x, y) for _ in range(10)]
         quantizer.end_epoch()
     assert sum(losses[-10:]) / 10 < 0.6 * losses[0]  # 1.10 -> 0.50 here; binary steps make it noisy

@@ -49,8 +49,11 @@ def small_net() -> nn.Sequential:
 def test_layer_infos_and_bitops_match_a_hand_computation() -> None:
     layers = layer_infos(small_net(), (1, 8, 8))
     assert [(layer.name, layer.kind, layer.depthwise) for layer in layers] == [
-        ("1", "conv", False), ("3", "conv", True), ("5", "conv", False), ("7", "linear", False),
-    ]  # fmt: skip
+        ("1", "conv", False),
+        ("3", "conv", True),
+        ("5", "conv", False),
+        ("7", "linear", False),
+    ]
     sizes = [(layer.in_size, layer.out_size, layer.stride) for layer in layers]
     assert sizes == [(8, 8, 1), (8, 4, 2), (4, 4, 1), (1, 1, 1)]
     assert [layer.params for layer in layers] == [1 * 4 * 9 + 4, 4 * 9, 4 * 8 + 8, 128 * 10 + 10]
@@ -93,8 +96,8 @@ def test_enforce_budget_never_leaves_a_policy_over_budget_and_lowers_back_to_fro
     for _ in range(300):
         count = int(rng.integers(3, 12))
         layers = random_layers(rng, count)
-        weight = [8] + rng.integers(2, 9, count - 2).tolist() + [8]
-        act = [8] + rng.integers(2, 9, count - 2).tolist() + [8]
+        weight = [8, *rng.integers(2, 9, count - 2).tolist(), 8]
+        act = [8, *rng.integers(2, 9, count - 2).tolist(), 8]
         policy = BitPolicy(tuple(weight), tuple(act))
         budget = float(rng.uniform(0.2, 1.2) * bitops_percent(layers, policy))
         try:

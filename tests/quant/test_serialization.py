@@ -138,7 +138,10 @@ def test_a_crafted_program_is_refused_before_the_model_is_built(quantized, tmp_p
     path = tmp_path / "model.int8.pt"
     save_int8(path, quantized("mlp").int8)
     _tamper(path, lambda program: program["ops"][2].update(weight_shape=[45_000, 45_000]))  # 2 GB of int8
-    with pytest.raises(CheckpointError, match=r"do not fit the int8 model: ops.2.weight has shape \[256, 256\] in the file but \[45000, 45000\] in the model$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"do not fit the int8 model: ops.2.weight has shape \[256, 256\] in the file but \[45000, 45000\] in the model$",
+    ):
         load_int8(path)
     _tamper(path, lambda program: program["ops"].extend(program["ops"][1:2] * 1000))
     with pytest.raises(CheckpointError, match="its metadata describes more than"):

@@ -38,8 +38,19 @@ def digits_cnn():
 
 
 def _config(**changes) -> SearchConfig:
-    tiny = dict(sigma=0.25, budget=BUDGET, episodes=5, finetune_images=200, calibration_images=64, validation_images=12,
-                n0=20, n=100, n_zeta=50, batch_size=64, agent=DDPGConfig(hidden=(32, 32), warmup_episodes=2))  # fmt: skip
+    tiny = dict(
+        sigma=0.25,
+        budget=BUDGET,
+        episodes=5,
+        finetune_images=200,
+        calibration_images=64,
+        validation_images=12,
+        n0=20,
+        n=100,
+        n_zeta=50,
+        batch_size=64,
+        agent=DDPGConfig(hidden=(32, 32), warmup_episodes=2),
+    )
     return SearchConfig(**(tiny | changes))
 
 
@@ -98,7 +109,9 @@ def test_budget_always_respected_and_fixed_precision_fits():
 
 def test_search_resumes_exactly_after_interruption(digits_cnn, tmp_path):
     model, data = digits_cnn
-    whole = PolicySearch(model, data, _config()).run(tmp_path / "whole.jsonl", best_checkpoint=tmp_path / "whole.pt", metadata=_metadata(data))
+    whole = PolicySearch(model, data, _config()).run(
+        tmp_path / "whole.jsonl", best_checkpoint=tmp_path / "whole.pt", metadata=_metadata(data)
+    )
     assert [r.episode for r in whole.records] == list(range(5)) and whole.resumed == 0
     assert whole.best.reward == max(r.reward for r in whole.records)
     assert all(r.bitops_percent <= BUDGET and r.acr is not None for r in whole.records)
@@ -109,7 +122,9 @@ def test_search_resumes_exactly_after_interruption(digits_cnn, tmp_path):
     first = PolicySearch(model, data, _config(episodes=3)).run(log)
     with log.open("a") as file:
         file.write('{"episode": 3, "actions": [0.1')  # a crash in the middle of writing episode 3
-    resumed = PolicySearch(model, data, _config()).run(log, best_checkpoint=tmp_path / "resumed.pt", metadata=_metadata(data))
+    resumed = PolicySearch(model, data, _config()).run(
+        log, best_checkpoint=tmp_path / "resumed.pt", metadata=_metadata(data)
+    )
     assert resumed.resumed == 3 and first.records == resumed.records[:3]
     # the best model is rebuilt (or found again) exactly, whichever episode it came from
     best, again = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "resumed.pt")
@@ -149,7 +164,9 @@ def test_haq_reward_is_noisy_accuracy(digits_cnn, tmp_path):
 
 def test_certified_reward_is_certified_accuracy_gain(digits_cnn, tmp_path):
     model, data = digits_cnn
-    result = PolicySearch(model, data, _config(episodes=2, reward="certified", reward_radius=0.1)).run(tmp_path / "c.jsonl")
+    result = PolicySearch(model, data, _config(episodes=2, reward="certified", reward_radius=0.1)).run(
+        tmp_path / "c.jsonl"
+    )
     for record in result.records:
         assert record.acr is not None and -1 <= record.reward <= 1
         assert record.reward * 12 == pytest.approx(round(record.reward * 12), abs=1e-9)  # a difference of k / 12
@@ -171,10 +188,17 @@ def test_rs_certifier_certifies_afresh_with_n_zeta_samples(digits_cnn, tmp_path)
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"budget": 0.0}, "budget"), ({"budget": 100.5}, "budget"), ({"reward": "acc"}, "reward"),
-     ({"n_zeta": 200}, "n_zeta"), ({"sigma": -0.1}, "sigma"), ({"episodes": 0}, "episodes"),
-     ({"certifier": "exact"}, "certifier"), ({"reward_radius": -0.5}, "reward_radius")],
-)  # fmt: skip
+    [
+        ({"budget": 0.0}, "budget"),
+        ({"budget": 100.5}, "budget"),
+        ({"reward": "acc"}, "reward"),
+        ({"n_zeta": 200}, "n_zeta"),
+        ({"sigma": -0.1}, "sigma"),
+        ({"episodes": 0}, "episodes"),
+        ({"certifier": "exact"}, "certifier"),
+        ({"reward_radius": -0.5}, "reward_radius"),
+    ],
+)
 def test_config_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):
         _config(**changes)

@@ -33,7 +33,9 @@ def _greedy_reward(agent: DDPGAgent) -> float:
 
 def _train(seed: int, episodes: int = 60) -> tuple[DDPGAgent, list[list[float]]]:
     """An agent trained on the toy problem; small networks and faster learning rates keep it quick."""
-    config = DDPGConfig(hidden=(64, 64), actor_lr=1e-3, critic_lr=3e-3, warmup_episodes=10, updates_per_step=4, seed=seed)
+    config = DDPGConfig(
+        hidden=(64, 64), actor_lr=1e-3, critic_lr=3e-3, warmup_episodes=10, updates_per_step=4, seed=seed
+    )
     agent = DDPGAgent(2, config)
     return agent, [_episode(agent, e)[0] for e in range(episodes)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -88,7 +90,7 @@ class CarliniWagnerL2(Attack):
             for _ in range(self.steps):
                 tanh = torch.tanh(w)
                 x_adv = (tanh + 1) / 2  # (N, C, H, W) in [0, 1]
-                logits, grad = self._input_gradient(x_adv, lambda z: (c * self._f(z, y)).sum())
+                logits, grad = self._input_gradient(x_adv, functools.partial(self._objective, c, y))
                 success = self._margin(logits, y) < -self.confidence  # (N,)
                 self._check_gradient(grad, among=~success)  # f is flat, its gradient zero, past the margin
                 l2 = (x_adv - x).flatten(1).norm(dim=1)  # (N,)
@@ -110,6 +112,10 @@ class CarliniWagnerL2(Attack):
         own = logits.gather(1, y[:, None]).squeeze(1)  # (N,)
         others = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # (N,)
         return others - own if self.targeted else own - others
+
+    def _objective(self, c: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The sum of c f(logits): the term of the loss weighed by this search step's constants ``c``."""
+        return (c * self._f(logits, y)).sum()
 
     def _f(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Carlini and Wagner's f6: the margin, no lower than -confidence. Shape (N,)."""

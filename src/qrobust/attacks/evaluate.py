@@ -29,7 +29,9 @@ def robust_accuracy(
     ``attack=None`` gives natural accuracy. See ``evaluate_attacks`` for the arguments.
     """
     name = "natural" if attack is None else type(attack).__name__
-    results = evaluate_attacks({"model": model}, {name: attack}, images, labels, batch_size=batch_size, progress=progress)
+    results = evaluate_attacks(
+        {"model": model}, {name: attack}, images, labels, batch_size=batch_size, progress=progress
+    )
     return results["model"][name]
 
 
@@ -63,7 +65,9 @@ def evaluate_attacks(
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty batch of shape (N, C, H, W), got shape {tuple(images.shape)}")
     if labels.dtype != torch.int64 or labels.shape != (len(images),):
-        raise ValueError(f"labels must be int64 of shape ({len(images)},), got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be int64 of shape ({len(images)},), got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     for name, attack in attacks.items():
         if attack is not None and not isinstance(attack, Attack):
             raise ValueError(f"attack {name!r} must be an Attack or None, got {type(attack).__name__}")

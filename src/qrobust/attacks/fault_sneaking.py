@@ -162,11 +162,17 @@ class FaultSneakingAttack:
 
     def hyperparameters(self) -> dict[str, object]:
         return {
-            "layer": self.layer, "norm": self.norm, "bias": self.bias, "kappa": self.kappa, "steps": self.steps,
-            "search_steps": self.search_steps, "initial_radius": self.initial_radius,
-            "step_fraction": self.step_fraction, "penalty_growth": self.penalty_growth,
+            "layer": self.layer,
+            "norm": self.norm,
+            "bias": self.bias,
+            "kappa": self.kappa,
+            "steps": self.steps,
+            "search_steps": self.search_steps,
+            "initial_radius": self.initial_radius,
+            "step_fraction": self.step_fraction,
+            "penalty_growth": self.penalty_growth,
             "keep_fraction": self.keep_fraction,
-        }  # fmt: skip
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hyperparameters().items())})"
@@ -224,18 +230,32 @@ class FaultSneakingAttack:
         weight, bias = self._split(final.clone())
         magnitude = final.abs()
         return FaultSneakingResult(
-            self.name, weight, bias, best_radius, float(magnitude.max()), float(final.norm()),
-            int((magnitude > 0).sum()), hits[:num_targets], hits[num_targets:], self.keep_fraction,
-        )  # fmt: skip
+            self.name,
+            weight,
+            bias,
+            best_radius,
+            float(magnitude.max()),
+            float(final.norm()),
+            int((magnitude > 0).sum()),
+            hits[:num_targets],
+            hits[num_targets:],
+            self.keep_fraction,
+        )
+
+    def _layer_bias(self) -> torch.Tensor:
+        """The layer's bias, read only when ``self.bias`` (``__init__`` refuses bias=True without one)."""
+        bias = self.module.bias
+        assert bias is not None
+        return bias
 
     def _zero(self) -> torch.Tensor:
-        count = self.module.weight.numel() + (self.module.bias.numel() if self.bias else 0)
+        count = self.module.weight.numel() + (self._layer_bias().numel() if self.bias else 0)
         return self.module.weight.new_zeros(count)
 
     def _split(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat perturbation (P,) as views (weight delta, bias delta or None)."""
         n = self.module.weight.numel()
-        return delta[:n].view_as(self.module.weight), (delta[n:].view_as(self.module.bias) if self.bias else None)
+        return delta[:n].view_as(self.module.weight), (delta[n:].view_as(self._layer_bias()) if self.bias else None)
 
     def _forward(self, x: torch.Tensor) -> Forward:
         """The map from a flat perturbation (P,) of the layer to the model's logits on ``x`` (N, K).
@@ -250,7 +270,7 @@ class FaultSneakingAttack:
             weight, bias = self._split(delta)
             changed = {f"{self.name}.weight": self.module.weight.detach() + weight}
             if bias is not None:
-                changed[f"{self.name}.bias"] = self.module.bias.detach() + bias
+                changed[f"{self.name}.bias"] = self._layer_bias().detach() + bias
             return functional_call(model, parameters | changed, (x,))
 
         return forward
@@ -327,8 +347,11 @@ def _replaying(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> nn.Module
         for handle in handles:
             handle.remove()
     modules = [module for module, _ in calls]
-    replays = {module: _Replay(output) for module, output in calls[: modules.index(layer)]
-               if modules.count(module) == 1 and isinstance(output, torch.Tensor)}  # fmt: skip
+    replays = {
+        module: _Replay(output)
+        for module, output in calls[: modules.index(layer)]
+        if modules.count(module) == 1 and isinstance(output, torch.Tensor)
+    }
     names = {module: name for name, module in model.named_modules()}
     replaying = copy.deepcopy(model)
     for module, replay in replays.items():

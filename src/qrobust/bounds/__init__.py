@@ -19,7 +19,12 @@ from qrobust.bounds.interval import LayerBall, interval_logits, interval_margins
 from qrobust.bounds.linear import SingleLayerBound
 from qrobust.bounds.network import Affine, ReluNetwork
 from qrobust.bounds.perturbation import AffineNoise, WeightPerturbation
-from qrobust.bounds.quantization import QuantizationCertificate, QuantizationNoise, quantization_noise, verify_quantization
+from qrobust.bounds.quantization import (
+    QuantizationCertificate,
+    QuantizationNoise,
+    quantization_noise,
+    verify_quantization,
+)
 
 __all__ = [
     "Affine",

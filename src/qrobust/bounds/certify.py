@@ -7,6 +7,7 @@ all j != c; the certified radius is found by bisection on eps (the bounds grow w
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ from qrobust.bounds.network import ReluNetwork, as_unit_images
 from qrobust.bounds.perturbation import WeightPerturbation, check_norm
 
 METHODS = ("auto", "linear", "interval")
-Bounder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (eps scale (M,), inputs (M,)) -> margin lower bounds (M, classes)
+Bounder = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (eps scale (M,), inputs (M,)) -> margin lower bounds (M, classes)
 
 
 def resolve_method(network: ReluNetwork, layers: Sequence[int], method: str) -> str:
@@ -136,7 +139,9 @@ def certified_eps(
     _check_batch_size(batch_size)
     x, labels = _inputs(network, images, labels)
     method = resolve_method(network, perturbation.layers, method)
-    results = _in_threads(lambda part: _radius(network, x[part], labels[part], perturbation, method, low, high, rtol), len(x), batch_size)
+    results = _in_threads(
+        lambda part: _radius(network, x[part], labels[part], perturbation, method, low, high, rtol), len(x), batch_size
+    )
     return torch.cat(results) if results else torch.zeros(0, dtype=network.dtype)
 
 
@@ -166,8 +171,12 @@ def _radius(network, x, labels, perturbation, method: str, low: float, high: flo
     (layer,) = perturbation.layers
     single = SingleLayerBound(network, x, layer, perturbation.norm, perturbation.bias)
     linear = _linear(single, labels, perturbation)
-    line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(1)  # linear bounds at lo, to first order
-    margin_lo = torch.where(at_low, torch.maximum(margin_lo, line), line)  # for the fit only: lo is certified by interval bounds or checked below
+    line = (gaps - lo.view(-1, 1) * perturbation.eps_of(layer) * single.descent(labels)).amin(
+        1
+    )  # linear bounds at lo, to first order
+    margin_lo = torch.where(
+        at_low, torch.maximum(margin_lo, line), line
+    )  # for the fit only: lo is certified by interval bounds or checked below
     rest = torch.nonzero(~at_high & (margin_lo > 0)).flatten()
     unknown = torch.full((len(rest),), math.nan, dtype=network.dtype)  # high is not tried yet
     result = torch.where(at_high, hi, 0.0)  # (a tensor: two Python floats would make float32)
@@ -211,30 +220,43 @@ def _search(
         todo = torch.nonzero(torch.where(bracketed, hi > lo * (1 + rtol), lo < high)).flatten()
         if len(todo) == 0:
             return lo, margin_lo
-        l, h, closed = lo[todo], hi[todo], bracketed[todo]
+        below, above, closed = lo[todo], hi[todo], bracketed[todo]
         drop = exact[todo] - margin_lo[todo]  # (T,)
         # the power law through (lo, hi) once bracketed, else through the last two certified radii (or eps = 0)
-        other = torch.where(closed, h, prev[todo])
+        other = torch.where(closed, above, prev[todo])
         other_drop = exact[todo] - torch.where(closed, margin_hi[todo], margin_prev[todo])
-        power = ((other_drop / drop).log() / (other / l).log()).clamp(1, MAX_POWER)
+        power = ((other_drop / drop).log() / (other / below).log()).clamp(1, MAX_POWER)
         power = torch.where(torch.isfinite(power) & (other > 0), power, 1.0)
-        estimate = l * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
+        estimate = below * (exact[todo] / drop) ** (1 / power)  # where exact - drop(lo) (eps / lo) ** power = 0
         estimate = torch.where(other > 0, estimate, estimate * FIRST_STEP)
-        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(l * MIN_GROWTH, l * MAX_GROWTH)
-        share = ((estimate.log() - l.log()) / (h.log() - l.log())).clamp(0.02, 0.98)  # position in the log bracket
-        share = torch.where(slow[todo] & (estimate > l * (1 + rtol) ** 2), 0.5, share)  # unless the root looks within reach
-        step = torch.where(closed, l * (h / l) ** share, torch.minimum(estimate, h))
-        step = torch.where(closed & (step < l * (1 + rtol) ** 2), l * (1 + rtol), step)  # a failure there ends the search
-        last = h / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
+        estimate = torch.nan_to_num(estimate, nan=math.inf, posinf=math.inf).clamp(
+            below * MIN_GROWTH, below * MAX_GROWTH
+        )
+        share = ((estimate.log() - below.log()) / (above.log() - below.log())).clamp(
+            0.02, 0.98
+        )  # position in the log bracket
+        share = torch.where(
+            slow[todo] & (estimate > below * (1 + rtol) ** 2), 0.5, share
+        )  # unless the root looks within reach
+        step = torch.where(closed, below * (above / below) ** share, torch.minimum(estimate, above))
+        step = torch.where(
+            closed & (step < below * (1 + rtol) ** 2), below * (1 + rtol), step
+        )  # a failure there ends the search
+        last = above / (1 + rtol) * (1 + 1e-12)  # a success there ends it (the factor outweighs rounding)
         step = torch.where(closed & (step > last / (1 + rtol)), last, step)
-        step = torch.where(closed & (h <= l * (1 + rtol) ** 2), (l * h).sqrt(), step)  # either result ends it there
+        step = torch.where(
+            closed & (above <= below * (1 + rtol) ** 2), (below * above).sqrt(), step
+        )  # either result ends it there
         margin = _worst(bound, step, index[todo])
         ok = margin > 0
-        kept = torch.where(ok, h.log() - step.log(), step.log() - l.log()) / (h.log() - l.log())
+        kept = torch.where(ok, above.log() - step.log(), step.log() - below.log()) / (above.log() - below.log())
         slow[todo] = closed & (kept > 2 / 3)
-        prev[todo], margin_prev[todo] = torch.where(ok, l, prev[todo]), torch.where(ok, margin_lo[todo], margin_prev[todo])
-        lo[todo], margin_lo[todo] = torch.where(ok, step, l), torch.where(ok, margin, margin_lo[todo])
-        hi[todo], margin_hi[todo] = torch.where(ok, h, step), torch.where(ok, margin_hi[todo], margin)
+        prev[todo], margin_prev[todo] = (
+            torch.where(ok, below, prev[todo]),
+            torch.where(ok, margin_lo[todo], margin_prev[todo]),
+        )
+        lo[todo], margin_lo[todo] = torch.where(ok, step, below), torch.where(ok, margin, margin_lo[todo])
+        hi[todo], margin_hi[todo] = torch.where(ok, above, step), torch.where(ok, margin_hi[todo], margin)
 
 
 MIN_GROWTH, MAX_GROWTH = 1.01, 1e6  # bounds on the factor between successive radii tried from below
@@ -253,7 +275,7 @@ def _in_threads(function: Callable[[slice], torch.Tensor], count: int, batch_siz
     threads = torch.get_num_threads()
     pieces = max(-(-count // batch_size), min(threads, count // MIN_SLICE), 1)
     edges = [round(i * count / pieces) for i in range(pieces + 1)]
-    slices = [slice(start, end) for start, end in zip(edges, edges[1:])]
+    slices = [slice(start, end) for start, end in itertools.pairwise(edges)]
     if threads == 1 or pieces == 1:
         return [function(part) for part in slices]
     torch.set_num_threads(1)
@@ -272,13 +294,18 @@ def _worst(bound: Bounder, eps: torch.Tensor, index: torch.Tensor) -> torch.Tens
     return bound(eps, index).amin(1)
 
 
-def _bounder(network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, perturbation: WeightPerturbation, method: str) -> Bounder:
+def _bounder(
+    network: ReluNetwork, x: torch.Tensor, labels: torch.Tensor, perturbation: WeightPerturbation, method: str
+) -> Bounder:
     """Margin lower bounds of the inputs ``index`` as a function of a per-input scale of ``perturbation``'s
     radii. Linear bounds are never looser than interval ones: their boxes lie inside the interval boxes,
     and the first bound their margins meet is the interval one on those boxes (tested)."""
 
     def interval(scale: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        balls = {k: LayerBall(scale * perturbation.eps_of(k), perturbation.norm, perturbation.bias) for k in perturbation.layers}
+        balls = {
+            k: LayerBall(scale * perturbation.eps_of(k), perturbation.norm, perturbation.bias)
+            for k in perturbation.layers
+        }
         with torch.no_grad():
             return interval_margins(network, x[index], labels[index], balls)
 
@@ -352,7 +379,9 @@ def certified_eps_table(
 def _inputs(network: ReluNetwork, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = as_unit_images(images, network.dtype)
     if not isinstance(labels, torch.Tensor) or labels.shape != (len(x),) or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape ({len(x)},), got {getattr(labels, 'shape', labels)!r}")
+        raise ValueError(
+            f"labels must be an integer tensor of shape ({len(x)},), got {getattr(labels, 'shape', labels)!r}"
+        )
     classes = network.layers[-1].weight.shape[0]
     if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
         raise ValueError(f"labels must be in [0, {classes - 1}]")

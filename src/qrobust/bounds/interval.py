@@ -92,7 +92,9 @@ def _noisy(lower: torch.Tensor, upper: torch.Tensor, noise: AffineNoise | None) 
     return lower, upper
 
 
-def affine_box(layer: Affine, lower: torch.Tensor, upper: torch.Tensor, ball: LayerBall | None, noise: AffineNoise | None) -> Box:
+def affine_box(
+    layer: Affine, lower: torch.Tensor, upper: torch.Tensor, ball: LayerBall | None, noise: AffineNoise | None
+) -> Box:
     """Centre and radius of the layer's output over its input box and weight uncertainty (module docstring)."""
     lower, upper = layer.pad(lower), layer.pad(upper)  # pad values are exact
     center, radius = (upper + lower) / 2, (upper - lower) / 2

@@ -79,7 +79,9 @@ class SingleLayerBound:
         self.out_channels = first.weight.shape[0]
         self.z_center = center.flatten(1)  # (N, n0), channel-major like Flatten
         self.patches = patches
-        self.patch_norms = patches.abs().amax(1) if math.isinf(self.q) else torch.linalg.vector_norm(patches, ord=self.q, dim=1)  # (N, P)
+        self.patch_norms = (
+            patches.abs().amax(1) if math.isinf(self.q) else torch.linalg.vector_norm(patches, ord=self.q, dim=1)
+        )  # (N, P)
         # the following layers with a zero row and column appended, for the padding of live-neuron indices
         self.weights = [F.pad(layer.weight, (0, 1, 0, 1)) for layer in self.after]  # (n_h + 1, n_{h-1} + 1)
         self.biases = [F.pad(layer.bias, (0, 1)) for layer in self.after]  # (n_h + 1,)
@@ -95,7 +97,9 @@ class SingleLayerBound:
         """
         inputs = torch.arange(len(self.z_center)) if inputs is None else inputs
         batch = _Batch(eps, self.z_center[inputs], self.patches[inputs], self.patch_norms[inputs])
-        if not self.after:  # the logits are layer N's output z_0: Hoelder's bound is exact, rows c and j move by eps each
+        if (
+            not self.after
+        ):  # the logits are layer N's output z_0: Hoelder's bound is exact, rows c and j move by eps each
             z = batch.z_center
             lower = z.gather(1, labels.view(-1, 1)) - z - 2 * (eps * batch.patch_norms[:, 0]).unsqueeze(1)
             return lower.scatter(1, labels.view(-1, 1), math.inf)
@@ -136,7 +140,9 @@ class SingleLayerBound:
 
     def _first_bounds(self, batch: _Batch) -> Box:
         """Exact pre-activation box of the perturbed layer: centre +- eps ||[patch, 1]||_q, (M, n0)."""
-        radius = batch.eps.view(-1, 1, 1) * batch.patch_norms.unsqueeze(1)  # (M, 1, P): the same for every output channel
+        radius = batch.eps.view(-1, 1, 1) * batch.patch_norms.unsqueeze(
+            1
+        )  # (M, 1, P): the same for every output channel
         radius = radius.expand(-1, self.out_channels, -1).reshape(batch.z_center.shape)
         return batch.z_center - radius, batch.z_center + radius
 
@@ -151,15 +157,22 @@ class SingleLayerBound:
         for h in range(1, len(self.after)):
             lower, upper = _interval_step(self.after[h - 1], levels[-1].lower, levels[-1].upper)  # (M, n_h)
             if zonotope is None and h >= 2 and _zonotope_pays(lower[fresh], upper[fresh], levels[h - 2].lower.shape[1]):
-                zonotope = _Zonotope(self.after[h - 2], levels[h - 2].lower[fresh], levels[h - 2].upper[fresh])  # of z_{h-1}
+                zonotope = _Zonotope(
+                    self.after[h - 2], levels[h - 2].lower[fresh], levels[h - 2].upper[fresh]
+                )  # of z_{h-1}
             if zonotope is not None:
                 zonotope.step(self.after[h - 1], levels[h - 1].lower[fresh], levels[h - 1].upper[fresh])
                 zonotope_lower, zonotope_upper = zonotope.bounds()
-                lower[fresh], upper[fresh] = torch.maximum(lower[fresh], zonotope_lower), torch.minimum(upper[fresh], zonotope_upper)
+                lower[fresh], upper[fresh] = (
+                    torch.maximum(lower[fresh], zonotope_lower),
+                    torch.minimum(upper[fresh], zonotope_upper),
+                )
             known_lower, known_upper = (t[inputs] for t in self.known[h - 1])
             lower = torch.where(valid, torch.maximum(lower, known_lower), lower)
             upper = torch.where(valid, torch.minimum(upper, known_upper), upper)
-            levels.append(_Level(*self._refine(batch, levels, lower, upper), levels[-1], self.weights[h - 1], self.biases[h - 1]))
+            levels.append(
+                _Level(*self._refine(batch, levels, lower, upper), levels[-1], self.weights[h - 1], self.biases[h - 1])
+            )
         return levels
 
     def _refine(self, batch: _Batch, levels: list[_Level], lower: torch.Tensor, upper: torch.Tensor) -> Box:
@@ -176,7 +189,9 @@ class SingleLayerBound:
         for part in _chunks(len(owners), 2 * neurons.shape[1] * below.live.shape[1]):
             owner, neuron = owners[part], neurons[part]
             rows = _submatrices(self.weights[h - 1], neuron, below.live[owner])  # (B, R, A_{h-1}) on relu(z_{h-1})
-            found = self._back_substitute(batch, levels, _Owner(owner), rows, self.biases[h - 1][neuron], valid[part])  # (2, B, R)
+            found = self._back_substitute(
+                batch, levels, _Owner(owner), rows, self.biases[h - 1][neuron], valid[part]
+            )  # (2, B, R)
             at = (owner.unsqueeze(1), neuron)
             lower[at] = torch.maximum(lower[at], found[0])
             upper[at] = torch.minimum(upper[at], -found[1])
@@ -210,7 +225,10 @@ class SingleLayerBound:
             coefficients, const = coefficients.unsqueeze(0), const.unsqueeze(0)  # (1, B, R, A_g), (1, B, R)
         elif g == 0:
             slot = torch.where(neurons, slot, spare)
-            coefficients, const = torch.stack([coefficients, -coefficients]), torch.stack([const, -const])  # (2, B, R, A_0)
+            coefficients, const = (
+                torch.stack([coefficients, -coefficients]),
+                torch.stack([const, -const]),
+            )  # (2, B, R, A_0)
         else:  # through the first layer for l and -u at once: the rows of -u are those of l negated
             slot = torch.where(neurons, slot, spare)
             level = levels[g]
@@ -229,7 +247,9 @@ class SingleLayerBound:
             level = levels[g]
             through = None  # c . (slope b): the lower lines' share of the bias through the layer below
             if not first:  # concretise on the box of relu(z_g)
-                dots = coefficients @ owner.pick(level.vectors)  # (S, B, R, 1 or 2): c . relu(l), and c . (slope b) for g > 0
+                dots = coefficients @ owner.pick(
+                    level.vectors
+                )  # (S, B, R, 1 or 2): c . relu(l), and c . (slope b) for g > 0
                 value = const + dots[..., 0] + _dot(coefficients.clamp(max=0), owner.pick(level.width))  # (S, B, R)
                 through = dots[..., 1] if g > 0 else None
                 best[:, slot] = torch.maximum(best[:, slot], value)
@@ -249,7 +269,11 @@ class SingleLayerBound:
                         rows = (torch.nonzero(keep) * going.shape[1] + order).flatten()  # in B R
                         coefficients = coefficients.flatten(1, 2).index_select(1, rows).unflatten(1, slot.shape)
                         const = const.flatten(1).index_select(1, rows).unflatten(1, slot.shape)
-                        through = None if through is None else through.flatten(1).index_select(1, rows).unflatten(1, slot.shape)
+                        through = (
+                            None
+                            if through is None
+                            else through.flatten(1).index_select(1, rows).unflatten(1, slot.shape)
+                        )
                         owner = _Owner(owner.index[keep])
             first = False
             # the relaxation of relu(z_g): lower line slope * z, and the upper line's extra gap * z + offset where
@@ -273,7 +297,9 @@ class SingleLayerBound:
             g -= 1
         return best[:, :-1].view(len(best), blocks, r)
 
-    def _hoelder(self, batch: _Batch, level: _Level, owner: _Owner, coefficients: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    def _hoelder(
+        self, batch: _Batch, level: _Level, owner: _Owner, coefficients: torch.Tensor, const: torch.Tensor
+    ) -> torch.Tensor:
         """min of coefficients . z_0 + const over the weight ball (eqs. 12-13): (S, B, R) for coefficients
         (S, B, R, A_0) on the live neurons of z_0 (``level``), block b holding rows of input ``owner.index[b]``."""
         live = owner.pick(level.live)  # (B, A_0)
@@ -281,8 +307,12 @@ class SingleLayerBound:
         if batch.patches.shape[2] > 1:  # back on all of z_0 (O channels x P positions)
             sides, blocks, rows, _ = coefficients.shape
             full = coefficients.new_zeros(sides, blocks, rows, batch.z_center.shape[1] + 1)
-            coefficients = full.scatter(3, live[None, :, None, :].expand(sides, -1, rows, -1), coefficients)[..., :-1]  # (S, B, R, O P)
-        return value - owner.pick(batch.eps).view(-1, 1) * self._dual(coefficients, owner.pick(batch.patches), owner.pick(batch.patch_norms))
+            coefficients = full.scatter(3, live[None, :, None, :].expand(sides, -1, rows, -1), coefficients)[
+                ..., :-1
+            ]  # (S, B, R, O P)
+        return value - owner.pick(batch.eps).view(-1, 1) * self._dual(
+            coefficients, owner.pick(batch.patches), owner.pick(batch.patch_norms)
+        )
 
     def _dual(self, coefficients: torch.Tensor, patches: torch.Tensor, patch_norms: torch.Tensor) -> torch.Tensor:
         """sum_o ||G_o||_q, G_o = sum_p Lambda_{o,p} [patch_p, 1], for rows Lambda (..., B, R, n) on z_0 of the
@@ -291,7 +321,9 @@ class SingleLayerBound:
         positions = patches.shape[2]
         if positions == 1:
             return coefficients.abs().sum(-1) * patch_norms  # (..., B, R)
-        grads = coefficients.unflatten(-1, (self.out_channels, positions)) @ patches.transpose(1, 2).unsqueeze(1)  # (..., B, R, O, K)
+        grads = coefficients.unflatten(-1, (self.out_channels, positions)) @ patches.transpose(1, 2).unsqueeze(
+            1
+        )  # (..., B, R, O, K)
         norms = grads.abs().amax(-1) if math.isinf(self.q) else torch.linalg.vector_norm(grads, ord=self.q, dim=-1)
         return norms.sum(-1)
 
@@ -342,15 +374,20 @@ class _Level:
         widths = [int(count.max()) if len(lower) else 0 for count in counts]
         order = torch.sort(live.to(torch.uint8) + unstable.to(torch.uint8), dim=1, descending=True, stable=True).indices
         self.live = torch.where(torch.arange(widths[0]) < counts[0], order[:, : widths[0]], lower.shape[1])  # (M, A)
-        l, u = F.pad(lower, (0, 1)).gather(1, self.live), F.pad(upper, (0, 1)).gather(1, self.live)  # (M, A), 0 in the padding
-        unstable = (l < 0)[:, : widths[1]]  # (M, U)
-        l_u, u_u = l[:, : widths[1]], u[:, : widths[1]]
-        slope_up = u_u / (u_u - l_u).clamp_min(torch.finfo(l.dtype).tiny)
-        self.slope = torch.where(l < 0, (u > -l).to(l.dtype), (u > 0).to(l.dtype))
+        live_lower, live_upper = (
+            F.pad(lower, (0, 1)).gather(1, self.live),
+            F.pad(upper, (0, 1)).gather(1, self.live),
+        )  # (M, A), 0 in the padding
+        unstable = (live_lower < 0)[:, : widths[1]]  # (M, U)
+        l_u, u_u = live_lower[:, : widths[1]], live_upper[:, : widths[1]]
+        slope_up = u_u / (u_u - l_u).clamp_min(torch.finfo(live_lower.dtype).tiny)
+        self.slope = torch.where(
+            live_lower < 0, (live_upper > -live_lower).to(live_lower.dtype), (live_upper > 0).to(live_lower.dtype)
+        )
         self.gap = torch.where(unstable, slope_up - self.slope[:, : widths[1]], 0.0)
         self.offset = torch.where(unstable, -slope_up * l_u, 0.0)
-        low = l.clamp_min(0)
-        self.width = u - low
+        low = live_lower.clamp_min(0)
+        self.width = live_upper - low
         if below is None or weight is None or bias is None:
             if not (below is None and weight is None and bias is None):
                 raise ValueError("a level above the first needs the level below, its weight and its bias")
@@ -421,12 +458,19 @@ class _Zonotope:
         mu = torch.where(unstable, -slope * lower / 2, 0.0)  # (M, n_g)
         weight, compact = layer.weight, layer.weight.to(ZONOTOPE_DTYPE)
         stored_scale = scale.unsqueeze(-1).to(ZONOTOPE_DTYPE)
-        blocks = [(compact @ (block * stored_scale).flatten(1)).view(weight.shape[0], *block.shape[1:]) for block in self.generators]
+        blocks = [
+            (compact @ (block * stored_scale).flatten(1)).view(weight.shape[0], *block.shape[1:])
+            for block in self.generators
+        ]
         fresh = _columns(weight, unstable, mu)  # (n_{g+1}, M, U)
         finfo = torch.finfo(ZONOTOPE_DTYPE)
         kappa = (weight.shape[1] + 4) * finfo.eps / 2 * (1 + 1e-3) if self.rounding else 0.0  # 1e-3: second-order terms
-        underflow = weight.shape[1] * sum(block.shape[2] for block in blocks) * finfo.smallest_normal if self.rounding else 0.0
-        self.error = weight.abs() @ (scale * (kappa * self.rows + self.error)) + underflow + _stored_error(fresh, self.rounding)
+        underflow = (
+            weight.shape[1] * sum(block.shape[2] for block in blocks) * finfo.smallest_normal if self.rounding else 0.0
+        )
+        self.error = (
+            weight.abs() @ (scale * (kappa * self.rows + self.error)) + underflow + _stored_error(fresh, self.rounding)
+        )
         self.generators = [*blocks, fresh.to(ZONOTOPE_DTYPE)]
         self.rows = _row_sums(self.generators, lower.dtype)
         self.center = layer(self.center * scale.t() + mu)
@@ -481,7 +525,9 @@ class _Owner:
     def __init__(self, index: torch.Tensor) -> None:
         self.index = index
         first = int(index[0]) if len(index) else 0
-        self.run = slice(first, first + len(index)) if not len(index) or int(index[-1]) == first + len(index) - 1 else None
+        self.run = (
+            slice(first, first + len(index)) if not len(index) or int(index[-1]) == first + len(index) - 1 else None
+        )
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         return values[self.run] if self.run is not None else values.index_select(0, self.index)

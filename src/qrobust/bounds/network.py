@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,15 @@ class Affine:
     def is_conv(self) -> bool:
         return self.weight.dim() == 4
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The layer on ``x`` with its own weight and bias, or the given ones."""
         return self.core(self.pad(x), weight, bias)
 
-    def core(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def core(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The layer on an already padded input (see ``pad``)."""
         weight = self.weight if weight is None else weight
         bias = self.bias if bias is None else bias
@@ -73,7 +78,9 @@ class Affine:
 
     def describe(self) -> str:
         if self.is_conv:
-            return f"Conv2d {self.weight.shape[1]}->{self.weight.shape[0]} {self.weight.shape[2]}x{self.weight.shape[3]}"
+            return (
+                f"Conv2d {self.weight.shape[1]}->{self.weight.shape[0]} {self.weight.shape[2]}x{self.weight.shape[3]}"
+            )
         return f"Linear {self.weight.shape[1]}->{self.weight.shape[0]}"
 
 
@@ -119,7 +126,7 @@ class ReluNetwork:
         if not self.ops or not isinstance(self.ops[-1], Affine) or self.ops[-1].is_conv:
             raise ValueError(f"a ReluNetwork must end in a Linear layer (the logits), got ops {self.ops!r}")
         self.positions = tuple(i for i, op in enumerate(self.ops) if isinstance(op, Affine))  # op index of layer k
-        self.layers: tuple[Affine, ...] = tuple(self.ops[i] for i in self.positions)
+        self.layers: tuple[Affine, ...] = tuple(op for op in self.ops if isinstance(op, Affine))
         self.names = tuple(names) if names is not None else tuple(f"layer{k}" for k in range(len(self.layers)))
         if len(self.names) != len(self.layers):
             raise ValueError(f"names has {len(self.names)} entries for {len(self.layers)} affine layers")
@@ -193,29 +200,40 @@ class ReluNetwork:
         current = graph.input
         for layer in graph.layers:
             if layer.inputs != (current,):
-                raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} is not part of a single chain of layers")
+                raise UnsupportedModelError(
+                    f"cannot bound {graph.model}: {layer.describe()} is not part of a single chain of layers"
+                )
             if normalize is not None and layer.kind not in ("flatten", "identity", "conv", "linear"):
-                raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be read by the first Linear/Conv2d, not {layer.describe()}")
-            module = layer.module
+                raise UnsupportedModelError(
+                    f"cannot bound {graph.model}: Normalize must be read by the first Linear/Conv2d, not {layer.describe()}"
+                )
+            module = layer.module  # of the class its kind names (graph's _MODULE_KINDS)
             if layer.kind == "normalize":
                 if ops:
-                    raise UnsupportedModelError(f"cannot bound {graph.model}: Normalize must be the first layer, not {layer.describe()}")
-                normalize = module
+                    raise UnsupportedModelError(
+                        f"cannot bound {graph.model}: Normalize must be the first layer, not {layer.describe()}"
+                    )
+                normalize = cast(Normalize, module)
             elif layer.kind in ("conv", "linear"):
-                ops.append(_affine(module, normalize))
+                ops.append(_affine(cast(nn.Conv2d | nn.Linear, module), normalize))
                 names.append(layer.name)
                 normalize = None
             elif layer.kind == "batchnorm":
                 if not ops or not isinstance(ops[-1], Affine) or not ops[-1].is_conv:
-                    raise UnsupportedModelError(f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d")
-                weight, bias = fold_batchnorm(ops[-1].weight, ops[-1].bias, module)
+                    raise UnsupportedModelError(
+                        f"cannot bound {graph.model}: {layer.describe()} does not follow a Conv2d"
+                    )
+                weight, bias = fold_batchnorm(ops[-1].weight, ops[-1].bias, cast(nn.BatchNorm2d, module))
                 ops[-1] = replace(ops[-1], weight=weight.detach(), bias=bias.detach())
             elif layer.kind == "relu":
                 ops.append(ReLU())
             elif layer.kind == "flatten":
                 ops.append(Flatten())
             elif layer.kind == "maxpool":
-                ops.append(MaxPool(_pair(module.kernel_size), _pair(module.stride or module.kernel_size), _pair(module.padding)))
+                pool = cast(nn.MaxPool2d, module)
+                ops.append(
+                    MaxPool(_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding))
+                )
             current = layer.name
         if graph.output != current:
             raise UnsupportedModelError(f"cannot bound {graph.model}: it does not return its last layer's output")
@@ -235,7 +253,8 @@ def _affine(module: nn.Conv2d | nn.Linear, normalize: Normalize | None) -> Affin
     if not isinstance(module, nn.Conv2d):
         return Affine(weight, bias)
     pad_value = None if normalize is None else normalize.mean.detach().clone()  # zero padding after normalising
-    return Affine(weight, bias, _pair(module.stride), _pair(module.padding), pad_value)
+    padding = cast(tuple[int, int], module.padding)  # check_supported refuses string padding
+    return Affine(weight, bias, _pair(module.stride), _pair(padding), pad_value)
 
 
 def as_unit_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -247,5 +266,7 @@ def as_unit_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 lattice values or floats in [0, 1], got {images.dtype}")
     if images.numel() and not (images.min() >= 0 and images.max() <= 1):
-        raise ValueError(f"float images must lie in [0, 1], got values in [{float(images.min()):.4g}, {float(images.max()):.4g}]")
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{float(images.min()):.4g}, {float(images.max()):.4g}]"
+        )
     return images.to(dtype)

@@ -90,7 +90,9 @@ class AffineNoise:
                 raise ValueError(f"{name} must be a tensor >= 0 or None, got {value!r}")
         if not (isinstance(self.input_noise, (int, float)) and 0 <= self.input_noise < math.inf):
             raise ValueError(f"input_noise must be finite and >= 0, got {self.input_noise!r}")
-        if self.input_range is not None and not (len(self.input_range) == 2 and self.input_range[0] <= self.input_range[1]):
+        if self.input_range is not None and not (
+            len(self.input_range) == 2 and self.input_range[0] <= self.input_range[1]
+        ):
             raise ValueError(f"input_range must be (low, high) with low <= high, got {self.input_range!r}")
 
 

@@ -79,17 +79,23 @@ def quantization_noise(float_model: nn.Module | ReluNetwork, int8_model: Int8Mod
     Raises ValueError if the int8 program is not a chain matching the float network layer for layer.
     """
     if not isinstance(int8_model, Int8Model):
-        raise ValueError(f"int8_model must be an Int8Model (qrobust.quant.load_int8(path).model), got {type(int8_model).__name__}")
+        raise ValueError(
+            f"int8_model must be an Int8Model (qrobust.quant.load_int8(path).model), got {type(int8_model).__name__}"
+        )
     network = float_model if isinstance(float_model, ReluNetwork) else ReluNetwork.from_model(float_model)
     network = network.to(torch.float64)
     if any(args != (step,) for step, args in enumerate(int8_model.inputs)):
-        raise ValueError("the int8 model is not a chain of layers (it has residual connections); only mlp/cnn-like models can be verified")
+        raise ValueError(
+            "the int8 model is not a chain of layers (it has residual connections); only mlp/cnn-like models can be verified"
+        )
     if not all(isinstance(op, (IntLinear, IntConv2d, IntMaxPool2d, IntFlatten)) for op in int8_model.ops):
         raise ValueError("the int8 model has ops other than linear, conv, max pooling and flatten")
     affine = [(step, op) for step, op in enumerate(int8_model.ops) if isinstance(op, (IntLinear, IntConv2d))]
     shapes = [tuple(op.weight.shape) for _, op in affine]
     if shapes != [tuple(layer.weight.shape) for layer in network.layers]:
-        raise ValueError(f"the int8 model's layers {shapes} do not match the float model's {[tuple(l.weight.shape) for l in network.layers]}")
+        raise ValueError(
+            f"the int8 model's layers {shapes} do not match the float model's {[tuple(layer.weight.shape) for layer in network.layers]}"
+        )
     qparams = int8_model.value_qparams
     # per value: (relu, relative error) of the affine op that last wrote it (value 0: the input)
     producer: list[tuple[bool, float]] = [(False, 0.0)]
@@ -142,7 +148,9 @@ def verify_quantization(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     x = as_unit_images(images, torch.float64)
     if images.is_floating_point() and not torch.allclose(x * UINT8_MAX, (x * UINT8_MAX).round(), atol=1e-4, rtol=0):
-        raise ValueError("float images must lie on the uint8 lattice (multiples of 1/255), as the int8 model reads them")
+        raise ValueError(
+            "float images must lie on the uint8 lattice (multiples of 1/255), as the int8 model reads them"
+        )
     x = (x * UINT8_MAX).round() / UINT8_MAX
     bounds = quantization_noise(float_model, int8_model)
     was_training = float_model.training
@@ -164,7 +172,9 @@ def _int8_margins(bounds: QuantizationNoise, x: torch.Tensor, predictions: torch
     """(margin lower bound (N,), logit lower (N, K), logit upper (N, K)) of the int8 model's real logits."""
     with torch.no_grad():
         lower, upper = interval_logits(bounds.network, x, noise=bounds.noise)
-        rounding = bounds.logit_step / 2 + 2 * bounds.logit_relative_error * torch.maximum(lower.abs(), upper.abs())  # (N, K)
+        rounding = bounds.logit_step / 2 + 2 * bounds.logit_relative_error * torch.maximum(
+            lower.abs(), upper.abs()
+        )  # (N, K)
         margins = interval_margins(bounds.network, x, predictions, noise=bounds.noise)  # (N, K) of the unrounded logits
         margins = margins - rounding - rounding.gather(1, predictions.view(-1, 1))
     return margins.amin(1), lower - rounding, upper + rounding

@@ -47,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,10 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from qrobust.bounds.certify import certified_eps
+from qrobust.bounds.network import ReluNetwork
 from qrobust.data import LatticeDataset
 from qrobust.errors import CheckpointError
 from qrobust.graph import check_supported, trace
 from qrobust.models.checkpoint import read_archive, write_archive
+from qrobust.models.layers import Normalize
 from qrobust.progress import progress_bar
 from qrobust.quant.lowbit import LowBitWeight, _alternate
 
@@ -74,10 +77,15 @@ def grid_top(bits: int) -> int:
     return 2 ** (bits - 2)
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     """The Linear and Conv2d modules of ``model`` by qualified name, in the order forward calls them
     (``qrobust.graph``; a module called twice counts once), the order of ``qrobust.bounds``' layers."""
-    return [(layer.name, layer.module) for layer in trace(model).affine() if layer.name == layer.target]
+    # graph.affine() holds the conv and linear layers
+    return [
+        (layer.name, cast(nn.Conv2d | nn.Linear, layer.module))
+        for layer in trace(model).affine()
+        if layer.name == layer.target
+    ]
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,7 @@ class ADMMConfig:
         if not _finite(self.rho_growth) or self.rho_growth < 1:
             raise ValueError(f"rho_growth must be a finite number >= 1, got {self.rho_growth!r}")
         if not isinstance(self.box_codes, bool):
-            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"box_codes must be True or False, got {self.box_codes!r}")
         if not _finite(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
 
@@ -150,7 +158,9 @@ class ADMMConfig:
         another length or a mapping names other layers."""
         if isinstance(self.bits, Mapping):
             if set(self.bits) != set(names):
-                raise ValueError(f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}")
+                raise ValueError(
+                    f"bits names layers {sorted(self.bits)} but the model's Linear/Conv2d layers are {list(names)}"
+                )
             return tuple(self.bits[name] for name in names)
         if not isinstance(self.bits, tuple):
             return (self.bits,) * len(names)
@@ -219,8 +229,14 @@ class ADMMResult:
         return {
             "config": asdict(self.config),
             "layers": [
-                {"name": layer.name, "bits": layer.bits, "scale": float(layer.scale), "epsilon": layer.epsilon,
-                 "box_violation": layer.box_violation, "box_feasible": layer.box_feasible}
+                {
+                    "name": layer.name,
+                    "bits": layer.bits,
+                    "scale": float(layer.scale),
+                    "epsilon": layer.epsilon,
+                    "box_violation": layer.box_violation,
+                    "box_feasible": layer.box_feasible,
+                }
                 for layer in self.layers
             ],
             "history": [asdict(stats) for stats in self.history],
@@ -237,7 +253,9 @@ class _Layer:
         self.top = grid_top(bits)
         self.codes, self.scale = _project(center, self.top, config.scale_steps)
         # Codes in the box need a grid that reaches every box: q top >= |C| - eps.
-        self.scale_floor = max(float(center.abs().max()) - epsilon, 0.0) / self.top if self.boxed_codes else 0.0
+        self.scale_floor = 0.0
+        if epsilon is not None and self.boxed_codes:
+            self.scale_floor = max(float(center.abs().max()) - epsilon, 0.0) / self.top
         if self.boxed_codes:
             self.scale = torch.clamp(self.scale, min=self.scale_floor)
             self.codes = self.project_codes(center / self.scale)
@@ -273,7 +291,9 @@ class _Layer:
 
     def code_box(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The certificate box in code units (l, h) and the codes inside it and D (ceil l .. floor h)."""
-        low, high = (self.center - self.epsilon) / self.scale, (self.center + self.epsilon) / self.scale
+        epsilon = self.epsilon
+        assert epsilon is not None  # only a layer with a radius has a box
+        low, high = (self.center - epsilon) / self.scale, (self.center + epsilon) / self.scale
         return low, high, torch.ceil(low).clamp(min=-self.top), torch.floor(high).clamp(max=self.top)
 
     def project_codes(self, b: torch.Tensor) -> torch.Tensor:
@@ -339,8 +359,11 @@ def admm_quantize(
     rho = config.rho
     history = [_record(model, layers, 0, rho, None, evaluation, test_set, time.perf_counter())]
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"{config.method} {bits[0]}-bit" if len(set(bits)) == 1 else config.method,
-                            total=config.iterations, status="")  # fmt: skip
+        task = bar.add_task(
+            f"{config.method} {bits[0]}-bit" if len(set(bits)) == 1 else config.method,
+            total=config.iterations,
+            status="",
+        )
         for iteration in range(1, config.iterations + 1):
             started = time.perf_counter()
             loss = _g_step(model, layers, train_set, config, rho, optimizer, generator)
@@ -441,8 +464,9 @@ def _record(model, layers, iteration, rho, loss, evaluation, test_set, started) 
     with torch.no_grad():
         residual = max(float((layer.weight - layer.quantized()).abs().max() / layer.scale) for layer in layers)
     test = None if test_set is None else _accuracy(model, layers, test_set)
-    return IterationStats(iteration, rho, loss, _accuracy(model, layers, evaluation), test, residual,
-                          time.perf_counter() - started)  # fmt: skip
+    return IterationStats(
+        iteration, rho, loss, _accuracy(model, layers, evaluation), test, residual, time.perf_counter() - started
+    )
 
 
 def _describe(stats: IterationStats) -> str:
@@ -459,12 +483,11 @@ def certified_layer_bounds(model: nn.Module, images: torch.Tensor, labels: torch
     within it. Only this helper and ``certificate_epsilons`` need ``qrobust.bounds``; ``admm_quantize``
     takes the radii as plain numbers.
     """
-    # techniques import one another late: bounds are optional for ADMM
-    from qrobust.bounds import ReluNetwork, certified_eps
-
     network = ReluNetwork.from_model(model)
     bounds = {name: certified_eps(network, images, labels, layers=(k,)).float() for k, name in enumerate(network.names)}
-    normalize = next((layer.module for layer in trace(model).layers if layer.kind == "normalize"), None)
+    normalize = next(
+        (cast(Normalize, layer.module) for layer in trace(model).layers if layer.kind == "normalize"), None
+    )
     if normalize is not None:
         bounds[network.names[0]] = bounds[network.names[0]] * float(normalize.std.min())
     return bounds
@@ -517,7 +540,9 @@ def _check_epsilons(epsilons, names: list[str], method: str) -> list[float | Non
     if epsilons is None:
         return [None] * len(names)
     if not isinstance(epsilons, Mapping):
-        raise TypeError(f"epsilons must map layer names to radii (e.g. {{{names[0]!r}: 0.01}}), got {type(epsilons).__name__}")
+        raise TypeError(
+            f"epsilons must map layer names to radii (e.g. {{{names[0]!r}: 0.01}}), got {type(epsilons).__name__}"
+        )
     unknown = sorted(set(epsilons) - set(names))
     if unknown:
         raise ValueError(f"epsilons names {unknown}, which are not Linear/Conv2d layers of the model: {names}")

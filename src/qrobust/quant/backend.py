@@ -132,16 +132,41 @@ class _Affine(_Prepacked):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.conv:
             return torch.ops.onednn.qlinear_pointwise(
-                x.contiguous(), self.in_scale, self.in_zero_point, self.packed, self.weight_scale,
-                self.weight_zero_point, self.bias, self.out_scale, self.out_zero_point, None, self.attr, [], "",
-            )  # fmt: skip
+                x.contiguous(),
+                self.in_scale,
+                self.in_zero_point,
+                self.packed,
+                self.weight_scale,
+                self.weight_zero_point,
+                self.bias,
+                self.out_scale,
+                self.out_zero_point,
+                None,
+                self.attr,
+                [],
+                "",
+            )
         if self.pad is not None:
             x = pad_channels(x, *self.pad)
         return torch.ops.onednn.qconv2d_pointwise(
-            x.contiguous(memory_format=torch.channels_last), self.in_scale, self.in_zero_point, self.packed,
-            self.weight_scale, self.weight_zero_point, self.bias, self.stride, self.padding, [1, 1], 1,
-            self.out_scale, self.out_zero_point, None, self.attr, [], "",
-        )  # fmt: skip
+            x.contiguous(memory_format=torch.channels_last),
+            self.in_scale,
+            self.in_zero_point,
+            self.packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.bias,
+            self.stride,
+            self.padding,
+            [1, 1],
+            1,
+            self.out_scale,
+            self.out_zero_point,
+            None,
+            self.attr,
+            [],
+            "",
+        )
 
 
 class _Add(_Prepacked):
@@ -180,11 +205,29 @@ class _Add(_Prepacked):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b = b.contiguous(memory_format=torch.channels_last)
         return torch.ops.onednn.qconv2d_pointwise.binary(
-            a.contiguous(memory_format=torch.channels_last), self.scale_a, self.zero_a, self.packed,
-            self.weight_scale, self.weight_zero_point,
-            b if self.consume_b else b.clone(memory_format=torch.channels_last), None, [1, 1], [0, 0], [1, 1], 1,
-            self.out_scale, self.out_zero_point, None, self.scale_b, self.zero_b, "sum", 1.0, self.relu, [], "",
-        )  # fmt: skip
+            a.contiguous(memory_format=torch.channels_last),
+            self.scale_a,
+            self.zero_a,
+            self.packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            b if self.consume_b else b.clone(memory_format=torch.channels_last),
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+            self.out_scale,
+            self.out_zero_point,
+            None,
+            self.scale_b,
+            self.zero_b,
+            "sum",
+            1.0,
+            self.relu,
+            [],
+            "",
+        )
 
 
 class _MaxPool(nn.Module):

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -76,14 +76,19 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     infos: list[LayerInfo] = []
     for layer in graph.affine():
         if layer.name != layer.target:
-            raise ValueError(f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once")
-        infos.append(_info(len(infos), layer.name, layer.module, layer.input_shapes[0], layer.output_shape))
+            raise ValueError(
+                f"layer {layer.target!r} runs more than once per forward pass; a bit policy needs each layer once"
+            )
+        module = cast(nn.Conv2d | nn.Linear, layer.module)  # graph.affine(): the conv and linear layers
+        shapes, output_shape = layer.input_shapes, layer.output_shape
+        assert shapes is not None and output_shape is not None  # traced with an example input
+        infos.append(_info(len(infos), layer.name, module, shapes[0], output_shape))
     if not infos:
         raise ValueError(f"{graph.model} runs no Conv2d or Linear layer")
     return infos
 
 
-def _info(index: int, name: str, module: nn.Module, x: tuple[int, ...], y: tuple[int, ...]) -> LayerInfo:
+def _info(index: int, name: str, module: nn.Conv2d | nn.Linear, x: tuple[int, ...], y: tuple[int, ...]) -> LayerInfo:
     """The LayerInfo of ``module`` reading shape ``x`` and writing shape ``y`` (with the batch)."""
     params = sum(p.numel() for p in module.parameters(recurse=False))
     if isinstance(module, nn.Linear):
@@ -95,9 +100,18 @@ def _info(index: int, name: str, module: nn.Module, x: tuple[int, ...], y: tuple
     if module.groups != 1 and not depthwise:
         raise ValueError(f"conv {name!r} has {module.groups} groups; only plain and depthwise convs are supported")
     return LayerInfo(
-        index, name, "conv", module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
-        x[-1], y[-1], params, depthwise,
-    )  # fmt: skip
+        index,
+        name,
+        "conv",
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size[0],
+        module.stride[0],
+        x[-1],
+        y[-1],
+        params,
+        depthwise,
+    )
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,7 @@ class BitPolicy:
     def from_dict(cls, fields: dict[str, Any]) -> BitPolicy:
         """The inverse of ``to_dict``; raises ValueError for another version or missing/unknown keys."""
         if not isinstance(fields, dict):
-            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"a bit policy must be a dict, got {type(fields).__name__}")
         if fields.get("version") != POLICY_VERSION:
             raise ValueError(f"bit policy version must be {POLICY_VERSION}, got {fields.get('version')!r}")
         keys = {"version", "weight_bits", "act_bits"}

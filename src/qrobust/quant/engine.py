@@ -140,7 +140,9 @@ class IntConv2d(_IntAffine):
         x = self._centered(x)  # (N, C, H, W) int32
         if any(self.padding):
             x = pad_channels(x, self.padding, self._centered(self.pad_value))
-        windows = _windows(x.contiguous(), (self.weight.shape[2], self.weight.shape[3]), self.stride)  # (N, C, OH, OW, kh, kw)
+        windows = _windows(
+            x.contiguous(), (self.weight.shape[2], self.weight.shape[3]), self.stride
+        )  # (N, C, OH, OW, kh, kw)
         n, c, out_h, out_w, kh, kw = windows.shape
         columns = windows.permute(0, 2, 3, 1, 4, 5).reshape(n, out_h, out_w, c * kh * kw)  # im2col, one copy
         acc = self._accumulate(columns)  # (N, OH, OW, O) int32

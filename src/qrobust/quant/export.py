@@ -162,10 +162,15 @@ def _fp32_to_onnx(model: nn.Module, image_shape: tuple[int, ...]) -> onnx.ModelP
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                model.eval(), (example,), dynamo=True, opset_version=OPSET, verbose=False,
-                input_names=["images"], output_names=["logits"],
+                model.eval(),
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                verbose=False,
+                input_names=["images"],
+                output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
-            )  # fmt: skip
+            )
     except ImportError as error:
         raise ImportError(f"fp32 ONNX export needs onnxscript: pip install 'qrobust[onnx]' ({error})") from None
     except Exception as error:  # torch.export and the exporter raise many types for unsupported code
@@ -241,8 +246,10 @@ def _pad_per_channel(graph: _GraphBuilder, x: str, op: IntConv2d) -> str:
     parts = [graph.name("channel") for _ in values]  # (N, 1, H, W) each
     split = graph.constant("split", np.ones(len(values), np.int64))
     graph.nodes.append(helper.make_node("Split", [x, split], parts, axis=1))
-    padded = [graph.node("Pad", [part, pads, graph.constant("pad_value", np.array(value, np.uint8))])
-              for part, value in zip(parts, values)]  # fmt: skip
+    padded = [
+        graph.node("Pad", [part, pads, graph.constant("pad_value", np.array(value, np.uint8))])
+        for part, value in zip(parts, values)
+    ]
     return graph.node("Concat", padded, axis=1)
 
 
@@ -260,13 +267,14 @@ def _qlinear_conv(graph: _GraphBuilder, x: str, op: IntConv2d | IntLinear, in_sc
             attributes["pads"] = [ph, pw, ph, pw]
         attributes["strides"] = list(op.stride)
     inputs = [
-        x, *graph.qparams(in_scale, op.in_zero_point),
+        x,
+        *graph.qparams(in_scale, op.in_zero_point),
         graph.constant("weight", weight),
         graph.constant("weight_scale", op.weight_scale.numpy().astype(np.float32)),
         graph.constant("weight_zero_point", np.zeros(weight.shape[0], np.int8)),
         *graph.qparams(out_scale, op.out_zero_point),
         graph.constant("bias", op.bias.numpy()),
-    ]  # fmt: skip
+    ]
     return _relu_clip(graph, graph.node("QLinearConv", inputs, kernel_shape=list(weight.shape[2:]), **attributes), op)
 
 
@@ -320,11 +328,12 @@ def _int8_to_onnx(model: Int8Model, image_shape: tuple[int, ...] | None) -> onnx
         values.append(graph.rename_last(x, "logits" if index == len(model.ops) - 1 else f"value{index + 1}"))
     shape = ["batch", *(image_shape or ("channels", "height", "width"))]
     onnx_graph = helper.make_graph(
-        graph.nodes, "qrobust_int8",
+        graph.nodes,
+        "qrobust_int8",
         [helper.make_tensor_value_info("lattice", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None])],
         graph.initializers,
-    )  # fmt: skip
+    )
     opsets = [helper.make_opsetid("", OPSET)]
     # the oldest IR version with these opsets, so that runtimes older than this onnx package load the file
     ir_version = helper.find_min_ir_version_for(opsets)

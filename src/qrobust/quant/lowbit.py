@@ -310,7 +310,7 @@ def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
     """The weights to quantize by module name, in call order (``qrobust.graph``): every Conv2d and
     Linear the forward pass calls, or the named ones."""
     quantizable = {
-        layer.name: cast(nn.Parameter, layer.module.weight)
+        layer.name: cast(nn.Parameter, cast(nn.Conv2d | nn.Linear, layer.module).weight)
         for layer in trace(model).affine()
         if layer.name == layer.target
     }

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,13 +88,14 @@ def fake_quantize_linear(x: torch.Tensor, clip: torch.Tensor, bits: int, signed:
     (a tensor keeps the model traceable). Shapes: x any -> same.
     """
     if isinstance(signed, bool):
-        levels: float | torch.Tensor = float(grid_levels(bits, signed))
-        low: float | torch.Tensor = -levels if signed else 0.0
+        levels = float(grid_levels(bits, signed))
+        scale = clip / levels
+        code = torch.clamp(x / scale, min=-levels if signed else 0.0, max=levels)
     else:  # a tensor flag keeps the choice of grid inside a traced graph
-        levels = torch.where(signed, float(grid_levels(bits, True)), float(grid_levels(bits, False))).to(x.dtype)
-        low = torch.where(signed, -levels, torch.zeros_like(levels))
-    scale = clip / levels
-    code = torch.clamp(x / scale, min=low, max=levels)
+        tensor_levels = torch.where(signed, float(grid_levels(bits, True)), float(grid_levels(bits, False))).to(x.dtype)
+        scale = clip / tensor_levels
+        low = torch.where(signed, -tensor_levels, torch.zeros_like(tensor_levels))
+        code = torch.clamp(x / scale, min=low, max=tensor_levels)
     return (code + (torch.round(code) - code).detach()) * scale
 
 
@@ -145,8 +147,8 @@ def kl_threshold(histogram: np.ndarray, top: float, levels: int) -> float:
     tail = total - mass_before[cut]  # (M,) clipped mass
     last = h[cut - 1] + tail  # (M,) P_i of its last bin
     # level l holds bins j with (j + 1/2) levels / i + 1/2 in [l, l + 1): j >= ((2l - 1) i - levels) / (2 levels)
-    l = np.arange(levels + 2)
-    edges = np.clip(-((levels - (2 * l - 1) * cut[:, None]) // (2 * levels)), 0, cut[:, None])  # (M, levels + 2)
+    level = np.arange(levels + 2)
+    edges = np.clip(-((levels - (2 * level - 1) * cut[:, None]) // (2 * levels)), 0, cut[:, None])  # (M, levels + 2)
     q_mass = mass_before[edges[:, 1:]] - mass_before[edges[:, :-1]]  # (M, levels + 1) Q_i's mass per level
     count = filled_before[edges[:, 1:]] - filled_before[edges[:, :-1]]  # non-empty bins per level
     count[:, -1] += (last > 0).astype(float) - (h[cut - 1] > 0)  # the last bin holds the clipped mass too
@@ -198,10 +200,14 @@ class QuantizedLayer(nn.Module):
     float weights, which training updates. Shapes: those of ``layer``.
     """
 
+    weight_clip: torch.Tensor
+    act_clip: torch.Tensor
+    act_signed: torch.Tensor
+
     def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int, act_bits: int) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"QuantizedLayer wraps a Conv2d or Linear, got {type(layer).__name__}")
         _check_bits(weight_bits)
         _check_bits(act_bits)
         self.layer = layer
@@ -257,7 +263,7 @@ class MixedPrecisionModel(nn.Module):
     def __init__(self, model: nn.Module, policy: BitPolicy) -> None:
         super().__init__()
         if not isinstance(policy, BitPolicy):
-            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")  # noqa: TRY004 (conventions: ValueError)
+            raise ValueError(f"policy must be a BitPolicy, got {type(policy).__name__}")
         names = _layer_order(model)
         if len(names) != policy.num_layers:
             raise ValueError(
@@ -274,7 +280,7 @@ class MixedPrecisionModel(nn.Module):
 
     def quantized_layers(self) -> list[QuantizedLayer]:
         """The wrapped layers, in policy order."""
-        return [self.model.get_submodule(name) for name in self.layer_names]
+        return [cast(QuantizedLayer, self.model.get_submodule(name)) for name in self.layer_names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -304,7 +310,7 @@ def calibrate_mixed(
     ``calibrate(model, images)``; returns ``model``, calibrated in place.
     """
     if not isinstance(model, MixedPrecisionModel):
-        raise ValueError(  # noqa: TRY004 (conventions: ValueError for user input)
+        raise ValueError(
             f"calibrate_mixed takes a model made by prepare_qat(model, policy), got {type(model).__name__}"
         )
     if images.dim() != 4 or len(images) == 0 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):
@@ -333,9 +339,10 @@ def calibrate_mixed(
                 observer.start_histogram()
             _run(model, images, batch_size)
             for layer, observer in zip(layers, observers):
-                signed, top = observer.low < 0, observer.top
+                signed, top, histogram = observer.low < 0, observer.top, observer.histogram
+                assert histogram is not None  # start_histogram ran
                 levels = grid_levels(layer.act_bits, signed)
-                layer.act_clip.fill_(kl_threshold(observer.histogram.numpy(), top, levels) if top else 1.0)
+                layer.act_clip.fill_(kl_threshold(histogram.numpy(), top, levels) if top else 1.0)
                 layer.act_signed.fill_(signed)
     finally:
         for layer in layers:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -46,7 +47,8 @@ class _Normalized:
 
 
 def prepare_qat(
-    model: nn.Module, config: QuantConfig | BitPolicy = QuantConfig()  # noqa: B008 (frozen, immutable)
+    model: nn.Module,
+    config: QuantConfig | BitPolicy = QuantConfig(),  # noqa: B008 (frozen, immutable)
 ) -> QATModel | MixedPrecisionModel:
     """A fake-quantized copy of ``model`` for quantization-aware training or calibration.
 
@@ -65,7 +67,7 @@ def prepare_qat(
     if isinstance(config, BitPolicy):
         return prepare_mixed(model, config)
     if not isinstance(config, QuantConfig):
-        raise ValueError(f"config must be a QuantConfig or a BitPolicy, got {type(config).__name__}")  # noqa: TRY004
+        raise ValueError(f"config must be a QuantConfig or a BitPolicy, got {type(config).__name__}")
     graph = check_supported(model, None, "int8")
     qat = _Builder(graph, config).build()
     return qat.train(model.training)
@@ -137,7 +139,7 @@ class _Builder:
         if kind == "normalize":
             if self._value(layer, arg) != 0:  # folding pads on, and is checked against, the input grid
                 raise self._fail(layer, "normalises an intermediate value; Normalize must read the model input")
-            self.env[layer.name] = _Normalized(0, module)
+            self.env[layer.name] = _Normalized(0, cast(Normalize, module))  # a "normalize" layer's module
         elif kind == "identity":
             self.env[layer.name] = self.env[arg]
         elif kind in ("conv", "linear"):
@@ -159,7 +161,8 @@ class _Builder:
             self.env[layer.name] = _Normalized(index, ref.normalize) if isinstance(ref, _Normalized) else index
         elif kind == "maxpool":
             source = self._value(layer, arg)
-            pool = QMaxPool2d(module.kernel_size, module.stride, module.padding)
+            maxpool = cast(nn.MaxPool2d, module)  # a "maxpool" layer's module
+            pool = QMaxPool2d(maxpool.kernel_size, maxpool.stride, maxpool.padding)
             self.env[layer.name] = self._emit(pool, (source,), self.quants[source])
         elif kind == "adaptive_avgpool":
             quant = ActQuant(self.config.ema_decay)
@@ -175,7 +178,7 @@ class _Builder:
         normalize = None
         if isinstance(ref, _Normalized):
             mean, std = ref.normalize.mean, ref.normalize.std
-            if kind == "linear":  # Flatten put the channel outermost: repeat each statistic over H*W
+            if isinstance(module, nn.Linear):  # Flatten put the channel outermost: repeat each statistic over H*W
                 if module.in_features % mean.numel():
                     why = f"reads {module.in_features} features, not a multiple of {mean.numel()} channels"
                     raise self._fail(layer, why)
@@ -186,9 +189,14 @@ class _Builder:
         if out_quant is None and kind == "conv":
             raise self._fail(layer, "returns a feature map; the model must end in a Linear layer")
         relu = "relu" in fused
-        if kind == "conv":
-            bn = copy.deepcopy(fused["batchnorm"].module) if "batchnorm" in fused else None
-            step = QConv2d(copy.deepcopy(module), bn, relu, normalize, self.quants[source], out_quant)
+        # None only for a value the model returns; build() refuses a model whose returned value is read again
+        in_quant = cast(InputQuant | ActQuant, self.quants[source])
+        step: QConv2d | QLinear
+        if isinstance(module, nn.Conv2d):  # kind "conv"
+            bn = copy.deepcopy(cast(nn.BatchNorm2d, fused["batchnorm"].module)) if "batchnorm" in fused else None
+            step = QConv2d(copy.deepcopy(module), bn, relu, normalize, in_quant, out_quant)
         else:
-            step = QLinear(copy.deepcopy(module), relu, normalize, self.quants[source], out_quant)
-        self.env.update(dict.fromkeys([layer.name, *(f.name for f in fused.values())], self._emit(step, (source,), out_quant)))
+            step = QLinear(copy.deepcopy(cast(nn.Linear, module)), relu, normalize, in_quant, out_quant)
+        self.env.update(
+            dict.fromkeys([layer.name, *(f.name for f in fused.values())], self._emit(step, (source,), out_quant))
+        )

@@ -20,6 +20,7 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,9 @@ class ActQuant(nn.Module):
     sets it); ``calibrate`` replaces it by the plain min/max over its batches; evaluation only reads it.
     """
 
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
     def __init__(self, ema_decay: float) -> None:
         super().__init__()
         self.ema_decay = ema_decay
@@ -169,6 +173,9 @@ class _QAffine(nn.Module, abc.ABC):
     image. ``out_quant`` is None only for the model's last layer, whose outputs become int32 logits.
     """
 
+    input_mean: torch.Tensor | None  # buffers with a Normalize folded in, else None
+    input_std: torch.Tensor | None
+
     def __init__(
         self,
         relu: bool,
@@ -191,7 +198,7 @@ class _QAffine(nn.Module, abc.ABC):
         """(W', b') of ``layer`` with the Normalize folded in (or its own weight and bias)."""
         weight = layer.weight
         bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
-        if self.input_mean is None:
+        if self.input_mean is None or self.input_std is None:  # both or neither
             return weight, bias
         return fold_normalize(weight, bias, self.input_mean, self.input_std)
 
@@ -211,7 +218,7 @@ class _QAffine(nn.Module, abc.ABC):
 
     def to_integer(self, in_qparams: Sequence[QParams]) -> tuple[IntOp, QParams]:
         """The integer op for this layer reading a value with ``in_qparams``, and its output qparams."""
-        (in_scale, in_zero_point), = in_qparams
+        ((in_scale, in_zero_point),) = in_qparams
         weight, bias = (t.detach() for t in self.folded())
         q_weight, weight_scale = quantize_weight(weight)
         weight_scale = weight_scale.double()
@@ -243,7 +250,7 @@ class _QAffine(nn.Module, abc.ABC):
         return op, (out_scale, out_zero_point)
 
     @abc.abstractmethod
-    def _integer_op(self, weight_shape: tuple[int, ...], **affine: object) -> IntOp:
+    def _integer_op(self, weight_shape: tuple[int, ...], **affine: Any) -> IntConv2d | IntLinear:
         """The empty integer op (conv or linear) this layer converts to."""
 
 
@@ -261,6 +268,8 @@ class QConv2d(_QAffine):
     Shapes: (N, C, H, W) -> (N, O, OH, OW).
     """
 
+    pad_value: torch.Tensor  # a buffer with a Normalize folded in
+
     def __init__(
         self,
         conv: nn.Conv2d,
@@ -273,36 +282,42 @@ class QConv2d(_QAffine):
         super().__init__(relu, normalize, input_quant, out_quant)
         self.conv = conv
         self.bn = bn
-        if normalize is not None:  # prepare_qat folds only a Normalize of the model input, read by InputQuant
-            grid = input_quant.grid_index(self.input_mean)
-            self.register_buffer("pad_value", grid * input_quant.step / UINT8_MAX)
+        if self.input_mean is not None:  # prepare_qat folds only a Normalize of the model input, read by InputQuant
+            grid = cast(InputQuant, input_quant).grid_index(self.input_mean)
+            self.register_buffer("pad_value", grid * cast(InputQuant, input_quant).step / UINT8_MAX)
 
-    def _bn_scale(self) -> torch.Tensor:
-        return self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)  # (O,)
+    @staticmethod
+    def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+        return bn.weight / torch.sqrt(
+            cast(torch.Tensor, bn.running_var) + bn.eps
+        )  # (O,); check_supported refuses a BatchNorm without running statistics
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = self._normalize_folded(self.conv)
         return (weight, bias) if self.bn is None else fold_batchnorm(weight, bias, self.bn)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        padding = self.conv.padding
+        padding = cast(tuple[int, int], self.conv.padding)  # check_supported refuses a str
+        conv_padding: tuple[int, int] | int = padding
         if self.input_mean is not None and any(padding):
             x = pad_channels(x, padding, self.pad_value)  # (N, C, H + 2ph, W + 2pw)
-            padding = 0
-        return F.conv2d(x, *self._fake_quantized(weight, bias), self.conv.stride, padding)
+            conv_padding = 0
+        return F.conv2d(x, *self._fake_quantized(weight, bias), self.conv.stride, conv_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None and self.training:
             weight, bias = self._normalize_folded(self.conv)
-            scale = self._bn_scale().view(-1, 1, 1)
+            scale = self._bn_scale(self.bn).view(-1, 1, 1)
             y = self._conv(x, weight * scale.unsqueeze(1), None) / scale + bias.view(-1, 1, 1)
             return self._finish(self.bn(y))  # batch statistics
         return self._finish(self._conv(x, *self.folded()))
 
-    def _integer_op(self, weight_shape: tuple[int, ...], **affine: object) -> IntOp:
-        op = IntConv2d(weight_shape, self.conv.stride, self.conv.padding, **affine)
+    def _integer_op(self, weight_shape: tuple[int, ...], **affine: Any) -> IntConv2d | IntLinear:
+        padding = cast(tuple[int, int], self.conv.padding)  # check_supported refuses string padding
+        op = IntConv2d(weight_shape, self.conv.stride, padding, **affine)
         if self.input_mean is not None:
-            code = self.input_quant.grid_index(self.input_mean) + self.input_quant.zero_point
+            input_quant = cast(InputQuant, self.input_quant)  # only the model input's Normalize is folded
+            code = input_quant.grid_index(self.input_mean) + input_quant.zero_point
             op.pad_value.copy_(code.to(torch.uint8))
         return op
 
@@ -330,7 +345,7 @@ class QLinear(_QAffine):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._finish(F.linear(x, *self._fake_quantized(*self.folded())))
 
-    def _integer_op(self, weight_shape: tuple[int, ...], **affine: object) -> IntOp:
+    def _integer_op(self, weight_shape: tuple[int, ...], **affine: Any) -> IntConv2d | IntLinear:
         return IntLinear(weight_shape, **affine)
 
 
@@ -379,7 +394,7 @@ class QGlobalAvgPool(nn.Module):
         return self.out_quant(x.mean((2, 3), keepdim=True))
 
     def to_integer(self, in_qparams: Sequence[QParams]) -> tuple[IntOp, QParams]:
-        (in_scale, in_zero_point), = in_qparams
+        ((in_scale, in_zero_point),) = in_qparams
         out_scale, out_zero_point = _qparams(self.out_quant)
         multiplier, shift = quantize_multiplier(in_scale / out_scale)
         return IntGlobalAvgPool(in_zero_point, out_zero_point, multiplier, shift), (out_scale, out_zero_point)
@@ -394,6 +409,10 @@ class QFlatten(nn.Flatten):
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+QStep = _QAffine | QAdd | QMaxPool2d | QGlobalAvgPool | QFlatten
+"""What ``prepare_qat`` puts in ``QATModel.steps``: each converts itself with ``to_integer``."""
 
 
 class QATModel(nn.Module):
@@ -431,7 +450,7 @@ def calibrate(
     if isinstance(model, MixedPrecisionModel):
         return calibrate_mixed(model, images, batch_size=batch_size)
     if not isinstance(model, QATModel):
-        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
+        raise ValueError(f"calibrate takes a model made by prepare_qat, got {type(model).__name__}")
     if images.dim() != 4 or not (images.dtype in LATTICE_DTYPES or images.is_floating_point()):
         raise ValueError(
             f"images must be integer lattice values or float of shape (N, C, H, W), got {images.dtype} of shape "
@@ -465,12 +484,12 @@ def convert(model: QATModel) -> Int8Model:
     RuntimeError if ``model`` was neither trained nor calibrated (its activation ranges are unknown).
     """
     if not isinstance(model, QATModel):
-        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")  # noqa: TRY004
+        raise ValueError(f"convert takes a model made by prepare_qat, got {type(model).__name__}")
     qparams: list[QParams] = [model.input_quant.code_qparams()]
     ops: list[IntOp] = []
     with torch.no_grad():
         for step, args in zip(model.steps, model.inputs):
-            op, out_qparams = step.to_integer([qparams[i] for i in args])
+            op, out_qparams = cast(QStep, step).to_integer([qparams[i] for i in args])
             ops.append(op)
             qparams.append(out_qparams)
     return Int8Model(ops, model.inputs, qparams, input_margin=model.input_quant.margin)

@@ -71,7 +71,7 @@ def _unpack(packed: dict[str, torch.Tensor], layout: dict[str, list]) -> dict[st
 def save_int8(path: str | Path, model: Int8Model, metadata: dict[str, Any] | None = None) -> int:
     """Write ``model`` and JSON-serialisable ``metadata`` to ``path`` atomically; return the file's size in bytes."""
     if not isinstance(model, Int8Model):
-        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")  # noqa: TRY004 -- qrobust's user errors are ValueErrors
+        raise ValueError(f"save_int8 takes an Int8Model, got {type(model).__name__}")
     try:
         metadata_json = json.dumps(metadata or {})
     except TypeError as error:
@@ -98,7 +98,9 @@ def load_int8(path: str | Path, memory_limit: float | None = None) -> Int8Checkp
     try:
         spec, layout = json.loads(payload["program"]), json.loads(payload["layout"])
         skeleton = build_skeleton(lambda: Int8Model.from_spec(spec), len(layout), "the int8 model")
-        check_skeleton(skeleton, {name: shape for name, (_, _, shape) in layout.items()}, "the int8 model", memory_limit)
+        check_skeleton(
+            skeleton, {name: shape for name, (_, _, shape) in layout.items()}, "the int8 model", memory_limit
+        )
         model = Int8Model.from_spec(spec)
         model.load_state_dict(_unpack(payload["tensors"], layout))
         return Int8Checkpoint(model, json.loads(payload["metadata"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ class ConstantInputConv2d(nn.Module):
     Shapes: (N, C, H, W) -> (N, O, OH, OW).
     """
 
+    kernel: torch.Tensor
+
     def __init__(self, conv: nn.Conv2d, kernel: torch.Tensor) -> None:
         super().__init__()
         self.conv = conv
@@ -160,16 +163,16 @@ def prune_channels(model: nn.Module) -> nn.Module:
     pruned = copy.deepcopy(model)
     graph = check_supported(pruned, None, "prune")
     with torch.no_grad():
-        chains = [chain for decision, chain in _plan_all(pruned, graph) if decision.removed]
+        chains = [chain for decision, chain in _plan_all(pruned, graph) if decision.removed and chain is not None]
         # Plan on the unmodified copy: which channels go, and what constant each carried.
         plans = [(chain, *_plan(pruned, chain)) for chain in chains]
         # Remove output channels first, then inputs, so a conv that is both (CNN.conv2) has its rows
         # sliced before its removed inputs are folded into a kernel with the remaining rows.
         for chain, keep, _ in plans:
-            _keep_outputs(pruned.get_submodule(chain.producer), keep)
+            _keep_outputs(cast(nn.Conv2d, pruned.get_submodule(chain.producer)), keep)
             for layer in chain.between:
                 if layer.kind == "batchnorm":
-                    _keep_batchnorm(pruned.get_submodule(layer.target), keep)
+                    _keep_batchnorm(cast(nn.BatchNorm2d, pruned.get_submodule(layer.target)), keep)
         for chain, keep, constants in plans:
             _drop_inputs(pruned, chain, keep, constants)
     return pruned
@@ -177,7 +180,7 @@ def prune_channels(model: nn.Module) -> nn.Module:
 
 def _plan_all(model: nn.Module, graph: Graph) -> list[tuple[PruneDecision, _Chain | None]]:
     """Each conv's decision and, where it can be pruned, its chain."""
-    result = []
+    result: list[tuple[PruneDecision, _Chain | None]] = []
     for layer in graph.layers:
         if layer.kind != "conv" or layer.name != layer.target:
             continue
@@ -192,8 +195,9 @@ def _plan_all(model: nn.Module, graph: Graph) -> list[tuple[PruneDecision, _Chai
 
 def _chain(graph: Graph, producer: Layer) -> _Chain | str:
     """The chain from ``producer`` to the one layer that reads its channels, or why there is none."""
-    if producer.module.groups != 1:
-        return f"it has groups={producer.module.groups}"
+    producer_conv = cast(nn.Conv2d, producer.module)  # a layer of kind "conv"
+    if producer_conv.groups != 1:
+        return f"it has groups={producer_conv.groups}"
     if sum(layer.target == producer.target for layer in graph.layers) > 1:
         return "it is called more than once"
     between: list[Layer] = []
@@ -208,8 +212,11 @@ def _chain(graph: Graph, producer: Layer) -> _Chain | str:
         reader = readers[0]
         if reader.inputs != (current.name,):
             return f"{reader.describe()} also reads other tensors, whose channels would have to go too"
-        if reader.kind in _PER_CHANNEL or (reader.kind == "avgpool" and reader.module.padding in (0, (0, 0))):
-            if reader.kind == "batchnorm" and (reader.module.running_mean is None or reader.name != reader.target):
+        if reader.kind in _PER_CHANNEL or (
+            reader.kind == "avgpool" and cast(nn.AvgPool2d, reader.module).padding in (0, (0, 0))
+        ):
+            bn = cast(nn.BatchNorm2d, reader.module) if reader.kind == "batchnorm" else None
+            if bn is not None and (bn.running_mean is None or reader.name != reader.target):
                 return f"{reader.describe()} has no running statistics or is called more than once"
             between.append(reader)
             current = reader
@@ -218,9 +225,11 @@ def _chain(graph: Graph, producer: Layer) -> _Chain | str:
         if reader.name != reader.target:
             return f"{reader.describe()} is called more than once"
         module = reader.module
-        if reader.kind == "conv" and not flattened and module.groups == 1 and module.padding_mode == "zeros":
+        conv_ok = isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+        if reader.kind == "conv" and not flattened and conv_ok:
             return _Chain(producer.name, tuple(between), reader.name)
-        if reader.kind == "linear" and flattened and module.in_features % producer.module.out_channels == 0:
+        linear_ok = isinstance(module, nn.Linear) and module.in_features % producer_conv.out_channels == 0
+        if reader.kind == "linear" and flattened and linear_ok:
             return _Chain(producer.name, tuple(between), reader.name)
         return f"its channels reach {reader.describe()}, which cannot drop them"
 
@@ -228,24 +237,24 @@ def _chain(graph: Graph, producer: Layer) -> _Chain | str:
 def _plan(model: nn.Module, chain: _Chain) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep, constants): the producer's channels to keep (C,) bool, and each channel's constant value
     after the in-between layers if its weights are all zero (C,)."""
-    producer: nn.Conv2d = model.get_submodule(chain.producer)
+    producer = cast(nn.Conv2d, model.get_submodule(chain.producer))
     keep = producer.weight.flatten(1).ne(0).any(1)  # (C,)
     if not keep.any():
         keep[0] = True
     value = producer.bias.detach().clone() if producer.bias is not None else producer.weight.new_zeros(len(keep))
     for layer in chain.between:
         module = layer.module
-        if layer.kind == "batchnorm":
+        if isinstance(module, nn.BatchNorm2d):  # layer.kind == "batchnorm"
             value = F.batch_norm(
                 value[None], module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
             )[0]
-        elif layer.kind in ("relu", "relu6"):
+        elif layer.kind in ("relu", "relu6") and module is not None:
             value = module(value)
         # Pooling, identity and flatten keep a constant channel constant.
     return keep, value
 
 
-def _replaced(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+def _replaced(old: torch.Tensor, data: torch.Tensor) -> nn.Parameter:
     """A new parameter holding a copy of ``data``, trainable if ``old`` was."""
     return nn.Parameter(data.clone(), requires_grad=old.requires_grad)
 
@@ -261,8 +270,10 @@ def _keep_batchnorm(bn: nn.BatchNorm2d, keep: torch.Tensor) -> None:
     if bn.affine:
         bn.weight = _replaced(bn.weight, bn.weight[keep])
         bn.bias = _replaced(bn.bias, bn.bias[keep])
-    bn.running_mean = bn.running_mean[keep].clone()
-    bn.running_var = bn.running_var[keep].clone()
+    running_mean, running_var = bn.running_mean, bn.running_var
+    assert running_mean is not None and running_var is not None  # _chain keeps only BatchNorms with statistics
+    bn.running_mean = running_mean[keep].clone()
+    bn.running_var = running_var[keep].clone()
     bn.num_features = int(keep.sum())
 
 
@@ -279,10 +290,11 @@ def _drop_inputs(model: nn.Module, chain: _Chain, keep: torch.Tensor, constants:
             parent, _, child = chain.consumer.rpartition(".")
             setattr(model.get_submodule(parent), child, ConstantInputConv2d(consumer, kernel))
         return
+    consumer = cast(nn.Linear, consumer)  # a chain ends at a conv or a Linear
     weight = consumer.weight.view(consumer.out_features, len(keep), -1)  # (O, C, H*W) channel-major
     if constants.any():
         if consumer.bias is None:
             consumer.bias = _replaced(consumer.weight, consumer.weight.new_zeros(consumer.out_features))
-        consumer.bias += weight.sum(2) @ constants  # (O,)
+        consumer.bias.add_(weight.sum(2) @ constants)  # (O,)
     consumer.weight = _replaced(consumer.weight, weight[:, keep].flatten(1))  # (O, C' * H*W)
     consumer.in_features = consumer.weight.shape[1]

@@ -112,7 +112,16 @@ class SearchConfig:
             raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
         if not (math.isfinite(self.budget) and 0 < self.budget <= 100):
             raise ValueError(f"budget must be a percentage in (0, 100], got {self.budget!r}")
-        for name in ("episodes", "finetune_images", "batch_size", "calibration_images", "validation_images", "n0", "n", "n_zeta"):
+        for name in (
+            "episodes",
+            "finetune_images",
+            "batch_size",
+            "calibration_images",
+            "validation_images",
+            "n0",
+            "n",
+            "n_zeta",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -128,7 +137,9 @@ class SearchConfig:
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if self.n_zeta > self.n:
-            raise ValueError(f"n_zeta must be at most n={self.n} (IRS replays the original's samples), got {self.n_zeta}")
+            raise ValueError(
+                f"n_zeta must be at most n={self.n} (IRS replays the original's samples), got {self.n_zeta}"
+            )
         if not 0.5 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0.5, 1], got {self.gamma!r}")
         if isinstance(self.agent, dict):  # from a JSON header
@@ -171,11 +182,20 @@ def state_features(layers: Sequence[LayerInfo]) -> np.ndarray:
     tenth feature of S_k, the previous action, is appended at each step (``step_state``).
     """
     rows = [
-        [layer.index, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.in_size,
-         layer.params, float(layer.depthwise), float(is_activation)]
+        [
+            layer.index,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.in_size,
+            layer.params,
+            float(layer.depthwise),
+            float(is_activation),
+        ]
         for layer in searched_layers(layers)
         for is_activation in (False, True)
-    ]  # fmt: skip
+    ]
     features = np.asarray(rows, dtype=np.float64)  # (steps, 9)
     low, span = features.min(axis=0), np.ptp(features, axis=0)
     return ((features - low) / np.where(span > 0, span, 1.0)).astype(np.float32)
@@ -191,7 +211,9 @@ def actions_to_policy(layers: Sequence[LayerInfo], actions: Sequence[float]) -> 
     before the budget; the first and last layers get 8 bits."""
     searched = searched_layers(layers)
     if len(actions) != 2 * len(searched):
-        raise ValueError(f"expected {2 * len(searched)} actions (weights and activations of {len(searched)} layers), got {len(actions)}")
+        raise ValueError(
+            f"expected {2 * len(searched)} actions (weights and activations of {len(searched)} layers), got {len(actions)}"
+        )
     weight_actions = [1.0, *actions[0::2], 1.0]
     act_actions = [1.0, *actions[1::2], 1.0]
     return BitPolicy.from_actions(weight_actions, act_actions)
@@ -208,7 +230,12 @@ def fixed_precision_policy(layers: Sequence[LayerInfo], budget: float) -> BitPol
     raise ValueError(f"a budget of {budget:g}% BitOPs is out of reach: {MIN_BITS} bits already costs {floor:.4g}%")
 
 
-EPISODE_STREAM, VALIDATION_STREAM, CERTIFICATION_STREAM, RS_STREAM = 0, 1, 2, 3  # independent random streams of a search
+EPISODE_STREAM, VALIDATION_STREAM, CERTIFICATION_STREAM, RS_STREAM = (
+    0,
+    1,
+    2,
+    3,
+)  # independent random streams of a search
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -240,10 +267,14 @@ def finetune_policy(
     count = min(calibration_images, len(train_set))
     if count < 1:
         raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
-    calibration = model_inputs(train_set.images[:count], config.noise_method(), torch.Generator().manual_seed(config.seed))
+    calibration = model_inputs(
+        train_set.images[:count], config.noise_method(), torch.Generator().manual_seed(config.seed)
+    )
     mixed = quantize(model, policy, calibration, batch_size=config.batch_size)
     metadata = {**(metadata or {}), "bit_policy": policy.to_dict()}
-    train(mixed, train_set, config, checkpoint_path=checkpoint_path, metadata=metadata, resume=resume, progress=progress)
+    train(
+        mixed, train_set, config, checkpoint_path=checkpoint_path, metadata=metadata, resume=resume, progress=progress
+    )
     return mixed.eval()
 
 
@@ -267,7 +298,9 @@ class PolicySearch:
         self.fixed_policy = fixed_precision_policy(self.layers, config.budget)  # raises if the budget is out of reach
         needed = config.finetune_images + config.validation_images
         if needed > len(train_set):
-            raise ValueError(f"finetune_images + validation_images must be at most the {len(train_set)} training images, got {needed}")
+            raise ValueError(
+                f"finetune_images + validation_images must be at most the {len(train_set)} training images, got {needed}"
+            )
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed))
         self.finetune_set = train_set.select(order[: config.finetune_images].sort().values)
         self.validation_set = train_set.select(order[config.finetune_images : needed].sort().values)
@@ -279,7 +312,9 @@ class PolicySearch:
         """The original smoothed model certified on the validation images, on first use (None for "haq")."""
         return None if self.config.reward == "haq" else _Certifier(self.model, self.validation_set, self.config)
 
-    def propose(self, agent: DDPGAgent, episode: int, logged: Sequence[float] | None = None) -> tuple[list[Step], list[float]]:
+    def propose(
+        self, agent: DDPGAgent, episode: int, logged: Sequence[float] | None = None
+    ) -> tuple[list[Step], list[float]]:
         """Walk the steps with the agent: the transitions (without reward) and the actions.
 
         With ``logged`` actions (a resumed episode) the agent still draws its own, so its random state
@@ -293,7 +328,10 @@ class PolicySearch:
             action = agent.act(state, episode)
             if logged is not None:
                 if abs(action - logged[k]) > 1e-9 and not self._diverged:
-                    warnings.warn(f"episode {episode}: the replayed agent's action differs from the log; continuing with the logged actions", stacklevel=2)
+                    warnings.warn(
+                        f"episode {episode}: the replayed agent's action differs from the log; continuing with the logged actions",
+                        stacklevel=2,
+                    )
                     self._diverged = True
                 action = logged[k]
             actions.append(action)
@@ -309,13 +347,22 @@ class PolicySearch:
         Deterministic given the search seed and ``episode``, whatever episodes ran before.
         """
         config = self.config
-        fine_tuning = TrainConfig(epochs=1, batch_size=config.batch_size, lr=config.finetune_lr, sigma=config.sigma,
-                                  seed=derived_seed(config.seed, EPISODE_STREAM, episode))  # fmt: skip
-        return finetune_policy(self.model, policy, self.finetune_set, fine_tuning, calibration_images=config.calibration_images)
+        fine_tuning = TrainConfig(
+            epochs=1,
+            batch_size=config.batch_size,
+            lr=config.finetune_lr,
+            sigma=config.sigma,
+            seed=derived_seed(config.seed, EPISODE_STREAM, episode),
+        )
+        return finetune_policy(
+            self.model, policy, self.finetune_set, fine_tuning, calibration_images=config.calibration_images
+        )
 
     def evaluate(self, mixed: nn.Module) -> tuple[float, float | None, float]:
         """(reward, ACR of the quantized smoothed model or None, noisy accuracy of the quantized base model)."""
-        generator = torch.Generator().manual_seed(derived_seed(self.config.seed, VALIDATION_STREAM))  # the same draws for every policy
+        generator = torch.Generator().manual_seed(
+            derived_seed(self.config.seed, VALIDATION_STREAM)
+        )  # the same draws for every policy
         noisy_accuracy = accuracy(mixed, self.validation_set, noise=self.noise, generator=generator)
         if self.certifier is None:
             return noisy_accuracy, None, noisy_accuracy
@@ -353,7 +400,9 @@ class PolicySearch:
         header = {**config.to_dict(), "layers": [asdict(layer) for layer in self.layers]}
         log, records = SearchLog.open(log_path, header, ignore=("episodes",))
         if len(records) > config.episodes:
-            raise QRobustError(f"{log_path} already has {len(records)} episodes, more than the {config.episodes} asked for")
+            raise QRobustError(
+                f"{log_path} already has {len(records)} episodes, more than the {config.episodes} asked for"
+            )
         acr_original = None if self.certifier is None else self.certifier.acr_original  # certified here, once
         agent = DDPGAgent(STATE_FEATURES, config.agent)
         for record in records:
@@ -368,8 +417,16 @@ class PolicySearch:
                 policy = enforce_budget(self.layers, actions_to_policy(self.layers, actions), config.budget)
                 mixed = self.finetuned(policy, episode)
                 reward, acr, noisy_accuracy = self.evaluate(mixed)
-                record = EpisodeRecord(episode, tuple(actions), policy, bitops_percent(self.layers, policy),
-                                       reward, acr, noisy_accuracy, time.perf_counter() - started)  # fmt: skip
+                record = EpisodeRecord(
+                    episode,
+                    tuple(actions),
+                    policy,
+                    bitops_percent(self.layers, policy),
+                    reward,
+                    acr,
+                    noisy_accuracy,
+                    time.perf_counter() - started,
+                )
                 if best is None or record.reward > best.reward:
                     best = record
                     if best_checkpoint is not None:
@@ -386,9 +443,17 @@ class PolicySearch:
             self._save(best_checkpoint, self.finetuned(best.policy, best.episode), best, metadata)
         return SearchResult(tuple(records), best, acr_original, resumed)
 
-    def _save(self, path: str | Path, mixed: MixedPrecisionModel, record: EpisodeRecord, metadata: dict[str, Any] | None) -> None:
-        search = {"episode": record.episode, "reward": record.reward, "acr": record.acr, "accuracy": record.accuracy,
-                  "bitops_percent": record.bitops_percent, "config": self.config.to_dict()}  # fmt: skip
+    def _save(
+        self, path: str | Path, mixed: MixedPrecisionModel, record: EpisodeRecord, metadata: dict[str, Any] | None
+    ) -> None:
+        search = {
+            "episode": record.episode,
+            "reward": record.reward,
+            "acr": record.acr,
+            "accuracy": record.accuracy,
+            "bitops_percent": record.bitops_percent,
+            "config": self.config.to_dict(),
+        }
         extra = {"bit_policy": mixed.policy.to_dict(), "search": search, "sigma": self.config.sigma}
         state = {name: tensor.detach().clone() for name, tensor in mixed.state_dict().items()}
         save_checkpoint(path, Checkpoint(state, {**(metadata or {}), **extra}))
@@ -397,9 +462,11 @@ class PolicySearch:
 def describe(record: EpisodeRecord) -> str:
     """One line about an episode, for logs and the command line."""
     acr = "" if record.acr is None else f"  ACR {record.acr:.3f}"
-    return (f"episode {record.episode}  weights {list(record.policy.weight_bits)}  activations {list(record.policy.act_bits)}"
-            f"  {record.bitops_percent:.2f}% BitOPs  reward {record.reward:+.4f}{acr}  noisy acc {record.accuracy:.3f}"
-            f"  ({record.seconds:.1f}s)")  # fmt: skip
+    return (
+        f"episode {record.episode}  weights {list(record.policy.weight_bits)}  activations {list(record.policy.act_bits)}"
+        f"  {record.bitops_percent:.2f}% BitOPs  reward {record.reward:+.4f}{acr}  noisy acc {record.accuracy:.3f}"
+        f"  ({record.seconds:.1f}s)"
+    )
 
 
 def _status(best: EpisodeRecord | None) -> str:
@@ -418,7 +485,9 @@ class _Certifier:
         self.config, self.validation_set = config, validation_set
         self.seed = derived_seed(config.seed, CERTIFICATION_STREAM)
         smoothed = self._smoothed(model)
-        self.cache = certify_original(smoothed, validation_set.images, n0=config.n0, n=config.n, alpha=config.alpha, seed=self.seed)
+        self.cache = certify_original(
+            smoothed, validation_set.images, n0=config.n0, n=config.n, alpha=config.alpha, seed=self.seed
+        )
         self.acr_original = acr(self.cache.certificates, validation_set.labels)
 
     def certify(self, mixed: nn.Module) -> Sequence[Certificate]:
@@ -426,11 +495,19 @@ class _Certifier:
         probability >= 1 - alpha - alpha_zeta (l2 radii in [0, 1] pixel units)."""
         config, smoothed = self.config, self._smoothed(mixed)
         if config.certifier == "irs":
-            return certify_incremental(self.cache, smoothed, n_zeta=config.n_zeta, alpha_zeta=config.alpha_zeta,
-                                       gamma=config.gamma, seed=self.seed)  # fmt: skip
+            return certify_incremental(
+                self.cache,
+                smoothed,
+                n_zeta=config.n_zeta,
+                alpha_zeta=config.alpha_zeta,
+                gamma=config.gamma,
+                seed=self.seed,
+            )
         seed = derived_seed(config.seed, RS_STREAM)
         return [
-            smoothed.certify(x, config.n0, config.n_zeta, config.alpha + config.alpha_zeta, example_generator(seed, index))
+            smoothed.certify(
+                x, config.n0, config.n_zeta, config.alpha + config.alpha_zeta, example_generator(seed, index)
+            )
             for index, x in enumerate(self.validation_set.images)
         ]
 

@@ -24,6 +24,7 @@ identically; that is what lets a search resume by replaying its log.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ class ReplayBuffer:
 def _mlp(sizes: Sequence[int], generator: torch.Generator, output: nn.Module | None) -> nn.Sequential:
     """Linear-ReLU layers of ``sizes``; Lillicrap et al.'s init: U(+-1/sqrt(fan_in)), last layer U(+-3e-3)."""
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         linear = nn.Linear(fan_in, fan_out)
         bound = 3e-3 if index == len(sizes) - 2 else 1 / math.sqrt(fan_in)
         with torch.no_grad():

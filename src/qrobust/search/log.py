@@ -77,7 +77,9 @@ class SearchLog:
         self.path, self.header = path, header
 
     @classmethod
-    def open(cls, path: str | Path, header: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> tuple[SearchLog, list[EpisodeRecord]]:
+    def open(
+        cls, path: str | Path, header: dict[str, Any], *, ignore: tuple[str, ...] = ()
+    ) -> tuple[SearchLog, list[EpisodeRecord]]:
         """The log at ``path`` and its complete episodes; a new log (header only) if there is none.
 
         An existing log must have been written with the same ``header`` but for the keys in ``ignore``
@@ -101,7 +103,9 @@ class SearchLog:
             raise QRobustError(f"{path} is not a qrobust search log: {error}") from None
         if not isinstance(saved, dict):
             raise QRobustError(f"{path} is not a qrobust search log: its first line has no header")
-        differences = sorted(key for key in set(saved) | set(header) if key not in ignore and saved.get(key) != header.get(key))
+        differences = sorted(
+            key for key in set(saved) | set(header) if key not in ignore and saved.get(key) != header.get(key)
+        )
         if differences:
             raise QRobustError(
                 f"{path} was written by a search with different {', '.join(differences)}; "

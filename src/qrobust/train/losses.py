@@ -38,8 +38,16 @@ class AttackConfig:
     steps: int = 10
 
     def pgd(self, model: nn.Module, generator: torch.Generator | None, loss=None) -> PGD:
-        return PGD(model, norm="inf", eps=self.eps, step_size=self.step_size, steps=self.steps,
-                   random_start=True, loss=loss, generator=generator)  # fmt: skip
+        return PGD(
+            model,
+            norm="inf",
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            random_start=True,
+            loss=loss,
+            generator=generator,
+        )
 
 
 def natural_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, generator=None):
