@@ -9,10 +9,10 @@ resumed run equals an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.limits import check_limit, check_memory
 from qrobust.models.inference import freeze_for_inference
-from qrobust.quant import fast_backend, load_int8
+from qrobust.quant import Int8Model, fast_backend, load_int8
 from qrobust.smoothing import (
     FloatRS,
     FloatRSQuant,
@@ -37,7 +37,9 @@ from qrobust.smoothing.confidence import check_alpha, check_count
 from qrobust.smoothing.records import CertifyRow, PredictRow
 from qrobust.train import load_model
 
-METHODS: dict[str, type[SmoothingMethod]] = {method.name: method for method in (FloatRS, FloatRSQuant, IntRS, LatticeRS)}
+METHODS: dict[str, Callable[[float], SmoothingMethod]] = {
+    method.name: method for method in (FloatRS, FloatRSQuant, IntRS, LatticeRS)
+}
 COMMANDS = ("certify", "predict")
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -78,6 +80,8 @@ class SmoothingJob:
     settle_radii: tuple[float, ...] | None = None
     runtime: str = "torch"
     memory_limit: InitVar[float | None] = None
+    # set per instance in __post_init__; a ClassVar so that it is no field (asdict is the run config)
+    _memory_limit: ClassVar[float | None] = None
     sequential: str = field(default="cs", kw_only=True)
     randomized_bound: bool = field(default=False, kw_only=True)
 
@@ -105,13 +109,15 @@ class SmoothingJob:
         """The smoothed classifier, the dataset split and the model's metadata, read from the files."""
         smoothing = METHODS[self.method](self.sigma)
         int8 = smoothing.model_kind == "int8"
+        model: nn.Module
         if int8:
-            saved = load_int8(self.checkpoint, self._memory_limit)
-            info, metadata, model = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata, saved.model
+            int8_file = load_int8(self.checkpoint, self._memory_limit)
+            info, metadata, model = DatasetInfo.from_dict(int8_file.metadata["dataset"]), int8_file.metadata, int8_file.model
         else:
-            model, saved = load_model(self.checkpoint, self._memory_limit)
-            info, metadata = saved.dataset_info, saved.metadata
+            model, checkpoint = load_model(self.checkpoint, self._memory_limit)
+            info, metadata = checkpoint.dataset_info, checkpoint.metadata
         self._check_memory(model, info.shape, smoothing)
+        base: nn.Module
         if self.runtime == "onnxruntime":
             try:
                 from qrobust.quant.export import (
@@ -123,7 +129,8 @@ class SmoothingJob:
         elif not self.fast:
             base = model
         else:
-            base = fast_backend(model) if int8 else freeze_for_inference(model, torch.rand(self.batch_size, *info.shape))
+            example = torch.rand(self.batch_size, *info.shape)
+            base = fast_backend(cast(Int8Model, model)) if int8 else freeze_for_inference(model, example)
         data = load_dataset(info.name, self.split, None if self.data_root is None else Path(self.data_root))
         bank_seed = self.seed if self.noise_bank else None
         return SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed), data, metadata

@@ -277,7 +277,7 @@ class Estimation:
     def draw(self, k: int) -> int:
         """Classify ``k`` more noisy samples; their votes for ``guess`` (0 when ``guess`` is None)."""
         noise = None if self._bank is None else self._bank[self.drawn : self.drawn + k]
-        if noise is not None and len(noise) < k:
+        if self._bank is not None and noise is not None and len(noise) < k:
             raise QRobustError(f"the noise bank holds {len(self._bank)} estimation rows, {self.drawn + k} requested")
         new = self._smoothed.sample_counts(self._x, k, self._generator, noise)
         self.counts += new

@@ -96,17 +96,17 @@ def discrete_gaussian(sigma: float, tail: float = 1e-300) -> LatticePmf:
     return LatticePmf(-m, mass, math.exp(_log_tail_bound(m, sigma, log_z)) * (1.0 + FLOAT_MARGIN))
 
 
-def projection_pmf(delta: Sequence[int], sigma: float, tail: float = 1e-300) -> LatticePmf:
+def projection_pmf(delta: Sequence[int] | np.ndarray, sigma: float, tail: float = 1e-300) -> LatticePmf:
     """The law of S = <n, delta>, n ~ N_Z(0, sigma^2 I_d), by exact convolution of the 1-D laws.
 
     Each coordinate is truncated as in ``discrete_gaussian(sigma, tail)``; the returned ``dropped`` bounds
     the mass of the noise outside the truncation box. S is not a discrete Gaussian unless delta has at
     most one non-zero entry.
     """
-    delta = check_delta(delta)
+    vector = check_delta(delta)
     noise = discrete_gaussian(sigma, tail)
     mass, offset = np.ones(1), 0
-    nonzero = np.abs(delta[delta != 0])
+    nonzero = np.abs(vector[vector != 0])
     for step in nonzero:
         mass = _convolve_dilated(mass, noise.mass, int(step))
         offset += int(step) * noise.offset
@@ -122,11 +122,11 @@ def critical_probability(delta: Sequence[int], sigma: float, tail: float = 1e-30
     P[f(x + n) = c] = pA and P[f(x + delta + n) = c] <= 1/2. Computed from the identity
     1 - T(delta) = exp(-D / (2 sigma^2)) E[exp(-|S| / sigma^2)] / 2, so truncation only raises the result.
     """
-    delta = check_delta(delta)
-    law = projection_pmf(delta, sigma, tail)
+    vector = check_delta(delta)
+    law = projection_pmf(vector, sigma, tail)
     values = law.offset + np.arange(len(law.mass))
     expectation = float(np.dot(np.exp(-np.abs(values) / (sigma * sigma)), law.mass))
-    tail_probability = 0.5 * math.exp(-_squared_norm(delta) / (2.0 * sigma * sigma)) * expectation
+    tail_probability = 0.5 * math.exp(-_squared_norm(vector) / (2.0 * sigma * sigma)) * expectation
     return min(1.0, math.nextafter(1.0 - tail_probability * (1.0 - FLOAT_MARGIN), 2.0))
 
 
@@ -140,8 +140,8 @@ def worst_case_probability(p_a: float, delta: Sequence[int], sigma: float, tail:
     (it is computed for level p_a - dropped on the truncated law of S), tight up to ~``tail``.
     """
     check_probability("p_a", p_a)
-    delta = check_delta(delta)
-    law = projection_pmf(delta, sigma, tail)
+    vector = check_delta(delta)
+    law = projection_pmf(vector, sigma, tail)
     cdf = np.cumsum(law.mass)
     target = min(p_a - law.dropped, float(cdf[-1]))
     if target <= 0.0:
@@ -149,7 +149,7 @@ def worst_case_probability(p_a: float, delta: Sequence[int], sigma: float, tail:
     level = min(int(np.searchsorted(cdf, target, side="left")), len(cdf) - 1)
     below = float(cdf[level - 1]) if level > 0 else 0.0
     gamma = min(1.0, (target - below) / float(law.mass[level]))
-    shifted = level - _squared_norm(delta)  # index of the value t - D in the law of S
+    shifted = level - _squared_norm(vector)  # index of the value t - D in the law of S
     strictly_below = float(cdf[shifted - 1]) if shifted >= 1 else 0.0
     on_plane = float(law.mass[shifted]) if shifted >= 0 else 0.0
     return strictly_below + gamma * on_plane
@@ -347,7 +347,7 @@ def check_exact_up_to(value: int) -> None:
         raise ValueError(f"exact_up_to must be an integer >= 0, got {value!r}")
 
 
-def check_delta(delta: Sequence[int]) -> np.ndarray:
+def check_delta(delta: Sequence[int] | np.ndarray) -> np.ndarray:
     """``delta`` as a 1-D int64 array; raise ValueError unless it is a non-empty vector of integers."""
     array = np.asarray(delta)
     integral = np.issubdtype(array.dtype, np.integer) or (

@@ -10,6 +10,7 @@ range, and the model decides how to read it (an int8 model's input quantizer cli
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from dataclasses import dataclass
@@ -31,9 +32,18 @@ _BISECTIONS = 64  # halvings of [0, 1]: below the spacing of doubles
 class SmoothingMethod(Protocol):
     """What ``SmoothedClassifier`` needs from a method."""
 
-    name: str
-    sigma: float  # noise std in [0, 1] pixel units
-    model_kind: str  # the base model it smooths: "float" (an fp32 checkpoint) or "int8" (an int8 one)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sigma(self) -> float:
+        """The noise std in [0, 1] pixel units."""
+        ...
+
+    @property
+    def model_kind(self) -> str:
+        """The base model it smooths: "float" (an fp32 checkpoint) or "int8" (an int8 one)."""
+        ...
 
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
         """Fresh noise of ``shape`` (float for Gaussian, int16 lattice steps for discrete noise)."""
@@ -56,8 +66,14 @@ class SmoothingMethod(Protocol):
         ...
 
 
-class _Additive:
+class _Additive(abc.ABC):
     """``perturb`` for methods that add independent noise: sample it, then apply it."""
+
+    @abc.abstractmethod
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
     def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self.apply(images, self.sample_noise(tuple(images.shape), generator))

@@ -115,7 +115,7 @@ def _read_rows(path: str | Path, kind: str, headers: tuple[str, ...], parse: Cal
         raise QRobustError(f"{path} is not a {kind} TSV: the first line must be '{headers[0].expandtabs(1)}'")
     columns = lines[0].strip().split("\t")
     width, correct = len(columns), columns.index("correct")
-    rows, lines_of = [], {}
+    rows, lines_of = [], dict[int, int]()
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         try:

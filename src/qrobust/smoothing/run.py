@@ -90,7 +90,7 @@ def _certify_rows(
                 smoothed, x, n0=n0, n_max=n, alpha=alpha, radii=settle_radii, sequential=sequential,
                 generator=generator,
             )  # fmt: skip
-        label = ABSTAIN if certificate.abstained else certificate.label
+        label = ABSTAIN if certificate.label is None else certificate.label
         yield CertifyRow(
             index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started, certificate.samples
         )
@@ -118,7 +118,7 @@ def _predict_rows(
     for index in indices:
         started = time.perf_counter()
         prediction = smoothed.predict(dataset.images[index], n=n, alpha=alpha, generator=example_generator(seed, index))
-        label = ABSTAIN if prediction.abstained else prediction.label
+        label = ABSTAIN if prediction.label is None else prediction.label
         yield PredictRow(index, int(dataset.labels[index]), label, time.perf_counter() - started)
 
 
