@@ -61,9 +61,15 @@ def main() -> None:
                     certificate = smoothed.certify(x, args.n0, args.n, args.alpha, generator)
                 else:
                     certificate = certify_adaptive(
-                        smoothed, x, n0=args.n0, n_max=args.n, alpha=args.alpha, radii=radii, sequential="union",
+                        smoothed,
+                        x,
+                        n0=args.n0,
+                        n_max=args.n,
+                        alpha=args.alpha,
+                        radii=radii,
+                        sequential="union",
                         generator=generator,
-                    )  # fmt: skip
+                    )
                 certificates.append(certificate)
                 bar.update(task, advance=1)
             runs[name] = (certificates, time.perf_counter() - started, [c.samples for c in certificates])

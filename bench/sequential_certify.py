@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass (= cs look)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise-bank", action="store_true", help="one noise bank for all images (sampling off the clock)")
+    parser.add_argument(
+        "--noise-bank", action="store_true", help="one noise bank for all images (sampling off the clock)"
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", type=Path, required=True, help="TSV of per-image rows, appended to (resume)")
     args = parser.parse_args()
@@ -79,8 +81,15 @@ def main() -> None:
                 certificate = certify(data.images[index], example_generator(args.seed, index))
                 seconds = time.perf_counter() - started
                 predict = -1 if certificate.abstained else certificate.label
-                row = (index, int(data.labels[index]), name, predict, f"{certificate.radius:.6f}", certificate.samples,
-                       f"{seconds:.4f}")  # fmt: skip
+                row = (
+                    index,
+                    int(data.labels[index]),
+                    name,
+                    predict,
+                    f"{certificate.radius:.6f}",
+                    certificate.samples,
+                    f"{seconds:.4f}",
+                )
                 out.write("\t".join(map(str, row)) + "\n")
                 out.flush()
             print(f"\r{count}/{len(indices)} images", end="", flush=True)
@@ -92,17 +101,33 @@ def _arms(args: argparse.Namespace, radii: tuple[float, ...]) -> tuple[dict[str,
     """The arms of the mode, by name, and the test split."""
 
     def job(method: str):
-        return SmoothingJob("certify", args.checkpoint, method, args.sigma, args.n, args.alpha, args.n0,
-                            noise_bank=args.noise_bank, batch_size=args.batch_size, data_root=args.data_root).open()  # fmt: skip
+        return SmoothingJob(
+            "certify",
+            args.checkpoint,
+            method,
+            args.sigma,
+            args.n,
+            args.alpha,
+            args.n0,
+            noise_bank=args.noise_bank,
+            batch_size=args.batch_size,
+            data_root=args.data_root,
+        ).open()
 
     def fixed(smoothed) -> Arm:
         return lambda x, generator: smoothed.certify(x, args.n0, args.n, args.alpha, generator)
 
     def adaptive(smoothed, sequential: str) -> Arm:
         return lambda x, generator: certify_adaptive(
-            smoothed, x, n0=args.n0, n_max=args.n, alpha=args.alpha, radii=radii, sequential=sequential,
+            smoothed,
+            x,
+            n0=args.n0,
+            n_max=args.n,
+            alpha=args.alpha,
+            radii=radii,
+            sequential=sequential,
             generator=generator,
-        )  # fmt: skip
+        )
 
     if args.mode == "lattice":
         (float_fp, data, _), (lattice, _, _) = job("float-fp"), job("lattice")

@@ -29,7 +29,14 @@ from qrobust.smoothing import LatticeRS
     ],
 )
 def test_job_rejects_bad_settings(change, message):
-    settings = {"command": "certify", "checkpoint": "model.pt", "method": "float-fp", "sigma": 0.25, "n": 100, "alpha": 0.01}
+    settings = {
+        "command": "certify",
+        "checkpoint": "model.pt",
+        "method": "float-fp",
+        "sigma": 0.25,
+        "n": 100,
+        "alpha": 0.01,
+    }
     with pytest.raises((ValueError, QRobustError), match=message):
         SmoothingJob(**(settings | change))
 
@@ -80,19 +87,28 @@ def fashion_int8(tmp_path, no_data):
 def test_a_huge_n_is_refused_when_the_job_is_made(command):
     with pytest.raises(QRobustError) as error:
         SmoothingJob(command, "absent.pt", "float-fp", 0.25, 10**12, 0.01, memory_limit=100)
-    assert str(error.value) == ("n = 1,000,000,000,000 noisy samples (an int64 prediction each) needs ~7,451 GiB, "
-                                "above the memory limit of 100 GiB; pass --memory-limit to raise it or lower --n")  # fmt: skip
+    assert str(error.value) == (
+        "n = 1,000,000,000,000 noisy samples (an int64 prediction each) needs ~7,451 GiB, "
+        "above the memory limit of 100 GiB; pass --memory-limit to raise it or lower --n"
+    )
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"n": 3 * 10**6, "noise_bank": True, "memory_limit": 4},
-         "a noise bank of 3,000,100 noise images of 1x28x28 needs ~8.76 GiB, above the memory limit of 4 GiB"),
-        ({"batch_size": 10**6, "memory_limit": 64}, "a batch of 1,000,000 noisy samples needs ~570 GiB, above the memory limit of 64 GiB"),
+        (
+            {"n": 3 * 10**6, "noise_bank": True, "memory_limit": 4},
+            "a noise bank of 3,000,100 noise images of 1x28x28 needs ~8.76 GiB, above the memory limit of 4 GiB",
+        ),
+        (
+            {"batch_size": 10**6, "memory_limit": 64},
+            "a batch of 1,000,000 noisy samples needs ~570 GiB, above the memory limit of 64 GiB",
+        ),
     ],
-)  # fmt: skip
-def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_is_allocated(fashion_cnn, change, message):
+)
+def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_is_allocated(
+    fashion_cnn, change, message
+):
     settings = {"n": 1000, "alpha": 0.01, "fast": False} | change
     job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, **settings)
     with pytest.raises(QRobustError, match=message):
@@ -102,7 +118,10 @@ def test_a_noise_bank_or_batch_above_the_limit_is_refused_before_it_or_the_data_
 def test_an_int_noise_bank_counts_int16_noise(fashion_int8):
     """The issue's n = 10^7 bank of discrete noise for an int8 model: 2 bytes a value."""
     job = SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, noise_bank=True, memory_limit=8)
-    with pytest.raises(QRobustError, match=r"a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB"):
+    with pytest.raises(
+        QRobustError,
+        match=r"a noise bank of 10,000,100 noise images of 1x28x28 needs ~14.6 GiB, above the memory limit of 8 GiB",
+    ):
         job.open()
     with pytest.raises(DataLoaded):  # without the bank, its default batch is well within the limit
         SmoothingJob("certify", fashion_int8, "int", 0.25, 10**7, 0.01, fast=False, memory_limit=1).open()
@@ -110,7 +129,9 @@ def test_an_int_noise_bank_counts_int16_noise(fashion_int8):
 
 def test_a_job_within_the_limit_gets_past_the_checks(fashion_cnn):
     """Default settings on a Fashion-MNIST CNN need about 0.15 GiB; the bank of n = 10^5 0.3 GiB."""
-    job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, 10**5, 0.01, fast=False, noise_bank=True, memory_limit=0.5)
+    job = SmoothingJob(
+        "certify", fashion_cnn, "float-fp", 0.25, 10**5, 0.01, fast=False, noise_bank=True, memory_limit=0.5
+    )
     with pytest.raises(DataLoaded):
         job.open()
 
@@ -140,14 +161,22 @@ def test_lattice_smooths_the_fp32_checkpoint_end_to_end(fashion_cnn, monkeypatch
 def test_new_options_are_recorded_and_checked():
     job = SmoothingJob("certify", "model.pt", "int", 0.25, 100, 0.01, settle_radii=(0.0, 0.25), sequential="union")
     assert asdict(job)["sequential"] == "union" and asdict(job)["randomized_bound"] is False
-    assert asdict(SmoothingJob("certify", "m.pt", "float-fp", 0.25, 100, 0.01, randomized_bound=True))["randomized_bound"]
+    assert asdict(SmoothingJob("certify", "m.pt", "float-fp", 0.25, 100, 0.01, randomized_bound=True))[
+        "randomized_bound"
+    ]
     for settings, message in (
         ({"sequential": "peek"}, "sequential must be"),
         ({"settle_radii": (0.25,), "randomized_bound": True}, "randomized_bound applies"),
         ({"command": "predict", "randomized_bound": True}, "randomized_bound applies"),
         ({"settle_radii": (float("nan"),)}, "radii"),
     ):
-        arguments = {"command": "certify", "checkpoint": "m.pt", "method": "float-fp", "sigma": 0.25, "n": 100,
-                     "alpha": 0.01} | settings  # fmt: skip
+        arguments = {
+            "command": "certify",
+            "checkpoint": "m.pt",
+            "method": "float-fp",
+            "sigma": 0.25,
+            "n": 100,
+            "alpha": 0.01,
+        } | settings
         with pytest.raises(QRobustError, match=message):
             SmoothingJob(**arguments)

@@ -11,7 +11,14 @@ from qrobust.smoothing import CERTIFY_HEADER, PREDICT_HEADER, CertifyRow
 
 def _write_run(path, method, sigma, rows):
     path.write_text("\n".join([CERTIFY_HEADER, *(row.to_line() for row in rows)]) + "\n")
-    config = {"method": method, "sigma": sigma, "n": 1000, "n0": 100, "alpha": 0.001, "model": {"dataset": {"name": "digits"}}}
+    config = {
+        "method": method,
+        "sigma": sigma,
+        "n": 1000,
+        "n0": 100,
+        "alpha": 0.001,
+        "model": {"dataset": {"name": "digits"}},
+    }
     path.with_suffix(".json").write_text(json.dumps(config))
 
 
@@ -19,8 +26,18 @@ def test_report_compares_runs_of_one_sigma(tmp_path):
     results = tmp_path / "results"
     (results / "sub").mkdir(parents=True)
     # fp: radii 0.5 and 0.3 correct, one wrong; int: one correct at 0.2, one abstained, one wrong.
-    _write_run(results / "fp.tsv", "float-fp", 0.25, [CertifyRow(0, 1, 1, 0.5, 2.0), CertifyRow(1, 2, 2, 0.3, 2.0), CertifyRow(2, 3, 4, 0.1, 2.0)])
-    _write_run(results / "int.tsv", "int", 0.25, [CertifyRow(0, 1, 1, 0.2, 0.5), CertifyRow(1, 2, -1, 0.0, 0.5), CertifyRow(2, 3, 4, 0.1, 0.5)])
+    _write_run(
+        results / "fp.tsv",
+        "float-fp",
+        0.25,
+        [CertifyRow(0, 1, 1, 0.5, 2.0), CertifyRow(1, 2, 2, 0.3, 2.0), CertifyRow(2, 3, 4, 0.1, 2.0)],
+    )
+    _write_run(
+        results / "int.tsv",
+        "int",
+        0.25,
+        [CertifyRow(0, 1, 1, 0.2, 0.5), CertifyRow(1, 2, -1, 0.0, 0.5), CertifyRow(2, 3, 4, 0.1, 0.5)],
+    )
     _write_run(results / "sub" / "other.tsv", "float-fp", 0.5, [CertifyRow(0, 1, 1, 0.9, 1.0)])
     (results / "predict.tsv").write_text(PREDICT_HEADER + "\n0\t1\t1\t1\t0:00:01\n")  # not a certify run: skipped
 

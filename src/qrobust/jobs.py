@@ -112,7 +112,11 @@ class SmoothingJob:
         model: nn.Module
         if int8:
             int8_file = load_int8(self.checkpoint, self._memory_limit)
-            info, metadata, model = DatasetInfo.from_dict(int8_file.metadata["dataset"]), int8_file.metadata, int8_file.model
+            info, metadata, model = (
+                DatasetInfo.from_dict(int8_file.metadata["dataset"]),
+                int8_file.metadata,
+                int8_file.model,
+            )
         else:
             model, checkpoint = load_model(self.checkpoint, self._memory_limit)
             info, metadata = checkpoint.dataset_info, checkpoint.metadata
@@ -144,7 +148,9 @@ class SmoothingJob:
         widest accumulator of an int8 model; this errs on the high side by about 2x for float models.
         """
         image, generator = torch.zeros(1, *shape, dtype=torch.uint8), torch.Generator().manual_seed(0)
-        activations = 3 * 8 * _largest_output(model, smoothing.apply(image, smoothing.sample_noise(image.shape, generator)))
+        activations = (
+            3 * 8 * _largest_output(model, smoothing.apply(image, smoothing.sample_noise(image.shape, generator)))
+        )
         batch = self.batch_size * (3 * 4 * image.numel() + activations)
         check_memory(f"a batch of {self.batch_size:,} noisy samples", batch, self._memory_limit, "--batch-size")
         if self.noise_bank:
@@ -153,12 +159,23 @@ class SmoothingJob:
             what = f"a noise bank of {rows:,} noise images of {'x'.join(map(str, shape))}"
             check_memory(what, bank, self._memory_limit, "--n (or leave out --noise-bank)")
 
-    def rows(self, smoothed: SmoothedClassifier, data: LatticeDataset, indices: Sequence[int]) -> Iterator[CertifyRow | PredictRow]:
+    def rows(
+        self, smoothed: SmoothedClassifier, data: LatticeDataset, indices: Sequence[int]
+    ) -> Iterator[CertifyRow | PredictRow]:
         """Run the job on ``data`` at ``indices``, one row per example in order."""
         if self.command == "certify":
-            return certify_examples(smoothed, data, indices, n0=self.n0, n=self.n, alpha=self.alpha, seed=self.seed,
-                                    settle_radii=self.settle_radii, sequential=self.sequential,
-                                    randomized_bound=self.randomized_bound)  # fmt: skip
+            return certify_examples(
+                smoothed,
+                data,
+                indices,
+                n0=self.n0,
+                n=self.n,
+                alpha=self.alpha,
+                seed=self.seed,
+                settle_radii=self.settle_radii,
+                sequential=self.sequential,
+                randomized_bound=self.randomized_bound,
+            )
         return predict_examples(smoothed, data, indices, n=self.n, alpha=self.alpha, seed=self.seed)
 
 
@@ -180,8 +197,9 @@ def _largest_output(model: nn.Module, sample: torch.Tensor) -> int:
     return max(sizes)
 
 
-def run_ray(job: SmoothingJob, indices: Sequence[int], workers: int, address: str | None = None,
-            chunk: int = 4) -> Iterator[CertifyRow | PredictRow]:  # fmt: skip
+def run_ray(
+    job: SmoothingJob, indices: Sequence[int], workers: int, address: str | None = None, chunk: int = 4
+) -> Iterator[CertifyRow | PredictRow]:
     """Run ``job`` on Ray: ``workers`` actors (one CPU and one torch thread each) load the model once
     and take chunks of ``chunk`` examples; rows come back in index order as soon as every earlier
     chunk is done, so the output can be streamed (and resumed) like a local run's.

@@ -39,14 +39,18 @@ def check_memory(what: str, needed: int, memory_limit: float | None = None, lowe
     limit = default_memory_limit() if memory_limit is None else check_limit(memory_limit)
     if needed > limit * GIB:
         advice = f" or lower {lower}" if lower else ""
-        raise QRobustError(f"{what} needs ~{_gib(needed)} GiB, above the memory limit of {_gib(limit * GIB)} GiB; "
-                           f"pass --memory-limit to raise it{advice}")  # fmt: skip
+        raise QRobustError(
+            f"{what} needs ~{_gib(needed)} GiB, above the memory limit of {_gib(limit * GIB)} GiB; "
+            f"pass --memory-limit to raise it{advice}"
+        )
 
 
 def check_limit(memory_limit: float) -> float:
     """``memory_limit`` (GiB) after checking it is a finite number > 0."""
-    if isinstance(memory_limit, bool) or not isinstance(memory_limit, int | float) or not (
-        math.isfinite(memory_limit) and memory_limit > 0
+    if (
+        isinstance(memory_limit, bool)
+        or not isinstance(memory_limit, int | float)
+        or not (math.isfinite(memory_limit) and memory_limit > 0)
     ):
         raise QRobustError(f"--memory-limit must be a number of GiB > 0, got {memory_limit!r}")
     return float(memory_limit)

@@ -76,7 +76,9 @@ def exclusive_lock(path: Path, option: str = "--output") -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise QRobustError(f"{path} is being written by another run ({holder}); wait for it to end or choose another {option}") from None
+            raise QRobustError(
+                f"{path} is being written by another run ({holder}); wait for it to end or choose another {option}"
+            ) from None
         if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
             break
         handle.close()  # its holder removed the file between our open and flock: lock the new one

@@ -41,7 +41,9 @@ def compare_runs(runs: dict[str, list[CertifyRow]], radii=DEFAULT_RADII) -> list
     """Summaries of several runs at ``radii``, in order, with speed relative to the first."""
     seconds = {name: float(np.mean([row.seconds for row in rows])) for name, rows in runs.items()}
     first = next(iter(seconds.values()))
-    return [RunLine(name, summarize_rows(rows, radii), seconds[name], first / seconds[name]) for name, rows in runs.items()]
+    return [
+        RunLine(name, summarize_rows(rows, radii), seconds[name], first / seconds[name]) for name, rows in runs.items()
+    ]
 
 
 def summary_tables(runs: dict[str, list[CertifyRow]], radii=DEFAULT_RADII) -> tuple[Table, Table]:
@@ -153,7 +155,9 @@ def find_runs(directory: Path) -> list[CertifyRun]:
     return runs
 
 
-def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, command: str = "", overwrite: bool = False) -> Path:
+def write_report(
+    directories: list[Path], output: Path, radii=DEFAULT_RADII, command: str = "", overwrite: bool = False
+) -> Path:
     """A Markdown page with PNG plots in ``output``: for every group of certification runs found in
     ``directories`` (same directory, dataset and sigma), the certified-accuracy curves, both
     certified-accuracy tables with ACR, certified percentage and timing, and the runs' settings.
@@ -161,12 +165,16 @@ def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, com
     before any is written: an existing one is refused unless ``overwrite``; each is written atomically."""
     runs = [run for directory in directories for run in find_runs(directory)]
     if not runs:
-        raise QRobustError(f"no certification TSVs (written by `qrobust certify`) under {', '.join(map(str, directories))}")
+        raise QRobustError(
+            f"no certification TSVs (written by `qrobust certify`) under {', '.join(map(str, directories))}"
+        )
     groups: dict[tuple, list[CertifyRun]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     page = output / "README.md"
-    check_outputs([page, *(output / f"group-{number}.png" for number in range(1, len(groups) + 1))], overwrite=overwrite)
+    check_outputs(
+        [page, *(output / f"group-{number}.png" for number in range(1, len(groups) + 1))], overwrite=overwrite
+    )
     lines = ["# qrobust report", ""]
     if command:
         lines += [f"Made by `{command}`.", ""]
@@ -175,14 +183,23 @@ def write_report(directories: list[Path], output: Path, radii=DEFAULT_RADII, com
         members.sort(key=_method_order)
         named = dict(zip(_run_names(members), members, strict=True))
         title = f"{directory}: {dataset or 'unknown dataset'}, sigma = {sigma}"
-        plot = plot_certified_accuracy({name: run.rows for name, run in named.items()}, output / f"group-{number}.png", title)
+        plot = plot_certified_accuracy(
+            {name: run.rows for name, run in named.items()}, output / f"group-{number}.png", title
+        )
         lines += [f"## {title}", "", f"![certified accuracy against radius]({plot.name})", ""]
         comparison = compare_runs({name: run.rows for name, run in named.items()}, radii)
         header = ["run", "N", *(f"r={r:g}" for r in radii)]
-        lines += [f"**{COHEN_TITLE}**", "", *_markdown_table([*header, *EXTRA_COLUMNS], [_cohen_cells(line) for line in comparison]), ""]
+        lines += [
+            f"**{COHEN_TITLE}**",
+            "",
+            *_markdown_table([*header, *EXTRA_COLUMNS], [_cohen_cells(line) for line in comparison]),
+            "",
+        ]
         lines += [f"**{PAPER_TITLE}**", "", *_markdown_table(header, [_paper_cells(line) for line in comparison]), ""]
-        settings = [[name, *(str(run.config.get(key, "")) for key in SETTINGS), os.path.relpath(run.path, output)]
-                    for name, run in named.items()]  # fmt: skip
+        settings = [
+            [name, *(str(run.config.get(key, "")) for key in SETTINGS), os.path.relpath(run.path, output)]
+            for name, run in named.items()
+        ]
         lines += ["**Settings**", "", *_markdown_table(["run", *SETTINGS, "file"], settings), ""]
     write_text_atomic(page, "\n".join(lines))
     return page

@@ -107,7 +107,11 @@ def test_dataset_from_lattice_computes_its_info_or_reuses_the_given_one(toy_data
     ("labels", "options", "message"),
     [
         (torch.zeros(20), {}, r"^mine: labels must be integer class indices, got dtype torch.float32$"),
-        (torch.zeros(19, dtype=torch.long), {}, r"^mine: labels must have shape \(20,\) to match the images, got \(19,\)$"),
+        (
+            torch.zeros(19, dtype=torch.long),
+            {},
+            r"^mine: labels must have shape \(20,\) to match the images, got \(19,\)$",
+        ),
         (torch.arange(20) - 1, {}, r"^mine: labels must be in 0..18, got -1..18$"),
         (torch.arange(20) % 3, {"classes": ["a", "b"]}, r"^mine: labels must be in 0..1, got 0..2$"),
         (torch.arange(20) % 3, {"classes": ["a", "a", "b"]}, r"^mine: class names must be distinct"),
@@ -122,7 +126,9 @@ def test_dataset_from_lattice_refuses_bad_labels(toy_dataset, labels, options, m
 
 def test_dataset_from_lattice_refuses_other_shapes_constant_channels_and_nothing(toy_dataset):
     wide = torch.zeros(2, 1, 4, 5, dtype=torch.uint8)
-    with pytest.raises(QRobustError, match=r"^mine: images have shape \(1, 4, 5\) \(C, H, W\), but toy has \(1, 4, 4\)$"):
+    with pytest.raises(
+        QRobustError, match=r"^mine: images have shape \(1, 4, 5\) \(C, H, W\), but toy has \(1, 4, 4\)$"
+    ):
         dataset_from_lattice(wide, torch.zeros(2, dtype=torch.long), source="mine", info=INFO)
     with pytest.raises(QRobustError, match=r"^mine: channel 0 is constant \(std 0\)"):
         dataset_from_lattice(wide, torch.zeros(2, dtype=torch.long), source="mine")

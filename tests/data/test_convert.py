@@ -86,20 +86,40 @@ def test_info_and_classes_are_used(lattice):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda x, y: [(x[0], 0)], r"^expected a LatticeDataset, a map-style torch Dataset or a DataLoader of \(image, label\), got list$"),
+        (
+            lambda x, y: [(x[0], 0)],
+            r"^expected a LatticeDataset, a map-style torch Dataset or a DataLoader of \(image, label\), got list$",
+        ),
         (lambda x, y: TensorDataset(x), r"^a TensorDataset of \(image, label\) needs 2 tensors, got 1$"),
-        (lambda x, y: TensorDataset(x[:, 0], y), r"^images: images must have shape \(B, C, H, W\), got \(12, 5, 4\); images must be"),
+        (
+            lambda x, y: TensorDataset(x[:, 0], y),
+            r"^images: images must have shape \(B, C, H, W\), got \(12, 5, 4\); images must be",
+        ),
         (lambda x, y: TensorDataset(x.long(), y), r"^images: image dtype torch.int64 is neither uint8 nor float"),
-        (lambda x, y: TensorDataset(x.float() * 2, y), r"^images: float images must lie in \[0, 1\], got values in \[0, 510\]"),
-        (lambda x, y: TensorDataset(x.float().fill_(float("nan")), y), r"^images: images contain NaN or infinite values$"),
-        (lambda x, y: TensorDataset(x, y.float()), r"^TensorDataset: labels must be integer class indices, got dtype torch.float32$"),
+        (
+            lambda x, y: TensorDataset(x.float() * 2, y),
+            r"^images: float images must lie in \[0, 1\], got values in \[0, 510\]",
+        ),
+        (
+            lambda x, y: TensorDataset(x.float().fill_(float("nan")), y),
+            r"^images: images contain NaN or infinite values$",
+        ),
+        (
+            lambda x, y: TensorDataset(x, y.float()),
+            r"^TensorDataset: labels must be integer class indices, got dtype torch.float32$",
+        ),
         (lambda x, y: Pairs([(x[0], 0, "extra")]), r"^item 0 is a tuple, not an \(image, label\) pair"),
         (lambda x, y: Pairs([{"image": x[0], "label": 0}]), r"^item 0 is a dict, not an \(image, label\) pair"),
         (lambda x, y: Pairs([(x[0], 0), (x[1], 1.0)]), r"^item 1: label must be an integer class index, got float$"),
         (lambda x, y: Pairs([(x[0], 0), ([[[1]]], 1)]), r"^item 1: got a list; images must be \(C, H, W\) tensors"),
-        (lambda x, y: Pairs([(x[0], 0), (x[1, :, :2], 1)]), r"^images have different shapes \[\(3, 2, 4\), \(3, 5, 4\)\] \(C, H, W\)"),
-        (lambda x, y: DataLoader(TensorDataset(x, torch.nn.functional.one_hot(y)), batch_size=4),
-         r"^item 0: labels must be class indices of shape \(B,\), got \(4, 4\)$"),
+        (
+            lambda x, y: Pairs([(x[0], 0), (x[1, :, :2], 1)]),
+            r"^images have different shapes \[\(3, 2, 4\), \(3, 5, 4\)\] \(C, H, W\)",
+        ),
+        (
+            lambda x, y: DataLoader(TensorDataset(x, torch.nn.functional.one_hot(y)), batch_size=4),
+            r"^item 0: labels must be class indices of shape \(B,\), got \(4, 4\)$",
+        ),
         (lambda x, y: Pairs([]), r"^the dataset holds no examples$"),
     ],
 )

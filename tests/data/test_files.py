@@ -115,21 +115,58 @@ def test_the_test_split_reuses_the_training_info(folder, pixels, tmp_path):
 @pytest.mark.parametrize(
     ("setup", "options", "error", "message"),
     [
-        (lambda root: None, {}, DatasetNotFoundError, r"^image folder .*data not found: expected a directory of class sub-folders$"),
-        (lambda root: root.mkdir(), {}, QRobustError, r"data has no class sub-folders: put the images of class C in .*data/C/$"),
-        (lambda root: (root / "a").mkdir(parents=True), {}, QRobustError, r"^class folder .*a holds no .png/.jpg/.jpeg images$"),
-        (lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)).write_bytes(b"not a png"), {}, QRobustError,
-         r"x.png is not a readable PNG/JPEG image: cannot identify image file"),
-        (lambda root: _save(root / "a" / "x.png", np.zeros((64, 64, 3), np.uint8)).write_bytes(
-            (root / "a" / "x.png").read_bytes()[:60]), {}, QRobustError, r"x.png is not a readable PNG/JPEG image: "),
-        (lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint16)), {}, QRobustError,
-         r"x.png: unsupported image mode I(;16)? \(8-bit grayscale or colour expected\)$"),  # a 16-bit PNG
-        (lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)), {"channels": 2}, QRobustError,
-         r"^channels must be 1, 3 or None \(from the images\), got 2$"),
-        (lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)), {"resize": (2, 0)}, QRobustError,
-         r"^resize must be an int or an \(H, W\) pair of ints >= 1, got \(2, 0\)$"),
+        (
+            lambda root: None,
+            {},
+            DatasetNotFoundError,
+            r"^image folder .*data not found: expected a directory of class sub-folders$",
+        ),
+        (
+            lambda root: root.mkdir(),
+            {},
+            QRobustError,
+            r"data has no class sub-folders: put the images of class C in .*data/C/$",
+        ),
+        (
+            lambda root: (root / "a").mkdir(parents=True),
+            {},
+            QRobustError,
+            r"^class folder .*a holds no .png/.jpg/.jpeg images$",
+        ),
+        (
+            lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)).write_bytes(b"not a png"),
+            {},
+            QRobustError,
+            r"x.png is not a readable PNG/JPEG image: cannot identify image file",
+        ),
+        (
+            lambda root: _save(root / "a" / "x.png", np.zeros((64, 64, 3), np.uint8)).write_bytes(
+                (root / "a" / "x.png").read_bytes()[:60]
+            ),
+            {},
+            QRobustError,
+            r"x.png is not a readable PNG/JPEG image: ",
+        ),
+        (
+            lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint16)),
+            {},
+            QRobustError,
+            r"x.png: unsupported image mode I(;16)? \(8-bit grayscale or colour expected\)$",
+        ),  # a 16-bit PNG
+        (
+            lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)),
+            {"channels": 2},
+            QRobustError,
+            r"^channels must be 1, 3 or None \(from the images\), got 2$",
+        ),
+        (
+            lambda root: _save(root / "a" / "x.png", np.zeros((2, 2), np.uint8)),
+            {"resize": (2, 0)},
+            QRobustError,
+            r"^resize must be an int or an \(H, W\) pair of ints >= 1, got \(2, 0\)$",
+        ),
     ],
-)  # fmt: skip
+)
 def test_folder_errors_are_one_line(tmp_path, setup, options, error, message):
     root = tmp_path / "data"
     setup(root)
@@ -151,13 +188,19 @@ def test_npz_arrays_are_read_channels_last(tmp_path, rng, layout):
     chw = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(data.images.numpy(), chw)
     assert data.labels.tolist() == labels.tolist() and data.labels.dtype == torch.int64
-    assert (data.info.name, data.info.shape, data.info.classes) == (str(tmp_path / "d.npz"), chw.shape[1:], ("0", "1", "2"))
+    assert (data.info.name, data.info.shape, data.info.classes) == (
+        str(tmp_path / "d.npz"),
+        chw.shape[1:],
+        ("0", "1", "2"),
+    )
     assert data.info.mean == pytest.approx((chw / 255).mean((0, 2, 3)).tolist())
 
 
 def test_npz_class_names_and_training_info(tmp_path, rng):
     images = rng.integers(0, 256, (4, 3, 3), dtype=np.uint8)
-    np.savez(tmp_path / "train.npz", images=images, labels=np.array([0, 1, 0, 1]), classes=np.array(["cat", "dog", "eel"]))
+    np.savez(
+        tmp_path / "train.npz", images=images, labels=np.array([0, 1, 0, 1]), classes=np.array(["cat", "dog", "eel"])
+    )
     train = load_npz(tmp_path / "train.npz", name="pets")
     assert (train.info.name, train.info.classes) == ("pets", ("cat", "dog", "eel"))
     np.savez(tmp_path / "test.npz", images=images[:2], labels=np.array([2, 2]))
@@ -178,23 +221,43 @@ LABELS = np.array([0, 1])
     [
         (lambda p: None, r"d.npz not found: expected an .npz file with arrays images and labels$"),
         (lambda p: p.write_bytes(b"junk"), r"d.npz is not an .npz archive \(as np.savez writes\)$"),
-        (lambda p: np.save(p.with_suffix(".npy"), IMAGES) or p.with_suffix(".npy").rename(p),
-         r"d.npz is not an .npz archive"),
+        (
+            lambda p: np.save(p.with_suffix(".npy"), IMAGES) or p.with_suffix(".npy").rename(p),
+            r"d.npz is not an .npz archive",
+        ),
         (lambda p: _npz(p, images=IMAGES), r"d.npz lacks the array\(s\) labels; it holds \['images'\]$"),
-        (lambda p: _npz(p, images=np.array([object()] * 2), labels=LABELS),
-         r"d.npz is not a valid .npz file: Object arrays cannot be loaded when allow_pickle=False$"),
-        (lambda p: _npz(p, images=IMAGES / 255, labels=LABELS),
-         r"images must be uint8 lattice values, got float64; convert \[0, 1\] floats with np.round\(x \* 255\)"),
+        (
+            lambda p: _npz(p, images=np.array([object()] * 2), labels=LABELS),
+            r"d.npz is not a valid .npz file: Object arrays cannot be loaded when allow_pickle=False$",
+        ),
+        (
+            lambda p: _npz(p, images=IMAGES / 255, labels=LABELS),
+            r"images must be uint8 lattice values, got float64; convert \[0, 1\] floats with np.round\(x \* 255\)",
+        ),
         (lambda p: _npz(p, images=IMAGES.reshape(2, 1, 3, 3, 1), labels=LABELS), r"images must have shape \(N, H, W\)"),
-        (lambda p: _npz(p, images=np.zeros((2, 3, 8, 8), np.uint8), labels=LABELS),
-         r"got \(2, 3, 8, 8\); transpose \(N, C, H, W\) arrays with images.transpose\(0, 2, 3, 1\)$"),
-        (lambda p: _npz(p, images=IMAGES, labels=LABELS.astype(float)), r"labels must be integer class indices, got dtype float64$"),
-        (lambda p: _npz(p, images=IMAGES, labels=np.array([0, 1, 1])), r"labels must have shape \(2,\) to match the images"),
+        (
+            lambda p: _npz(p, images=np.zeros((2, 3, 8, 8), np.uint8), labels=LABELS),
+            r"got \(2, 3, 8, 8\); transpose \(N, C, H, W\) arrays with images.transpose\(0, 2, 3, 1\)$",
+        ),
+        (
+            lambda p: _npz(p, images=IMAGES, labels=LABELS.astype(float)),
+            r"labels must be integer class indices, got dtype float64$",
+        ),
+        (
+            lambda p: _npz(p, images=IMAGES, labels=np.array([0, 1, 1])),
+            r"labels must have shape \(2,\) to match the images",
+        ),
         (lambda p: _npz(p, images=IMAGES, labels=np.array([0, -1])), r"labels must be in 0..0, got -1..0$"),
-        (lambda p: _npz(p, images=IMAGES, labels=LABELS, classes=np.array(["a"])), r"labels must be in 0..0, got 0..1$"),
-        (lambda p: _npz(p, images=IMAGES, labels=LABELS, classes=np.array([1, 2])), r"classes must be a 1-D array of strings"),
+        (
+            lambda p: _npz(p, images=IMAGES, labels=LABELS, classes=np.array(["a"])),
+            r"labels must be in 0..0, got 0..1$",
+        ),
+        (
+            lambda p: _npz(p, images=IMAGES, labels=LABELS, classes=np.array([1, 2])),
+            r"classes must be a 1-D array of strings",
+        ),
     ],
-)  # fmt: skip
+)
 def test_npz_errors_are_one_line(tmp_path, write, message):
     path = tmp_path / "d.npz"
     write(path)
@@ -229,5 +292,7 @@ def test_npz_spec_reads_both_splits_with_the_training_info(tmp_path, rng):
 
 
 def test_unknown_names_mention_the_specs():
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; valid names: .*digits, or folder:DIR or npz:DIR$"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'imagenet'; valid names: .*digits, or folder:DIR or npz:DIR$"
+    ):
         dataset_info("imagenet")

@@ -23,7 +23,9 @@ def _saved(tmp_path):
     torch.manual_seed(0)
     model = build_model("mlp", INFO, depth=2, width=16)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, Checkpoint(model.state_dict(), model_metadata("mlp", {"depth": 2, "width": 16}, INFO, sigma=0.25)))
+    save_checkpoint(
+        path, Checkpoint(model.state_dict(), model_metadata("mlp", {"depth": 2, "width": 16}, INFO, sigma=0.25))
+    )
     return model, path
 
 
@@ -133,11 +135,20 @@ def built_only_on_meta(monkeypatch):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"depth": 3, "width": 45_000}, "do not fit model 'mlp': hidden.2.bias is missing, hidden.2.weight is missing$"),
-        ({"depth": 2, "width": 45_000}, r"do not fit model 'mlp': hidden.0.weight has shape \[16, 64\] in the file but \[45000, 64\] in the model$"),
-        ({"depth": 10**7, "width": 16}, "do not fit model 'mlp': its metadata describes more than 88 modules and tensors, its file holds 6 tensors$"),
+        (
+            {"depth": 3, "width": 45_000},
+            "do not fit model 'mlp': hidden.2.bias is missing, hidden.2.weight is missing$",
+        ),
+        (
+            {"depth": 2, "width": 45_000},
+            r"do not fit model 'mlp': hidden.0.weight has shape \[16, 64\] in the file but \[45000, 64\] in the model$",
+        ),
+        (
+            {"depth": 10**7, "width": 16},
+            "do not fit model 'mlp': its metadata describes more than 88 modules and tensors, its file holds 6 tensors$",
+        ),
     ],
-)  # fmt: skip
+)
 def test_crafted_metadata_is_refused_before_the_model_is_built(tmp_path, built_only_on_meta, options, message):
     """The issue's checkpoint: metadata asking for an 8 GB mlp (or a 10^7-layer one) over a few KB of weights."""
     _, path = _saved(tmp_path)
@@ -149,7 +160,10 @@ def test_crafted_metadata_is_refused_before_the_model_is_built(tmp_path, built_o
 def test_a_model_above_the_memory_limit_is_refused_before_it_is_built(tmp_path, built_only_on_meta):
     _, path = _saved(tmp_path)
     checkpoint = load_checkpoint(path)
-    with pytest.raises(QRobustError, match=r"^model 'mlp' needs ~4.\d+e-06 GiB, above the memory limit of 1e-06 GiB; pass --memory-limit"):
+    with pytest.raises(
+        QRobustError,
+        match=r"^model 'mlp' needs ~4.\d+e-06 GiB, above the memory limit of 1e-06 GiB; pass --memory-limit",
+    ):
         checkpoint.build(memory_limit=1e-6)
 
 
@@ -159,7 +173,9 @@ def test_a_file_that_would_unpack_above_the_memory_limit_is_not_read(tmp_path, m
     _rewrite(path, state_change={"padding": torch.zeros(2**20)}, compression=zipfile.ZIP_DEFLATED)
     assert path.stat().st_size < 0.01 * 4 * 2**20
     monkeypatch.setattr(torch, "load", None)  # reading it would fail with a TypeError
-    with pytest.raises(QRobustError, match=r"^reading .*model.pt needs ~0.00\d+ GiB, above the memory limit of 0.001 GiB"):
+    with pytest.raises(
+        QRobustError, match=r"^reading .*model.pt needs ~0.00\d+ GiB, above the memory limit of 0.001 GiB"
+    ):
         load_checkpoint(path, memory_limit=0.001)
 
 
@@ -167,7 +183,9 @@ def test_a_file_in_torchs_legacy_format_is_refused_unread(tmp_path):
     """qrobust writes zip archives only; the legacy format would allocate storages of any size it claims."""
     target = tmp_path / "pwned"
     path = tmp_path / "legacy.pt"
-    torch.save({"format": "qrobust-checkpoint", "payload": _Payload(target)}, path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {"format": "qrobust-checkpoint", "payload": _Payload(target)}, path, _use_new_zipfile_serialization=False
+    )
     with pytest.raises(CheckpointError, match="truncated or corrupt: not a zip tensor archive"):
         load_checkpoint(path)
     assert not target.exists()

@@ -198,7 +198,7 @@ def test_build_model_passes_options(name: str, depth: int) -> None:
 
 
 def test_build_model_rejects_unknown_enresnet_option() -> None:
-    with pytest.raises(ValueError, match="'member'.*members, noise_coef"):
+    with pytest.raises(ValueError, match=r"'member'.*members, noise_coef"):
         build_model("enresnet20", SMALL, member=2)
 
 
@@ -217,7 +217,7 @@ def test_cli_option_strings_give_ints_and_floats() -> None:
     assert len(model.members) == 2 and model.noise_coef == 0.05
     model = build_model("enresnet8", SMALL, **_parse_options(["noise_coef=0"]))  # JSON int 0
     assert model.noise_coef == 0.0
-    with pytest.raises(ValueError, match="members must be an integer >= 1, got 2.0"):
+    with pytest.raises(ValueError, match=r"members must be an integer >= 1, got 2\.0"):
         build_model("enresnet8", SMALL, **_parse_options(["members=2.0"]))
 
 

@@ -14,7 +14,9 @@ SIGMA = 0.25
 RADII = (0.0, 0.25, 0.5, 0.75)
 
 
-def _simulate(p: float, trials: int, alpha: float, schedule: SampleSchedule, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _simulate(
+    p: float, trials: int, alpha: float, schedule: SampleSchedule, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Certified radii (nan: abstain) and samples used for ``trials`` inputs whose true pA is ``p``."""
     rng = np.random.default_rng(seed)
     method = FloatRS(SIGMA)
@@ -73,9 +75,15 @@ def test_single_checkpoint_is_plain_certify(linear_binary):
     x = torch.full((1, 2, 2), 0.5)
     plain = smoothed.certify(x, n0=50, n=700, alpha=0.01, generator=torch.Generator().manual_seed(5))
     adaptive = certify_adaptive(
-        smoothed, x, n0=50, n_max=700, alpha=0.01, radii=RADII, sequential="union",
+        smoothed,
+        x,
+        n0=50,
+        n_max=700,
+        alpha=0.01,
+        radii=RADII,
+        sequential="union",
         generator=torch.Generator().manual_seed(5),
-    )  # fmt: skip
+    )
     assert adaptive.label == plain.label and adaptive.radius == plain.radius and adaptive.p_lower == plain.p_lower
     np.testing.assert_array_equal(adaptive.counts, plain.counts)
 
@@ -107,9 +115,15 @@ def test_false_certification_rate_through_the_smoothed_classifier(linear_binary,
     false = 0
     for t in range(trials):
         certificate = certify_adaptive(
-            smoothed, x, n0=10, n_max=2_000, alpha=alpha, radii=(0.25, 0.3), sequential=sequential,
+            smoothed,
+            x,
+            n0=10,
+            n_max=2_000,
+            alpha=alpha,
+            radii=(0.25, 0.3),
+            sequential=sequential,
             generator=torch.Generator().manual_seed(t),
-        )  # fmt: skip
+        )
         assert certificate.samples <= 2_000
         false += certificate.radius > margin
     assert false <= binom.ppf(0.999, trials, alpha)
@@ -117,9 +131,13 @@ def test_false_certification_rate_through_the_smoothed_classifier(linear_binary,
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"sequential": "bayes"}, "sequential must be"), ({"radii": ()}, "radii"), ({"radii": (0.1, -1.0)}, "radii"),
-     ({"n_max": 0}, "n_max")],
-)  # fmt: skip
+    [
+        ({"sequential": "bayes"}, "sequential must be"),
+        ({"radii": ()}, "radii"),
+        ({"radii": (0.1, -1.0)}, "radii"),
+        ({"n_max": 0}, "n_max"),
+    ],
+)
 def test_certify_adaptive_rejects_bad_arguments(linear_binary, change, message):
     smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
     arguments = {"n0": 10, "n_max": 100, "alpha": 0.01, "radii": RADII} | change

@@ -6,7 +6,9 @@ from scipy import stats
 from qrobust.smoothing import FloatRS, SmoothedClassifier, clopper_pearson_lower
 
 
-@pytest.mark.parametrize(("successes", "trials"), [(1, 10), (50, 100), (99, 100), (100, 100), (997, 1000), (3, 100_000)])
+@pytest.mark.parametrize(
+    ("successes", "trials"), [(1, 10), (50, 100), (99, 100), (100, 100), (997, 1000), (3, 100_000)]
+)
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
 def test_clopper_pearson_matches_scipy_exact_interval(successes, trials, alpha):
     expected = stats.binomtest(successes, trials, alternative="greater").proportion_ci(1 - alpha, method="exact").low
@@ -107,7 +109,10 @@ def test_rejects_bad_inputs(linear_binary, x, message):
         smoothed.certify(x, n0=10, n=10, alpha=0.01)
 
 
-@pytest.mark.parametrize(("n0", "n", "alpha", "message"), [(0, 10, 0.01, "n0"), (10, 0, 0.01, "n must"), (10, 10, 0.0, "alpha"), (10, 10, 1.5, "alpha")])
+@pytest.mark.parametrize(
+    ("n0", "n", "alpha", "message"),
+    [(0, 10, 0.01, "n0"), (10, 0, 0.01, "n must"), (10, 10, 0.0, "alpha"), (10, 10, 1.5, "alpha")],
+)
 def test_rejects_bad_sampling_arguments(linear_binary, n0, n, alpha, message):
     smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25))
     with pytest.raises(ValueError, match=message):

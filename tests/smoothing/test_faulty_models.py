@@ -121,9 +121,15 @@ def test_non_finite_logits_never_certify(row, method):
     assert prediction.abstained and prediction.no_class == 200
     for sequential in ("cs", "union"):
         adaptive = certify_adaptive(
-            smoothed, x, n0=20, n_max=400, alpha=0.01, radii=(0.25,), sequential=sequential,
+            smoothed,
+            x,
+            n0=20,
+            n_max=400,
+            alpha=0.01,
+            radii=(0.25,),
+            sequential=sequential,
             generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
+        )
         assert adaptive.abstained
 
 
@@ -149,9 +155,15 @@ def test_non_finite_rows_on_a_random_subset_count_for_no_class():
     assert smoothed.predict(x, n=1000, alpha=0.01, generator=torch.Generator().manual_seed(1)).abstained
     for sequential in ("cs", "union"):
         adaptive = certify_adaptive(
-            smoothed, x, n0=50, n_max=2000, alpha=0.01, radii=(0.1,), sequential=sequential,
+            smoothed,
+            x,
+            n0=50,
+            n_max=2000,
+            alpha=0.01,
+            radii=(0.1,),
+            sequential=sequential,
             generator=torch.Generator().manual_seed(2),
-        )  # fmt: skip
+        )
         assert adaptive.abstained
 
 
@@ -404,8 +416,9 @@ def test_entry_points_refuse_counts_that_are_not_integers(linear_binary, tiny_in
 def test_numpy_integers_are_counts(linear_binary):
     smoothed = SmoothedClassifier(linear_binary, np.int64(2), FloatRS(0.25), batch_size=np.int32(16))
     plain = smoothed.certify(_image(), n0=10, n=100, alpha=0.01, generator=torch.Generator().manual_seed(0))
-    numpy = smoothed.certify(_image(), n0=np.int64(10), n=np.int32(100), alpha=np.float64(0.01),
-                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    numpy = smoothed.certify(
+        _image(), n0=np.int64(10), n=np.int32(100), alpha=np.float64(0.01), generator=torch.Generator().manual_seed(0)
+    )
     assert (plain.label, plain.radius) == (numpy.label, numpy.radius)
 
 

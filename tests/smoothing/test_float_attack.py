@@ -57,7 +57,9 @@ def test_lattice_smoothing_shifts_exactly_and_does_not_issue_it():
     step[0, 0, 14, 14] = 1  # the nearest lattice point: 1/255 away
     neighbour = (image + step).to(torch.uint8)
     integer_noise = lattice.sample_noise((200, *SHAPE), generator)
-    assert torch.equal(IntRS.apply(lattice, neighbour, integer_noise), IntRS.apply(lattice, image[None], integer_noise) + step)
+    assert torch.equal(
+        IntRS.apply(lattice, neighbour, integer_noise), IntRS.apply(lattice, image[None], integer_noise) + step
+    )
 
     smoothed = SmoothedClassifier(RoundingKeyed(), 2, lattice, batch_size=500)
     certificate = smoothed.certify(image, n0=100, n=2000, alpha=0.001, generator=torch.Generator().manual_seed(3))

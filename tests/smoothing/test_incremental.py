@@ -122,10 +122,15 @@ def test_zeta_counts_only_draws_that_leave_the_top_class(linear_binary):
     original = SmoothedClassifier(linear_binary, 2, FloatRS(SIGMA))
     cache = certify_original(original, _images(30), n0=50, n=1000, alpha=0.001)
     by_label = [
-        certify_incremental(cache, SmoothedClassifier(Constant(label), 2, FloatRS(SIGMA)), n_zeta=n_zeta,
-                            alpha_zeta=alpha_zeta, gamma=1.0)
+        certify_incremental(
+            cache,
+            SmoothedClassifier(Constant(label), 2, FloatRS(SIGMA)),
+            n_zeta=n_zeta,
+            alpha_zeta=alpha_zeta,
+            gamma=1.0,
+        )
         for label in (0, 1)
-    ]  # fmt: skip
+    ]
     estimated = [index for index, cached in enumerate(cache.certificates) if not cached.abstained]
     assert len(estimated) >= 20
     assert any(np.any(cache.predictions[i, :n_zeta] != cache.certificates[i].label) for i in estimated)  # teeth

@@ -90,7 +90,7 @@ def lex_half_space(delta, key):
 def test_discrete_gaussian_matches_mpmath_and_bounds_its_tail(sigma):
     mpmath.mp.dps = 40
     reach = int(40 * sigma) + 40
-    weights = [mpmath.exp(-mpmath.mpf(k) ** 2 / (2 * mpmath.mpf(sigma) ** 2)) for k in range(reach + 1)]
+    weights = [mpmath.exp(-(mpmath.mpf(k) ** 2) / (2 * mpmath.mpf(sigma) ** 2)) for k in range(reach + 1)]
     normaliser = weights[0] + 2 * mpmath.fsum(weights[1:])
     noise = discrete_gaussian(sigma, tail=1e-12)
     cut = -noise.offset
@@ -301,6 +301,7 @@ def test_counterexample_paper_radius_unsound_along_an_axis(sigma, step, far):
     """f = class 0 on {z <= step - 1} and on the far point {far}: P[f(x + n) = 0] is just above
     P[n <= step - 1], so the paper certifies radius ``step`` (Theorem 3.1: ||delta||^2 <= R^2), yet
     moving x by ``step`` along the axis flips the smoothed prediction."""
+
     def classify(z):
         return np.where((z[:, 0] <= step - 1) | (z[:, 0] == far), 0, 1)
 
@@ -317,7 +318,7 @@ def test_counterexample_paper_radius_unsound_along_an_axis_in_exact_arithmetic()
     mpmath.mp.dps = 40
 
     def weight(k):  # sigma = 2
-        return mpmath.exp(-mpmath.mpf(k) ** 2 / 8)
+        return mpmath.exp(-(mpmath.mpf(k) ** 2) / 8)
 
     normaliser = mpmath.fsum(weight(k) for k in range(-200, 201))
 

@@ -77,7 +77,9 @@ def test_lattice_smoothing_is_int_rs_with_the_model_reading_floats(linear_binary
     images = torch.tensor([[[0, 255], [128, 7]]], dtype=torch.uint8).expand(1000, 1, 2, 2)
     noise = IntRS(0.25).sample_noise(tuple(images.shape), torch.Generator().manual_seed(0))
     assert torch.equal(LatticeRS(0.25).apply(images, noise), (images + noise).float() / 255)
-    assert LatticeRS.model_kind == FloatRS.model_kind == "float" and IntRS.model_kind == FloatRSQuant.model_kind == "int8"
+    assert (
+        LatticeRS.model_kind == FloatRS.model_kind == "float" and IntRS.model_kind == FloatRSQuant.model_kind == "int8"
+    )
     image = torch.tensor([[[255, 40], [128, 128]]], dtype=torch.uint8)
     lattice = SmoothedClassifier(linear_binary, 2, LatticeRS(0.25), batch_size=128)
     integer = SmoothedClassifier(Divide(), 2, IntRS(0.25), batch_size=128)

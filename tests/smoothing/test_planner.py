@@ -105,7 +105,11 @@ def test_unreachable_radii_are_those_above_the_largest_certifiable():
     assert unreachable_radii(method, 5, alpha, radii) == radii
     for n in (100, 2_000, 100_000):
         for sequential in (False, True):
-            largest = (largest_radius_sequential if sequential else largest_radius_fixed)(GaussianRadius(0.25), n, alpha)
+            largest = (largest_radius_sequential if sequential else largest_radius_fixed)(
+                GaussianRadius(0.25), n, alpha
+            )
             assert unreachable_radii(method, n, alpha, radii, sequential) == tuple(r for r in radii if r > largest)
     # the sequential budget pays for peeking: it never reaches further than fixed n
-    assert set(unreachable_radii(IntRS(0.5), 300, alpha, radii)) <= set(unreachable_radii(IntRS(0.5), 300, alpha, radii, True))
+    assert set(unreachable_radii(IntRS(0.5), 300, alpha, radii)) <= set(
+        unreachable_radii(IntRS(0.5), 300, alpha, radii, True)
+    )

@@ -71,7 +71,10 @@ def test_bad_arguments_raise(successes, trials, alpha):
 def test_certify_with_a_randomized_bound_is_reproducible_and_never_smaller(linear_binary):
     """Same votes (same noise seed): the randomized bound and radius are >= the plain ones, the same for
     the same coin seed, and the radius is the method's radius map at the bound (FloatRS and lattice smoothing)."""
-    for method, x in ((FloatRS(0.25), torch.full((1, 2, 2), 0.5)), (LatticeRS(0.25), torch.full((1, 2, 2), 100, dtype=torch.uint8))):
+    for method, x in (
+        (FloatRS(0.25), torch.full((1, 2, 2), 0.5)),
+        (LatticeRS(0.25), torch.full((1, 2, 2), 100, dtype=torch.uint8)),
+    ):
         smoothed = SmoothedClassifier(linear_binary, 2, method, batch_size=64)
         plain = smoothed.certify(x, n0=20, n=300, alpha=0.01, generator=torch.Generator().manual_seed(1))
         coins = [np.random.default_rng(seed) for seed in (7, 7, 8)]
@@ -96,10 +99,12 @@ def test_randomized_certificates_miss_exactly_alpha_through_the_smoothed_classif
     p_a = float(norm.cdf(linear_binary.margin(x) / 0.25))
     assert p_a == pytest.approx(0.788, abs=1e-3)
     misses = sum(
-        smoothed.certify(x, n0=5, n=n, alpha=alpha, generator=torch.Generator().manual_seed(t),
-                         bound_rng=np.random.default_rng(t)).p_lower >= p_a
+        smoothed.certify(
+            x, n0=5, n=n, alpha=alpha, generator=torch.Generator().manual_seed(t), bound_rng=np.random.default_rng(t)
+        ).p_lower
+        >= p_a
         for t in range(trials)
-    )  # fmt: skip
+    )
     assert binom.ppf(0.001, trials, alpha) <= misses <= binom.ppf(0.999, trials, alpha)
     counts = np.arange(n + 1)
     plain = np.sum(binom.pmf(counts, n, p_a) * (clopper_pearson_lower(counts, n, alpha) >= p_a))

@@ -17,12 +17,20 @@ from qrobust.smoothing import (
 
 
 def test_rows_round_trip_through_the_cohen_tsv(tmp_path):
-    rows = [CertifyRow(0, 3, 3, 0.512345, 1.5), CertifyRow(20, 1, ABSTAIN, 0.0, 3725.25), CertifyRow(40, 2, 5, 0.1, 0.01)]
+    rows = [
+        CertifyRow(0, 3, 3, 0.512345, 1.5),
+        CertifyRow(20, 1, ABSTAIN, 0.0, 3725.25),
+        CertifyRow(40, 2, 5, 0.1, 0.01),
+    ]
     path = tmp_path / "run.tsv"
     path.write_text("\n".join([CERTIFY_HEADER, *(row.to_line() for row in rows)]) + "\n")
     assert path.read_text().splitlines()[2] == "20\t1\t-1\t0.000000\t0\t1:02:05.250000"
     back = read_certify_tsv(path)
-    assert [(r.idx, r.label, r.predict, r.correct) for r in back] == [(0, 3, 3, True), (20, 1, -1, False), (40, 2, 5, False)]
+    assert [(r.idx, r.label, r.predict, r.correct) for r in back] == [
+        (0, 3, 3, True),
+        (20, 1, -1, False),
+        (40, 2, 5, False),
+    ]
     assert back[0].radius == pytest.approx(0.512345) and back[1].seconds == pytest.approx(3725.25)
     summary = summarize_rows(back, radii=(0.0, 0.5))
     assert summary.certified_accuracy == pytest.approx((1 / 3, 1 / 3))
@@ -108,7 +116,10 @@ def test_prediction_rows_round_trip(tmp_path):
     path = tmp_path / "predict.tsv"
     path.write_text("\n".join([PREDICT_HEADER, *(row.to_line() for row in rows)]) + "\n")
     back = read_predict_tsv(path)
-    assert [(r.idx, r.label, r.predict, r.correct, r.seconds) for r in back] == [(3, 1, 1, True, 0.25), (7, 2, -1, False, 1.0)]
+    assert [(r.idx, r.label, r.predict, r.correct, r.seconds) for r in back] == [
+        (3, 1, 1, True, 0.25),
+        (7, 2, -1, False, 1.0),
+    ]
     with pytest.raises(QRobustError, match="not a prediction TSV"):
         read_predict_tsv(_write(tmp_path / "bad.tsv", CERTIFY_HEADER + "\n"))
 

@@ -25,7 +25,11 @@ def test_rows_do_not_depend_on_which_examples_ran_before(linear_binary, tiny_inf
     shard = list(certify_examples(smoothed, data, [4, 1], **options))
     assert [row.idx for row in shard] == [4, 1]
     for row in shard:
-        assert (row.predict, row.radius, row.label) == (everything[row.idx].predict, everything[row.idx].radius, everything[row.idx].label)
+        assert (row.predict, row.radius, row.label) == (
+            everything[row.idx].predict,
+            everything[row.idx].radius,
+            everything[row.idx].label,
+        )
 
 
 def test_evenly_spaced():
@@ -64,8 +68,11 @@ def test_adaptive_rows_use_the_chosen_sequential_test(tiny_run, sequential, monk
     calls = []
     real = run.certify_adaptive
     monkeypatch.setattr(run, "certify_adaptive", lambda *a, **k: calls.append(k["sequential"]) or real(*a, **k))
-    rows = list(certify_examples(smoothed, data, range(4), n0=20, n=2000, alpha=0.01, settle_radii=(0.0, 0.25),
-                                 sequential=sequential))  # fmt: skip
+    rows = list(
+        certify_examples(
+            smoothed, data, range(4), n0=20, n=2000, alpha=0.01, settle_radii=(0.0, 0.25), sequential=sequential
+        )
+    )
     assert calls == [sequential] * 4 and [row.idx for row in rows] == [0, 1, 2, 3]
     assert all(1 <= row.samples <= 2000 for row in rows) and any(row.samples < 2000 for row in rows)
     fixed = list(certify_examples(smoothed, data, range(4), n0=20, n=2000, alpha=0.01))
@@ -74,9 +81,12 @@ def test_adaptive_rows_use_the_chosen_sequential_test(tiny_run, sequential, monk
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"sequential": "peek"}, "sequential must be"), ({"settle_radii": ()}, "radii"),
-     ({"settle_radii": (0.25,), "randomized_bound": True}, "randomized_bound applies to fixed-n")],
-)  # fmt: skip
+    [
+        ({"sequential": "peek"}, "sequential must be"),
+        ({"settle_radii": ()}, "radii"),
+        ({"settle_radii": (0.25,), "randomized_bound": True}, "randomized_bound applies to fixed-n"),
+    ],
+)
 def test_certify_examples_checks_the_new_options_before_the_first_example(tiny_run, change, message):
     smoothed, data = tiny_run
     with pytest.raises(QRobustError, match=message):

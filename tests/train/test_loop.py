@@ -40,7 +40,9 @@ def test_noise_training_learns_digits(digits):
 def test_a_run_that_learns_nothing_is_warned(digits):
     train_set, _ = digits
     config = TrainConfig(epochs=2, batch_size=32, lr=1e4, seed=0)  # diverges at once
-    with pytest.warns(UserWarning, match=r"epochs 1-2: training accuracy 0\.\d+, 0\.\d+ is at chance level \(10 classes\)"):
+    with pytest.warns(
+        UserWarning, match=r"epochs 1-2: training accuracy 0\.\d+, 0\.\d+ is at chance level \(10 classes\)"
+    ):
         train(_model(train_set.info), train_set, config, progress=False)
 
 
@@ -56,15 +58,41 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
     metadata = model_metadata("mlp", {"depth": 2, "width": 64}, train_set.info)
     config = TrainConfig(epochs=3, batch_size=64, lr=0.05, lr_step=2, sigma=0.25, seed=3)
     straight = _model(train_set.info)
-    expected = train(straight, train_set, config, test_set=test_set, checkpoint_path=tmp_path / "a.pt", metadata=metadata, progress=False)
+    expected = train(
+        straight,
+        train_set,
+        config,
+        test_set=test_set,
+        checkpoint_path=tmp_path / "a.pt",
+        metadata=metadata,
+        progress=False,
+    )
 
     interrupted = _model(train_set.info)
-    train(interrupted, train_set, TrainConfig(**{**config.__dict__, "epochs": 1}), checkpoint_path=tmp_path / "b.pt",
-          test_set=test_set, metadata=metadata, progress=False)  # fmt: skip
+    train(
+        interrupted,
+        train_set,
+        TrainConfig(**{**config.__dict__, "epochs": 1}),
+        checkpoint_path=tmp_path / "b.pt",
+        test_set=test_set,
+        metadata=metadata,
+        progress=False,
+    )
     resumed = _model(train_set.info)
-    history = train(resumed, train_set, config, test_set=test_set, checkpoint_path=tmp_path / "b.pt", metadata=metadata, resume=True, progress=False)
+    history = train(
+        resumed,
+        train_set,
+        config,
+        test_set=test_set,
+        checkpoint_path=tmp_path / "b.pt",
+        metadata=metadata,
+        resume=True,
+        progress=False,
+    )
 
-    assert [(s.epoch, s.loss, s.test_accuracy) for s in history] == [(s.epoch, s.loss, s.test_accuracy) for s in expected]
+    assert [(s.epoch, s.loss, s.test_accuracy) for s in history] == [
+        (s.epoch, s.loss, s.test_accuracy) for s in expected
+    ]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert load_checkpoint(tmp_path / "b.pt").metadata["epochs_done"] == 3
@@ -85,9 +113,23 @@ def test_a_second_run_on_a_checkpoint_being_written_refuses(digits, tmp_path):
 def test_resume_refuses_a_different_config(digits, tmp_path):
     train_set, _ = digits
     metadata = model_metadata("mlp", {"depth": 2, "width": 64}, train_set.info)
-    train(_model(train_set.info), train_set, TrainConfig(epochs=1, sigma=0.25), checkpoint_path=tmp_path / "c.pt", metadata=metadata, progress=False)
+    train(
+        _model(train_set.info),
+        train_set,
+        TrainConfig(epochs=1, sigma=0.25),
+        checkpoint_path=tmp_path / "c.pt",
+        metadata=metadata,
+        progress=False,
+    )
     with pytest.raises(CheckpointError, match="different sigma"):
-        train(_model(train_set.info), train_set, TrainConfig(epochs=2, sigma=0.5), checkpoint_path=tmp_path / "c.pt", resume=True, progress=False)
+        train(
+            _model(train_set.info),
+            train_set,
+            TrainConfig(epochs=2, sigma=0.5),
+            checkpoint_path=tmp_path / "c.pt",
+            resume=True,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize(

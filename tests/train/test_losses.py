@@ -30,7 +30,9 @@ ATTACK = AttackConfig(eps=0.1, step_size=0.025, steps=5)
 def test_pgd_training_is_the_tradeoff_loss_without_natural_term(digits):
     model = _mlp(digits[0].info).eval()
     inputs, labels = _batch(digits[0])
-    loss, logits = make_objective("pgd", alpha=1.0, beta=1.0, attack=ATTACK)(model, inputs, labels, torch.Generator().manual_seed(1))
+    loss, logits = make_objective("pgd", alpha=1.0, beta=1.0, attack=ATTACK)(
+        model, inputs, labels, torch.Generator().manual_seed(1)
+    )
     adversarial = ATTACK.pgd(model, torch.Generator().manual_seed(1))(inputs, labels)
     assert torch.allclose(logits, model(adversarial))
     assert loss.item() == pytest.approx(F.cross_entropy(model(adversarial), labels).item(), rel=1e-6)
@@ -96,10 +98,26 @@ def test_binary_relax_training_ends_with_two_values_per_layer_and_resumes_exactl
 
     interrupted = _mlp(train_set.info)
     path = tmp_path / "br.pt"
-    train(interrupted, train_set, TrainConfig(**{**config.__dict__, "epochs": 2}), checkpoint_path=path, test_set=test_set,
-          metadata=metadata, progress=False)  # fmt: skip
+    train(
+        interrupted,
+        train_set,
+        TrainConfig(**{**config.__dict__, "epochs": 2}),
+        checkpoint_path=path,
+        test_set=test_set,
+        metadata=metadata,
+        progress=False,
+    )
     resumed = _mlp(train_set.info, seed=1)
-    history = train(resumed, train_set, config, checkpoint_path=path, test_set=test_set, metadata=metadata, resume=True, progress=False)
+    history = train(
+        resumed,
+        train_set,
+        config,
+        checkpoint_path=path,
+        test_set=test_set,
+        metadata=metadata,
+        resume=True,
+        progress=False,
+    )
     assert [(s.loss, s.test_accuracy) for s in history] == [(s.loss, s.test_accuracy) for s in expected]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key

@@ -18,9 +18,7 @@ def _reflect_indices(size: int, padding: int, device: torch.device) -> torch.Ten
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)  # right border
 
 
-def random_crop_flip(
-    images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Reflection-pad each image by ``padding`` pixels, crop a random HxW window, flip it with prob. 1/2.
 
     The standard CIFAR augmentation of "Deep Residual Learning for Image Recognition" (He et al., 2016),
@@ -29,14 +27,11 @@ def random_crop_flip(
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(
-            f"images must be a uint8 tensor of shape (N, C, H, W), "
-            f"got {images.dtype} of shape {tuple(images.shape)}"
+            f"images must be a uint8 tensor of shape (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}"
         )
     n, channels, height, width = images.shape
     if not 0 <= padding < min(height, width):
-        raise ValueError(
-            f"padding must be in [0, {min(height, width) - 1}] for {height}x{width} images, got {padding}"
-        )
+        raise ValueError(f"padding must be in [0, {min(height, width) - 1}] for {height}x{width} images, got {padding}")
     device = images.device
     top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)

@@ -56,13 +56,10 @@ class LatticeDataset:
                 f"got {self.images.dtype} of shape {tuple(self.images.shape)}"
             )
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
-            )
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
         if tuple(self.images.shape[1:]) != self.info.shape:
             raise ValueError(
-                f"images have shape {tuple(self.images.shape[1:])}, "
-                f"but {self.info.name} expects {self.info.shape}"
+                f"images have shape {tuple(self.images.shape[1:])}, but {self.info.name} expects {self.info.shape}"
             )
 
     def __len__(self) -> int:

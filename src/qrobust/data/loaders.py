@@ -26,39 +26,142 @@ SPLITS = ("train", "test")
 _DIGIT_NAMES = tuple(str(d) for d in range(10))
 
 _FASHION_MNIST_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 _CIFAR10_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 # The fine label names of CIFAR-100 as listed in its ``meta`` file (alphabetical; index = label).
 _CIFAR100_NAMES = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
-    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
-    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
-    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
-    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
-    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
-    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
-)  # fmt: skip
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+)
 
 _INFOS = {
     info.name: info
     for info in (
         DatasetInfo("fashion-mnist", (1, 28, 28), _FASHION_MNIST_NAMES, (0.2860,), (0.3530,)),
         DatasetInfo("mnist", (1, 28, 28), _DIGIT_NAMES, (0.1307,), (0.3081,)),
-        DatasetInfo(
-            "cifar10", (3, 32, 32), _CIFAR10_NAMES, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-        ),
-        DatasetInfo(
-            "cifar100", (3, 32, 32), _CIFAR100_NAMES, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-        ),
+        DatasetInfo("cifar10", (3, 32, 32), _CIFAR10_NAMES, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        DatasetInfo("cifar100", (3, 32, 32), _CIFAR100_NAMES, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
         DatasetInfo("svhn", (3, 32, 32), _DIGIT_NAMES, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
         # Computed once as load_dataset("digits", "train").floats().mean() / .std() (population std)
         # over the 1347 training images of the fixed split below.
@@ -106,8 +209,7 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
     images, labels = _LOADERS[name](split, root)
     if labels.size and not 0 <= labels.min() <= labels.max() < info.num_classes:
         raise QRobustError(
-            f"{name} {split} labels must be in 0..{info.num_classes - 1}, "
-            f"got {labels.min()}..{labels.max()}"
+            f"{name} {split} labels must be in 0..{info.num_classes - 1}, got {labels.min()}..{labels.max()}"
         )
     # torch.tensor copies (writable, independent of read-only file buffers) but keeps the strides.
     return LatticeDataset(
@@ -149,9 +251,7 @@ def read_idx(path: Path) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise QRobustError(
-            f"{path} is not a valid IDX file: dimensions {dims} need {expected} bytes, found {len(raw)}"
-        )
+        raise QRobustError(f"{path} is not a valid IDX file: dimensions {dims} need {expected} bytes, found {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -173,9 +273,7 @@ def _find_idx_pair(split: str, dirs: Sequence[Path]) -> tuple[Path, Path] | None
     return None
 
 
-def _load_idx_dataset(
-    title: str, split: str, dirs: Sequence[Path], how_to_get: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_dataset(title: str, split: str, dirs: Sequence[Path], how_to_get: str) -> tuple[np.ndarray, np.ndarray]:
     pair = _find_idx_pair(split, dirs)
     if pair is None:
         images_name, labels_name = _idx_file_names(split)
@@ -187,19 +285,14 @@ def _load_idx_dataset(
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise QRobustError(f"{pair[0]} must hold 28x28 images, got shape {images.shape}")
     if labels.shape != images.shape[:1]:
-        raise QRobustError(
-            f"{pair[1]} must hold {images.shape[0]} labels to match {pair[0]}, got shape {labels.shape}"
-        )
+        raise QRobustError(f"{pair[1]} must hold {images.shape[0]} labels to match {pair[0]}, got shape {labels.shape}")
     return images[:, None], labels  # (N, 28, 28) -> (N, 1, 28, 28)
 
 
 def _load_fashion_mnist(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
     if root is None:
         dirs = [FASHION_MNIST_SYSTEM_DIR]
-        how = (
-            "install them with `apt-get install dataset-fashion-mnist` "
-            "or pass --data-root DIR containing them"
-        )
+        how = "install them with `apt-get install dataset-fashion-mnist` or pass --data-root DIR containing them"
     else:
         dirs = [root / "fashion-mnist", root]
         how = "put them in DIR/fashion-mnist and pass --data-root DIR"
@@ -268,9 +361,7 @@ def _load_cifar(
     directory, tarball = root / member_dir, root / tarball_name
     url = f"https://www.cs.toronto.edu/~kriz/{tarball_name}"
     if all((directory / f).is_file() for f in files):
-        batches = [
-            _parse_cifar_records((directory / f).read_bytes(), label_bytes, str(directory / f)) for f in files
-        ]
+        batches = [_parse_cifar_records((directory / f).read_bytes(), label_bytes, str(directory / f)) for f in files]
     elif tarball.is_file():
         contents = _read_cifar_tarball(tarball, member_dir, files)
         batches = [_parse_cifar_records(contents[f], label_bytes, f"{tarball}:{f}") for f in files]

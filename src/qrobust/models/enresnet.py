@@ -35,9 +35,7 @@ class NoisyBasicBlock(BasicBlock):
     Shapes: input (N, in_planes, H, W) -> output (N, planes, H/stride, W/stride).
     """
 
-    def __init__(
-        self, in_planes: int, planes: int, stride: int = 1, noise_coef: float = DEFAULT_NOISE_COEF
-    ) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, noise_coef: float = DEFAULT_NOISE_COEF) -> None:
         super().__init__(in_planes, planes, stride)
         _check_noise_coef(noise_coef)
         self.noise_coef = float(noise_coef)
@@ -108,10 +106,5 @@ class EnResNet(nn.Module):
 
 
 def _check_noise_coef(value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"noise_coef must be a finite number >= 0, got {value!r}")

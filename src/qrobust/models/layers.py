@@ -35,8 +35,7 @@ class Normalize(nn.Module):
         std_t = torch.tensor(std, dtype=torch.get_default_dtype())
         if mean_t.dim() != 1 or mean_t.numel() == 0 or mean_t.shape != std_t.shape:
             raise ValueError(
-                f"mean and std must be non-empty sequences of equal length, "
-                f"got mean={list(mean)} and std={list(std)}"
+                f"mean and std must be non-empty sequences of equal length, got mean={list(mean)} and std={list(std)}"
             )
         if not all(math.isfinite(s) and s > 0 for s in map(float, std)):  # floats: also checks in a meta-device build
             raise ValueError(f"std must be finite and > 0 in every channel, got {list(std)}")
@@ -49,8 +48,7 @@ class Normalize(nn.Module):
         channels = info.shape[0]
         if len(info.mean) != channels or len(info.std) != channels:
             raise ValueError(
-                f"{info.name} has {channels} channels but mean has {len(info.mean)} "
-                f"and std has {len(info.std)} entries"
+                f"{info.name} has {channels} channels but mean has {len(info.mean)} and std has {len(info.std)} entries"
             )
         return cls(info.mean, info.std)
 

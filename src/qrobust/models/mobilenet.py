@@ -74,8 +74,10 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, info: DatasetInfo, width_mult: float = 1.0) -> None:
         super().__init__()
-        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not (
-            math.isfinite(width_mult) and width_mult > 0
+        if (
+            isinstance(width_mult, bool)
+            or not isinstance(width_mult, (int, float))
+            or not (math.isfinite(width_mult) and width_mult > 0)
         ):
             raise ValueError(f"width_mult must be a finite number > 0, got {width_mult!r}")
         self.width_mult = float(width_mult)

@@ -92,9 +92,7 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (N, num_classes)
 
 
-def _stage(
-    block: BlockFactory, in_planes: int, planes: int, blocks: int, stride: int
-) -> nn.Sequential:
+def _stage(block: BlockFactory, in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """``blocks`` residual blocks; only the first one changes channels and stride."""
     layers = [block(in_planes, planes, stride)]
     layers += [block(planes, planes, 1) for _ in range(blocks - 1)]

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from typing import overload
 
 import numpy as np
@@ -94,7 +94,7 @@ def exact_discrete_gaussian(sigma_int: float, size: int, rng: random.Random | np
     return draws
 
 
-@lru_cache(maxsize=None)
+@cache
 def _device_table(sigma_int: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The guide table and the thresholds shifted into signed order (T - 2^63), on ``device``."""
     table = inverse_cdf_table(sigma_int)

@@ -36,7 +36,7 @@ def check_sigma_int(sigma_int: float) -> float:
     return float(sigma_int)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _weights(sigma_int: float) -> tuple[tuple[mpmath.mpf, ...], mpmath.mpf]:
     """Unnormalised masses exp(-k^2 / (2 sigma_int^2)) for k = 0..M and the normaliser Z over all of Z.
 
@@ -46,17 +46,17 @@ def _weights(sigma_int: float) -> tuple[tuple[mpmath.mpf, ...], mpmath.mpf]:
     with mpmath.workdps(_DPS):
         two_var = 2 * mpmath.mpf(sigma_int) ** 2
         last = math.ceil(sigma_int * math.sqrt(2 * _DPS * math.log(10))) + 1
-        weights = tuple(mpmath.exp(-mpmath.mpf(k) ** 2 / two_var) for k in range(last + 1))
+        weights = tuple(mpmath.exp(-(mpmath.mpf(k) ** 2) / two_var) for k in range(last + 1))
         return weights, 2 * mpmath.fsum(weights) - weights[0]
 
 
 def discrete_gaussian_pmf(k: np.ndarray | list[int], sigma_int: float) -> np.ndarray:
     """Exact P[X = k] for X ~ N_Z(0, sigma_int^2), evaluated at ~133 bits and rounded to float64."""
     sigma_int = check_sigma_int(sigma_int)
-    weights, total = _weights(sigma_int)
+    _, total = _weights(sigma_int)
     with mpmath.workdps(_DPS):
         two_var = 2 * mpmath.mpf(sigma_int) ** 2
-        masses = [mpmath.exp(-mpmath.mpf(int(j)) ** 2 / two_var) / total for j in np.ravel(k)]
+        masses = [mpmath.exp(-(mpmath.mpf(int(j)) ** 2) / two_var) / total for j in np.ravel(k)]
     return np.array([float(m) for m in masses], dtype=np.float64).reshape(np.shape(k))
 
 
@@ -83,7 +83,7 @@ class InverseCdfTable:
         return float(np.mean(self.guide == AMBIGUOUS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inverse_cdf_table(sigma_int: float) -> InverseCdfTable:
     """The (cached) table for ``sigma_int``; building it takes ~0.1 s at sigma_int = 255."""
     sigma_int = check_sigma_int(sigma_int)

@@ -152,9 +152,7 @@ class SmoothedClassifier:
         estimation.draw(n)
         return self.certificate(estimation.guess, estimation.counts, alpha, estimation.no_class, bound_rng)
 
-    def select(
-        self, x: torch.Tensor, n0: int, n_max: int, generator: torch.Generator | None = None
-    ) -> Estimation:
+    def select(self, x: torch.Tensor, n0: int, n_max: int, generator: torch.Generator | None = None) -> Estimation:
         """CERTIFY's first stage: guess the top class from ``n0`` samples and return the estimation
         stage, which draws up to ``n_max`` further samples on demand (rows n0.. of a noise bank)."""
         bank = self.noise_bank(x, n0 + n_max)

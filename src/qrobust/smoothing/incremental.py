@@ -119,9 +119,16 @@ def certify_original(
         certificates.append(smoothed.certificate(guess, counts, alpha, no_class))
         predictions.append(votes.astype(np.min_scalar_type(smoothed.num_classes)))
     return CertificationCache(
-        images, tuple(certificates), np.stack(predictions), smoothed.method, smoothed.num_classes,
-        n0, alpha, seed, smoothed.batch_size,
-    )  # fmt: skip
+        images,
+        tuple(certificates),
+        np.stack(predictions),
+        smoothed.method,
+        smoothed.num_classes,
+        n0,
+        alpha,
+        seed,
+        smoothed.batch_size,
+    )
 
 
 def certify_incremental(

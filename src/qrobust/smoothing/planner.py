@@ -135,7 +135,9 @@ def unreachable_radii(
     n the most samples per input), all of them when even n votes of n abstain. For a warning before a
     run, and to mark table columns that can only read 0."""
     radius_map = radius_map_for(method)
-    largest = largest_radius_sequential(radius_map, n, alpha) if sequential else largest_radius_fixed(radius_map, n, alpha)
+    largest = (
+        largest_radius_sequential(radius_map, n, alpha) if sequential else largest_radius_fixed(radius_map, n, alpha)
+    )
     return tuple(r for r in radii if largest is None or r > largest)
 
 

@@ -69,37 +69,57 @@ class PredictRow:
         return self.predict == self.label
 
     def to_line(self) -> str:
-        return f"{self.idx}\t{self.label}\t{self.predict}\t{int(self.correct)}\t{datetime.timedelta(seconds=self.seconds)}"
+        return (
+            f"{self.idx}\t{self.label}\t{self.predict}\t{int(self.correct)}\t{datetime.timedelta(seconds=self.seconds)}"
+        )
 
 
-def read_certify_tsv(path: str | Path, *, interrupted: bool = False, num_classes: int | None = None) -> list[CertifyRow]:
+def read_certify_tsv(
+    path: str | Path, *, interrupted: bool = False, num_classes: int | None = None
+) -> list[CertifyRow]:
     """Rows of a certification TSV; a malformed file or a bad value raises QRobustError naming the line.
 
     ``num_classes``: the classes labels and predictions must be below (default: from the run config
     next to the TSV, unchecked without one). ``interrupted``: the run may have been killed while writing, so a last line without its newline
     (cut off mid-write) is left out and a table with no rows yet is allowed.
     """
-    return _read_rows(path, "certification", (CERTIFY_SAMPLES_HEADER, CERTIFY_HEADER), _certify_row, interrupted, num_classes)
+    return _read_rows(
+        path, "certification", (CERTIFY_SAMPLES_HEADER, CERTIFY_HEADER), _certify_row, interrupted, num_classes
+    )
 
 
 def _certify_row(fields: list[str]) -> CertifyRow:
     samples = int(fields[6]) if len(fields) > 6 else None
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    return CertifyRow(int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), _parse_seconds(fields[5]), samples)
+    return CertifyRow(
+        int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3]), _parse_seconds(fields[5]), samples
+    )
 
 
-def read_predict_tsv(path: str | Path, *, interrupted: bool = False, num_classes: int | None = None) -> list[PredictRow]:
+def read_predict_tsv(
+    path: str | Path, *, interrupted: bool = False, num_classes: int | None = None
+) -> list[PredictRow]:
     """Rows of a prediction TSV; a malformed file or a bad value raises QRobustError naming the line
     (``interrupted``, ``num_classes``: as for ``read_certify_tsv``)."""
     return _read_rows(
-        path, "prediction", (PREDICT_HEADER,),
-        lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])), interrupted, num_classes,
-    )  # fmt: skip
+        path,
+        "prediction",
+        (PREDICT_HEADER,),
+        lambda f: PredictRow(int(f[0]), int(f[1]), int(f[2]), _parse_seconds(f[4])),
+        interrupted,
+        num_classes,
+    )
 
 
-def _read_rows(path: str | Path, kind: str, headers: tuple[str, ...], parse: Callable[[list[str]], Any],
-               interrupted: bool, num_classes: int | None) -> list:  # fmt: skip
+def _read_rows(
+    path: str | Path,
+    kind: str,
+    headers: tuple[str, ...],
+    parse: Callable[[list[str]], Any],
+    interrupted: bool,
+    num_classes: int | None,
+) -> list:
     """The rows under the first line, which must be one of ``headers`` (the first is the one named in errors)."""
     path = Path(path)
     if num_classes is None:
@@ -144,7 +164,9 @@ def _check_row(row: CertifyRow | PredictRow, correct: str, num_classes: int | No
     if not ABSTAIN <= row.predict < (num_classes or math.inf):
         raise ValueError(f"predict must be a class >= 0{classes} or {ABSTAIN} (abstained), got {row.predict}")
     if correct != str(int(row.correct)):
-        raise ValueError(f"correct must be {int(row.correct)} for label {row.label} and predict {row.predict}, got {correct!r}")
+        raise ValueError(
+            f"correct must be {int(row.correct)} for label {row.label} and predict {row.predict}, got {correct!r}"
+        )
     if not (math.isfinite(row.seconds) and row.seconds >= 0):
         raise ValueError(f"time must be finite and >= 0, got {row.seconds}")
     if isinstance(row, CertifyRow) and not (math.isfinite(row.radius) and row.radius >= 0):

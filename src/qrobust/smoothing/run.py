@@ -87,12 +87,23 @@ def _certify_rows(
             certificate = smoothed.certify(x, n0=n0, n=n, alpha=alpha, generator=generator, bound_rng=bound_rng)
         else:
             certificate = certify_adaptive(
-                smoothed, x, n0=n0, n_max=n, alpha=alpha, radii=settle_radii, sequential=sequential,
+                smoothed,
+                x,
+                n0=n0,
+                n_max=n,
+                alpha=alpha,
+                radii=settle_radii,
+                sequential=sequential,
                 generator=generator,
-            )  # fmt: skip
+            )
         label = ABSTAIN if certificate.label is None else certificate.label
         yield CertifyRow(
-            index, int(dataset.labels[index]), label, certificate.radius, time.perf_counter() - started, certificate.samples
+            index,
+            int(dataset.labels[index]),
+            label,
+            certificate.radius,
+            time.perf_counter() - started,
+            certificate.samples,
         )
 
 

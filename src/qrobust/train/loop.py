@@ -172,7 +172,9 @@ def train(
         quantizer = config.weight_quantizer(model)
         history: list[EpochStats] = []
         if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-            history = _restore(load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config)
+            history = _restore(
+                load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config
+            )
             if len(history) > config.epochs:
                 raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
@@ -201,19 +203,28 @@ def train(
                     loss_sum += loss.item() * len(index)
                     correct += (logits.argmax(1) == labels).sum().item()
                     seen += len(index)
-                    bar.update(task, advance=1, status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+                    bar.update(
+                        task,
+                        advance=1,
+                        status=f"epoch {epoch}/{config.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}",
+                    )
                 lr = float(scheduler.get_last_lr()[0])
                 scheduler.step()
                 if quantizer is not None:
                     quantizer.end_epoch()
                 with quantized():
                     test_accuracy = accuracy(model, test_set) if test_set is not None else None
-                history.append(EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started))
+                history.append(
+                    EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started)
+                )
                 classes = train_set.info.num_classes
                 if len(history) >= 2 and all(stats.accuracy <= CHANCE_FACTOR / classes for stats in history[-2:]):
-                    warnings.warn(f"epochs {epoch - 1}-{epoch}: training accuracy {history[-2].accuracy:.3f}, "
-                                  f"{history[-1].accuracy:.3f} is at chance level ({classes} classes): the model is not "
-                                  f"learning; a smaller learning rate usually helps", stacklevel=2)  # fmt: skip
+                    warnings.warn(
+                        f"epochs {epoch - 1}-{epoch}: training accuracy {history[-2].accuracy:.3f}, "
+                        f"{history[-1].accuracy:.3f} is at chance level ({classes} classes): the model is not "
+                        f"learning; a smaller learning rate usually helps",
+                        stacklevel=2,
+                    )
                 if progress:
                     bar.console.log(_describe(history[-1]))
                 if checkpoint_path is not None:
@@ -269,7 +280,9 @@ def reads_lattice(model: nn.Module) -> bool:
     """Whether ``model`` reads integer lattice values (the int8 engines) rather than floats in [0, 1]."""
     if isinstance(model, (Int8Model, QuantizedBackend)):
         return True
-    export = sys.modules.get("qrobust.quant.export")  # an ONNX model exists only once its (onnx-heavy) module is imported
+    export = sys.modules.get(
+        "qrobust.quant.export"
+    )  # an ONNX model exists only once its (onnx-heavy) module is imported
     return export is not None and isinstance(model, export.OnnxRuntimeModel) and model.lattice
 
 
@@ -287,11 +300,15 @@ def model_inputs(
     if not lattice:
         return inputs if inputs.is_floating_point() else to_unit_interval(inputs)
     if inputs.is_floating_point():
-        raise QRobustError(f"an int8 model reads integer lattice values, but {noise} noise gives floats: use IntRS or FloatRSQuant")
+        raise QRobustError(
+            f"an int8 model reads integer lattice values, but {noise} noise gives floats: use IntRS or FloatRSQuant"
+        )
     return inputs
 
 
-def _restore(checkpoint: Checkpoint, model, optimizer, scheduler, generator, quantizer, config: TrainConfig) -> list[EpochStats]:
+def _restore(
+    checkpoint: Checkpoint, model, optimizer, scheduler, generator, quantizer, config: TrainConfig
+) -> list[EpochStats]:
     """Load the training state of an interrupted run; its config must match this one but for ``epochs``.
 
     Fields a checkpoint lacks predate them and count as equal.
