@@ -49,7 +49,7 @@ from qrobust.quant.lowbit import MAX_BITS
 from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe, finetune_policy
 from qrobust.search.arq import DEFAULT_WARMUP
 from qrobust.smoothing import (
-    CERTIFY_HEADER,
+    CERTIFY_SAMPLES_HEADER,
     DEFAULT_RADII,
     PREDICT_HEADER,
     evenly_spaced,
@@ -704,7 +704,7 @@ def _run_job(job: SmoothingJob, output: Path, num_examples: int, overwrite: bool
         smoothed, data, metadata = job.open()
         indices = _example_indices(len(data), num_examples, job.split)
         run_config = {**asdict(job), "indices": indices, "model": metadata}
-        header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+        header, reader = (CERTIFY_SAMPLES_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
         if resume and output.exists():
             done, start = _resumable_rows(output, run_config, reader), None
         else:

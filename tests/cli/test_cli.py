@@ -11,7 +11,7 @@ from qrobust.data import dataset_info
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
 from qrobust.quant import load_int8
-from qrobust.smoothing import CERTIFY_HEADER, PREDICT_HEADER, read_certify_tsv
+from qrobust.smoothing import CERTIFY_SAMPLES_HEADER, PREDICT_HEADER, read_certify_tsv
 
 
 def test_train_writes_metadata(checkpoint):
@@ -29,7 +29,7 @@ def test_certify_predict_analyze(run, checkpoint, tmp_path):
                        "--num-examples", 12, "--output", tsv)  # fmt: skip
     assert code == 0, out
     lines = tsv.read_text().splitlines()
-    assert lines[0] == CERTIFY_HEADER and len(lines) == 13
+    assert lines[0] == CERTIFY_SAMPLES_HEADER and len(lines) == 13
     rows = read_certify_tsv(tsv)
     assert [row.idx for row in rows] == [i * 450 // 12 for i in range(12)]
     assert all(row.radius > 0 for row in rows if row.predict != -1)

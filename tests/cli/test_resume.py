@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from qrobust.smoothing import CERTIFY_HEADER, read_certify_tsv
+from qrobust.smoothing import CERTIFY_SAMPLES_HEADER, read_certify_tsv
 
 # 40 examples of about 0.1 s each on one thread: long enough that every kill lands mid-run.
 SETTINGS = ("--sigma", "0.25", "--n0", "20", "--n", "30000", "--alpha", "0.01", "--num-examples", "40", "--batch-size", "1000")
@@ -80,7 +80,7 @@ def test_adaptive_certify_records_its_radii(run, checkpoint, tmp_path):
     code, out, _ = run("certify", checkpoint, "--sigma", "0.25", "--n0", "20", "--n", "4000", "--alpha", "0.01",
                        "--num-examples", "5", "--adaptive", "--radii", "0,0.25", "--output", output)  # fmt: skip
     assert code == 0, out
-    assert output.read_text().splitlines()[0] == CERTIFY_HEADER and len(read_certify_tsv(output)) == 5
+    assert output.read_text().splitlines()[0] == CERTIFY_SAMPLES_HEADER and len(read_certify_tsv(output)) == 5
     assert json.loads(output.with_suffix(".json").read_text())["settle_radii"] == [0.0, 0.25]
 
 
