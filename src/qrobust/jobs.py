@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
-from qrobust.errors import QRobustError
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.limits import check_limit, check_memory
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import fast_backend, load_int8
@@ -92,6 +92,9 @@ class SmoothingJob:
         int8 = isinstance(smoothing, FloatRSQuant | IntRS)
         if int8:
             saved = load_int8(self.checkpoint, self._memory_limit)
+            if "dataset" not in saved.metadata:
+                raise CheckpointError(f"{self.checkpoint} does not say which dataset its model reads (no 'dataset' in its metadata): "
+                                      "save it with `qrobust quantize`, or with save_int8(path, model, {'dataset': dataclasses.asdict(info)})")  # fmt: skip
             info, metadata, model = DatasetInfo.from_dict(saved.metadata["dataset"]), saved.metadata, saved.model
         else:
             model, saved = load_model(self.checkpoint, self._memory_limit)
