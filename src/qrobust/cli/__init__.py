@@ -9,7 +9,7 @@ in one ``error:`` line and exit code 2; results already written stay as they are
 """
 
 # isort: off
-from qrobust.cli.app import app, main
+from qrobust.cli.core import app, main
 from qrobust.cli import train, quantize, attack, smoothing, analysis, search, bounds  # noqa: F401  (registers the commands, in this order)
 # isort: on
 

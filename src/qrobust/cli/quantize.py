@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.app import app, console
+from qrobust.cli.core import app, console
 from qrobust.cli.common import check_counts, import_model
 from qrobust.cli.options import DataRoot, ModelFactory, Overwrite
 from qrobust.errors import QRobustError

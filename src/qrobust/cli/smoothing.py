@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.app import app, console
+from qrobust.cli.core import app, console
 from qrobust.cli.common import parse_radii
 from qrobust.cli.options import DEFAULT_RADII, SmoothingOptions, with_smoothing_options
 
