@@ -50,10 +50,14 @@ def quantize_int8(checkpoint: Path, output: Path, *, calibration_images: int = 5
     """
     model, saved = load_model(checkpoint)
     info = saved.dataset_info
-    noise = TrainConfig(sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")).noise_method()
+    noise = TrainConfig(
+        sigma=saved.metadata.get("sigma", 0.0), noise=saved.metadata.get("noise", "gaussian")
+    ).noise_method()
     qat = saved.metadata.get("qat")
     if qat is not None and input_margin not in (None, qat.get("input_margin", 0)):
-        raise QRobustError(f"{checkpoint} was trained quantization-aware with input margin {qat.get('input_margin', 0)}; --input-margin cannot change it")
+        raise QRobustError(
+            f"{checkpoint} was trained quantization-aware with input margin {qat.get('input_margin', 0)}; --input-margin cannot change it"
+        )
     if qat is None:
         check_count("calibration images", calibration_images)
         images = load_dataset(info.name, "train", data_root).subset(calibration_images, seed).images

@@ -51,7 +51,9 @@ def run_job(job: SmoothingJob, output: Path, num_examples: int, *, overwrite: bo
         smoothed, data, metadata = job.open()
         indices = example_indices(len(data), num_examples, job.split)
         run_config = {**asdict(job), "indices": indices, "model": metadata}
-        header, reader = (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+        header, reader = (
+            (CERTIFY_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+        )
         if resume and output.exists():
             done, start = _resumable_rows(output, run_config, reader), None
         else:
@@ -109,7 +111,9 @@ def _resumable_rows(output: Path, run_config: dict[str, Any], reader) -> list:
     return done
 
 
-def _write_rows(output: Path, rows: Iterator, done: list, total: int, task: str, start: tuple[str, dict[str, Any]] | None) -> int:
+def _write_rows(
+    output: Path, rows: Iterator, done: list, total: int, task: str, start: tuple[str, dict[str, Any]] | None
+) -> int:
     """Append rows to the TSV ``output`` as they come, with a progress bar; returns the number correct.
 
     ``start``: the header and run config of a new run, written (atomically) when the first row is ready.

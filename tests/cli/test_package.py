@@ -67,7 +67,7 @@ def test_certify_and_predict_share_one_declaration_of_their_options():
     shared = [field.name for field in dataclasses.fields(options.SmoothingOptions)]
     for name in ("certify", "predict"):
         parameters = list(inspect.signature(commands[name]).parameters)
-        assert parameters[:2] == shared[:2] and parameters[-len(shared) + 2 :] == shared[2:]
+        assert parameters[:3] == shared[:3] and parameters[-len(shared) + 3 :] == shared[3:]
 
 
 def test_modules_stay_small():
@@ -101,7 +101,9 @@ def test_a_checkpoint_of_an_unknown_factory_is_one_line_and_imports_nothing(run,
 def test_a_model_factory_that_cannot_be_imported_is_one_line(run, tmp_path):
     for spec, message in (("no_such_module:f", "cannot import 'no_such_module'"), ("os:not_there", "has no 'not_there'"),
                           ("no-colon", "unknown model 'no-colon'")):  # fmt: skip
-        code, _, err = run("train", "--model", spec, "--dataset", "digits", "--epochs", 1, "--output", tmp_path / "m.pt")
+        code, _, err = run(
+            "train", "--model", spec, "--dataset", "digits", "--epochs", 1, "--output", tmp_path / "m.pt"
+        )
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 

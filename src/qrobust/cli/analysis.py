@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.core import app, console
 from qrobust.cli.common import parse_radii
+from qrobust.cli.core import app, console
 from qrobust.cli.options import DEFAULT_RADII, Overwrite, Radii
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs, check_writable
@@ -19,8 +19,13 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 def analyze_command(
     results: Annotated[list[Path], typer.Argument(help="Certification TSVs written by `qrobust certify`.")],
     radii: Radii = DEFAULT_RADII,
-    plot: Annotated[Path | None, typer.Option(help=f"File for the plot of certified accuracy against radius ({', '.join(PLOT_SUFFIXES)}).")] = None,
-    label: Annotated[list[str] | None, typer.Option(help="Name of each run in table and plot (default: file stem), repeatable.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help=f"File for the plot of certified accuracy against radius ({', '.join(PLOT_SUFFIXES)})."),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Name of each run in table and plot (default: file stem), repeatable.")
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Certified accuracy at radii, average certified radius (ACR) and certified percentage of one or more runs.
@@ -50,10 +55,14 @@ def analyze_command(
 
 @app.command("report")
 def report_command(
-    directories: Annotated[list[Path], typer.Argument(help="Result directories holding `qrobust certify` TSVs (searched recursively).")],
+    directories: Annotated[
+        list[Path], typer.Argument(help="Result directories holding `qrobust certify` TSVs (searched recursively).")
+    ],
     output: Annotated[Path, typer.Option(help="Directory for the page (README.md) and its PNG plots.")],
     radii: Radii = DEFAULT_RADII,
-    overwrite: Annotated[bool, typer.Option(help="Replace the page and plots of an earlier report in OUTPUT instead of refusing.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the page and plots of an earlier report in OUTPUT instead of refusing.")
+    ] = False,
 ) -> None:
     """A Markdown page with plots comparing every certification run found: curves, tables, timing, settings."""
     if output.exists() and not output.is_dir():

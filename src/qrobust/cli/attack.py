@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.core import app, console
 from qrobust.cli.common import check_counts, import_model
+from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, NumExamples, Overwrite, Split
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs, write_json_record
@@ -16,17 +16,37 @@ ATTACKS = ("fgsm", "ifgsm", "pgd", "pgd-l2", "cw")
 
 @app.command("attack")
 def attack_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train` (float, quantization-aware or low-bit): the model attacked.")],
-    attack: Annotated[list[str] | None, typer.Option(help=f"Attack, repeatable: {', '.join(ATTACKS)} (default: fgsm, ifgsm, cw, the paper's A1-A3).")] = None,
-    int8: Annotated[Path | None, typer.Option(help="Also evaluate this `qrobust quantize` int8 model on the same adversarial examples, crafted on CHECKPOINT (its fake-quant twin): a transfer attack.")] = None,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint written by `qrobust train` (float, quantization-aware or low-bit): the model attacked."
+        ),
+    ],
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Attack, repeatable: {', '.join(ATTACKS)} (default: fgsm, ifgsm, cw, the paper's A1-A3)."),
+    ] = None,
+    int8: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also evaluate this `qrobust quantize` int8 model on the same adversarial examples, crafted on CHECKPOINT (its fake-quant twin): a transfer attack."
+        ),
+    ] = None,
     eps: Annotated[float, typer.Option(help="l_inf radius of fgsm, ifgsm and pgd, in [0, 1] pixel units.")] = 0.031,
     eps_l2: Annotated[float, typer.Option(help="l2 radius of pgd-l2, in [0, 1] pixel units.")] = 0.5,
     steps: Annotated[int, typer.Option(help="Steps of ifgsm, pgd and pgd-l2.")] = 20,
-    step_size: Annotated[float | None, typer.Option(help="Step of ifgsm/pgd (default 1/255) and pgd-l2 (default eps-l2 / 8).")] = None,
+    step_size: Annotated[
+        float | None, typer.Option(help="Step of ifgsm/pgd (default 1/255) and pgd-l2 (default eps-l2 / 8).")
+    ] = None,
     cw_lr: Annotated[float, typer.Option(help="Adam learning rate of C&W.")] = 0.01,
     cw_steps: Annotated[int, typer.Option(help="Adam steps of C&W per search round over c.")] = 100,
     cw_search_steps: Annotated[int, typer.Option(help="Rounds of C&W's binary search over c.")] = 5,
-    sigma: Annotated[float, typer.Option(help="Attack the Gaussian-smoothed model instead: expectation of the base model over this much noise (0: attack the base model).")] = 0.0,
+    sigma: Annotated[
+        float,
+        typer.Option(
+            help="Attack the Gaussian-smoothed model instead: expectation of the base model over this much noise (0: attack the base model)."
+        ),
+    ] = 0.0,
     samples: Annotated[int, typer.Option(help="Noise draws per image with --sigma.")] = 8,
     num_examples: NumExamples = 1000,
     split: Split = "test",
@@ -42,7 +62,9 @@ def attack_command(
     unknown = sorted(set(names) - set(ATTACKS))
     if unknown:
         raise QRobustError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
-    check_counts({"--steps": steps, "--samples": samples, "--num-examples": num_examples, "--batch-size": batch_size}, seed)
+    check_counts(
+        {"--steps": steps, "--samples": samples, "--num-examples": num_examples, "--batch-size": batch_size}, seed
+    )
     check_outputs([] if output is None else [output], overwrite=overwrite)
     import torch
     from rich.table import Table
@@ -58,7 +80,11 @@ def attack_command(
     models = {checkpoint.name: network}
     if int8 is not None:
         models[int8.name] = LatticeInputs(load_int8(int8).model)
-    source = network if sigma == 0 else ExpectationOverNoise(network, sigma, samples, generator=torch.Generator().manual_seed(seed))
+    source = (
+        network
+        if sigma == 0
+        else ExpectationOverNoise(network, sigma, samples, generator=torch.Generator().manual_seed(seed))
+    )
     generator = torch.Generator().manual_seed(seed)
     step = 1 / 255 if step_size is None else step_size
     builders = {

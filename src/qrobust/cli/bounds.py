@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.core import app, console
 from qrobust.cli.common import check_counts, float_model, import_model
+from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, NumExamples, Overwrite, Split
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs, write_json_record
@@ -14,9 +14,22 @@ from qrobust.outputs import check_outputs, write_json_record
 
 @app.command("weight-bound")
 def weight_bound_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train` (a chain of Linear/Conv2d/ReLU/MaxPool layers: mlp, cnn).")],
-    layers: Annotated[list[int] | None, typer.Option("--layers", help="Layer k (the k-th Linear/Conv2d, 0-based) to perturb alone, repeatable (default: every layer).")] = None,
-    norm: Annotated[float, typer.Option(help="p of the l_p ball of each output unit's weights, >= 1 (inf: elementwise box).")] = float("inf"),
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Float checkpoint written by `qrobust train` (a chain of Linear/Conv2d/ReLU/MaxPool layers: mlp, cnn)."
+        ),
+    ],
+    layers: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--layers",
+            help="Layer k (the k-th Linear/Conv2d, 0-based) to perturb alone, repeatable (default: every layer).",
+        ),
+    ] = None,
+    norm: Annotated[
+        float, typer.Option(help="p of the l_p ball of each output unit's weights, >= 1 (inf: elementwise box).")
+    ] = float("inf"),
     bias: Annotated[bool, typer.Option(help="Perturb the biases too (each joins its unit's ball).")] = False,
     num_examples: NumExamples = 100,
     split: Split = "test",
@@ -48,11 +61,20 @@ def weight_bound_command(
         task = bar.add_task("weight-bound", total=len(chosen), status="")
         rows = certified_eps_table(network, data.images, data.labels, chosen, norm, bias=bias,
                                    on_layer=lambda row: bar.update(task, advance=1, status=f"layer {row.layer}"))  # fmt: skip
-    table = Table(title=f"certified l_{norm:g} weight radius per layer ({len(data)} {split} images; 0 where misclassified)")
+    table = Table(
+        title=f"certified l_{norm:g} weight radius per layer ({len(data)} {split} images; 0 where misclassified)"
+    )
     for column in ("layer", "type", "bounds", "certified %", "mean eps", "median eps"):
         table.add_column(column, justify="left" if column in ("type", "bounds") else "right")
     for row in rows:
-        table.add_row(str(row.layer), row.description, row.method, f"{100 * row.certified_fraction:.1f}", f"{row.mean:.3g}", f"{row.median:.3g}")
+        table.add_row(
+            str(row.layer),
+            row.description,
+            row.method,
+            f"{100 * row.certified_fraction:.1f}",
+            f"{row.mean:.3g}",
+            f"{row.median:.3g}",
+        )
     console.print(table)
     if output is not None:
         write_json_record(output, {"command": "weight-bound", "checkpoint": str(checkpoint), "norm": f"{norm:g}", "bias": bias,
@@ -71,7 +93,9 @@ def verify_quantization_command(
     split: Split = "test",
     data_root: DataRoot = None,
     model: ModelFactory = None,
-    output: Annotated[Path | None, typer.Option(help="JSON file for the per-input certificates and the run config.")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="JSON file for the per-input certificates and the run config.")
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Certify, per image, that the int8 model predicts what the float model predicts (weight and activation rounding bounded)."""

@@ -54,7 +54,11 @@ def float_model(checkpoint: Path, command: str):
     from qrobust.train import load_model
 
     model, saved = load_model(checkpoint)
-    for key, kind in (("qat", "quantization-aware (int8)"), ("bit_policy", "mixed-precision quantized"), ("quantization", "quantized")):
+    for key, kind in (
+        ("qat", "quantization-aware (int8)"),
+        ("bit_policy", "mixed-precision quantized"),
+        ("quantization", "quantized"),
+    ):
         if saved.metadata.get(key) is not None:
             raise QRobustError(f"{checkpoint} is {kind}; `qrobust {command}` starts from a float checkpoint")
     return model, saved

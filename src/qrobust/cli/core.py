@@ -21,7 +21,9 @@ def main() -> None:
     """Entry point of the ``qrobust`` console script."""
     with warnings.catch_warnings():  # the library's warnings as one line each, not Python's file:line form
         warnings.showwarning = _warn
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch's notices to developers, hidden as Python does by default
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # torch's notices to developers, hidden as Python does by default
         try:
             code = app(standalone_mode=False)
         except typer.TyperException as error:  # usage errors: unknown option, bad type, missing argument

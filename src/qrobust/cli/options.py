@@ -27,25 +27,88 @@ DataRoot = Annotated[
     Path | None,
     typer.Option(help="Directory holding dataset files (default: Fashion-MNIST from the Debian package, else ./data)."),
 ]
-ModelFactory = Annotated[str | None, typer.Option("--model", help="Your own model's factory as package.module:function (importable, e.g. on PYTHONPATH), imported so that checkpoints of it load; a checkpoint never imports code itself.")]
+ModelFactory = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your own model's factory as package.module:function (importable, e.g. on PYTHONPATH), imported so that checkpoints of it load; a checkpoint never imports code itself.",
+    ),
+]
 Sigma = Annotated[float, typer.Option(help="Std of the Gaussian noise, in [0, 1] pixel units (> 0).")]
 Alpha = Annotated[float, typer.Option(help="Failure probability of the test, in (0, 1); confidence is 1 - alpha.")]
 NumExamples = Annotated[int, typer.Option(help="Number of examples, spread evenly over the split (>= 1).")]
-BatchSize = Annotated[int, typer.Option(help="Noisy samples per forward pass (memory vs. speed; it shapes the noise stream, so it is recorded).")]
-Seed = Annotated[int, typer.Option(help="Seed of the noise (>= 0); each example gets its own generator derived from it.")]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        help="Noisy samples per forward pass (memory vs. speed; it shapes the noise stream, so it is recorded)."
+    ),
+]
+Seed = Annotated[
+    int, typer.Option(help="Seed of the noise (>= 0); each example gets its own generator derived from it.")
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace existing output files instead of refusing.")]
-Resume = Annotated[bool, typer.Option(help="Continue an interrupted run with the same settings: keep its complete rows, run only the missing examples.")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        help="Continue an interrupted run with the same settings: keep its complete rows, run only the missing examples."
+    ),
+]
 Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
 Radii = Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pixel units for the table.")]
-CheckpointPath = Annotated[Path, typer.Argument(help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int.")]
-Method = Annotated[str, typer.Option(help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table).")]
-NoiseBank = Annotated[bool, typer.Option(help="Draw the noise once (from --seed) and reuse it for every example: faster with int8 models, memory (n0 + n) images.")]
-Fast = Annotated[bool, typer.Option(help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine.")]
-Backend = Annotated[str, typer.Option(help="Where to run: local (this process) or ray (examples sharded over Ray workers; pip install 'qrobust[ray]').")]
+CheckpointPath = Annotated[
+    Path,
+    typer.Argument(
+        help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int."
+    ),
+]
+Method = Annotated[
+    str,
+    typer.Option(
+        help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table)."
+    ),
+]
+NoiseBank = Annotated[
+    bool,
+    typer.Option(
+        help="Draw the noise once (from --seed) and reuse it for every example: faster with int8 models, memory (n0 + n) images."
+    ),
+]
+Fast = Annotated[
+    bool,
+    typer.Option(
+        help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine."
+    ),
+]
+Backend = Annotated[
+    str,
+    typer.Option(
+        help="Where to run: local (this process) or ray (examples sharded over Ray workers; pip install 'qrobust[ray]')."
+    ),
+]
 Workers = Annotated[int, typer.Option(help="With --backend ray: worker processes, one CPU and one torch thread each.")]
-Runtime = Annotated[str, typer.Option(help="Base model runtime: torch (see --fast) or onnxruntime (the model exported to ONNX, as on an edge device; pip install 'qrobust[onnx]').")]
-Address = Annotated[str | None, typer.Option(help="With --backend ray: an existing cluster (host:port or auto); default: start a local one.")]
-MemoryLimit = Annotated[float | None, typer.Option(help="GiB the run may use (model file, noise bank, batches), checked before allocating (default: 80% of RAM).")]
+Runtime = Annotated[
+    str,
+    typer.Option(
+        help="Base model runtime: torch (see --fast) or onnxruntime (the model exported to ONNX, as on an edge device; pip install 'qrobust[onnx]')."
+    ),
+]
+Address = Annotated[
+    str | None,
+    typer.Option(help="With --backend ray: an existing cluster (host:port or auto); default: start a local one."),
+]
+SmoothingOutput = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        help="TSV to write, a row per example (certify: idx label predict radius correct time; predict: without radius); the run config goes to OUTPUT with suffix .json.",
+    ),
+]
+MemoryLimit = Annotated[
+    float | None,
+    typer.Option(
+        help="GiB the run may use (model file, noise bank, batches), checked before allocating (default: 80% of RAM)."
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +117,7 @@ class SmoothingOptions:
 
     checkpoint: CheckpointPath
     sigma: Sigma
+    output: SmoothingOutput
     method: Method = "float-fp"
     fast: Fast = True
     noise_bank: NoiseBank = False
@@ -72,7 +136,7 @@ class SmoothingOptions:
     resume: Resume = False
     memory_limit: MemoryLimit = None
 
-    def check(self, output: Path, counts: dict[str, int]) -> None:
+    def check(self, counts: dict[str, int]) -> None:
         """Check the plain values (``counts``: the command's own sample counts) and the output file."""
         check_counts({**counts, "--num-examples": self.num_examples, "--batch-size": self.batch_size,
                       "--workers": self.workers}, self.seed)  # fmt: skip
@@ -80,10 +144,10 @@ class SmoothingOptions:
         check_alpha(self.alpha)
         if self.memory_limit is not None:
             check_limit(self.memory_limit)
-        check_run(output, overwrite=self.overwrite, resume=self.resume, backend=self.backend)
+        check_run(self.output, overwrite=self.overwrite, resume=self.resume, backend=self.backend)
 
-    def run(self, command: str, output: Path, *, n: int, n0: int = 100, settle_radii: tuple[float, ...] | None = None) -> int:
-        """Run the certify or predict job of these options on ``output``; returns the number correct."""
+    def run(self, command: str, *, n: int, n0: int = 100, settle_radii: tuple[float, ...] | None = None) -> int:
+        """Run the certify or predict job of these options; returns the number of examples classified correctly."""
         from qrobust.jobs import SmoothingJob
         from qrobust.runner import run_job
 
@@ -94,16 +158,18 @@ class SmoothingOptions:
             seed=self.seed, split=self.split, data_root=None if self.data_root is None else str(self.data_root),
             settle_radii=settle_radii, runtime=self.runtime, memory_limit=self.memory_limit,
         )  # fmt: skip
-        return run_job(job, output, self.num_examples, overwrite=self.overwrite, resume=self.resume,
+        return run_job(job, self.output, self.num_examples, overwrite=self.overwrite, resume=self.resume,
                        backend=self.backend, workers=self.workers, address=self.address)  # fmt: skip
 
 
 def with_smoothing_options(command: Callable[..., None]) -> Callable[..., None]:
     """``command(options: SmoothingOptions, **own)`` as a typer command that takes the shared options
-    (CHECKPOINT and --sigma first, the others after its own) and hands them over as one value."""
+    (CHECKPOINT, --sigma and --output first, the others after its own) and hands them over as one value."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "options"]
-    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(SmoothingOptions).parameters.values()]
-    parameters = [*shared[:2], *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *shared[2:]]
+    shared = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(SmoothingOptions).parameters.values()
+    ]
+    parameters = [*shared[:3], *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *shared[3:]]
 
     @functools.wraps(command)
     def run(**values: object) -> None:

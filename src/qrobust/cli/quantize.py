@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.core import app, console
 from qrobust.cli.common import check_counts, import_model
+from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, Overwrite
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs, write_json_record
@@ -18,18 +18,59 @@ ADMM_ITERATIONS, ADMM_STEPS = 20, 100  # qrobust.quant.admm.ADMMConfig's default
 @app.command("quantize")
 def quantize_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `qrobust train` (float, or --qat).")],
-    output: Annotated[Path, typer.Option(help="int8 model file to write (.int8.pt); with --method admm or lb a checkpoint (.pt), plus OUTPUT with suffix .codes.pt (integer codes and scales) and .json (run config and history).")],
-    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate a float model's activation ranges (post-training quantization; ignored for QAT checkpoints).")] = 512,
-    method: Annotated[str, typer.Option(help="int8 (Jacob et al.: QAT or PTQ, integer-only model), admm (Weng et al. 2020, low-bit weights by ADMM) or lb (Leng et al. 2018).")] = "int8",
-    bits: Annotated[int | None, typer.Option(help="admm/lb: weight bits per layer, 2..8 (codes -2^(bits-2)..2^(bits-2)); default 8.")] = None,
-    certified: Annotated[bool, typer.Option(help="admm: keep every layer's weights within the certified weight-perturbation radius (qrobust.bounds) of the float ones.")] = False,
-    percentile: Annotated[float | None, typer.Option(help="--certified: the radius of layer k is this percentile (0..100) of its certified bounds over --certify-images training images; default 50.")] = None,
-    certify_images: Annotated[int, typer.Option(help="--certified: correctly classified training images the percentile is taken over.")] = 100,
-    iterations: Annotated[int | None, typer.Option(help=f"admm/lb: ADMM iterations (default {ADMM_ITERATIONS}).")] = None,
-    steps: Annotated[int | None, typer.Option(help=f"admm/lb: SGD steps per ADMM iteration (default {ADMM_STEPS}).")] = None,
-    input_margin: Annotated[int | None, typer.Option(help="int8 from a float checkpoint (PTQ): the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise); a QAT checkpoint keeps the margin it was trained with.")] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="int8 model file to write (.int8.pt); with --method admm or lb a checkpoint (.pt), plus OUTPUT with suffix .codes.pt (integer codes and scales) and .json (run config and history)."
+        ),
+    ],
+    calibration_images: Annotated[
+        int,
+        typer.Option(
+            help="Training images to calibrate a float model's activation ranges (post-training quantization; ignored for QAT checkpoints)."
+        ),
+    ] = 512,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="int8 (Jacob et al.: QAT or PTQ, integer-only model), admm (Weng et al. 2020, low-bit weights by ADMM) or lb (Leng et al. 2018)."
+        ),
+    ] = "int8",
+    bits: Annotated[
+        int | None,
+        typer.Option(help="admm/lb: weight bits per layer, 2..8 (codes -2^(bits-2)..2^(bits-2)); default 8."),
+    ] = None,
+    certified: Annotated[
+        bool,
+        typer.Option(
+            help="admm: keep every layer's weights within the certified weight-perturbation radius (qrobust.bounds) of the float ones."
+        ),
+    ] = False,
+    percentile: Annotated[
+        float | None,
+        typer.Option(
+            help="--certified: the radius of layer k is this percentile (0..100) of its certified bounds over --certify-images training images; default 50."
+        ),
+    ] = None,
+    certify_images: Annotated[
+        int, typer.Option(help="--certified: correctly classified training images the percentile is taken over.")
+    ] = 100,
+    iterations: Annotated[
+        int | None, typer.Option(help=f"admm/lb: ADMM iterations (default {ADMM_ITERATIONS}).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=f"admm/lb: SGD steps per ADMM iteration (default {ADMM_STEPS}).")
+    ] = None,
+    input_margin: Annotated[
+        int | None,
+        typer.Option(
+            help="int8 from a float checkpoint (PTQ): the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise); a QAT checkpoint keeps the margin it was trained with."
+        ),
+    ] = None,
     data_root: DataRoot = None,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration subset and its noise (int8), or of the minibatches (admm, lb).")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the calibration subset and its noise (int8), or of the minibatches (admm, lb).")
+    ] = 0,
     model: ModelFactory = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -50,7 +91,9 @@ def quantize_command(
         return
     if method != "int8":
         raise QRobustError(f"method must be one of int8, {', '.join(ADMM_METHODS)}, got {method!r}")
-    used = [name for name, value in lowbit_options.items() if value is not None] + (["--certified"] if certified else [])
+    used = [name for name, value in lowbit_options.items() if value is not None] + (
+        ["--certified"] if certified else []
+    )
     if used:
         raise QRobustError(f"{', '.join(used)} need --method admm or lb (not int8)")
     import_model(model)
@@ -95,7 +138,11 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
     epsilons = None
     if certified:
         epsilons = certified_radii(model, train_set, certify_images, percentile, log=console.print)
-        console.print("certified radii eps_c (percentile " + f"{percentile:g}): " + ", ".join(f"{name} {eps:.3g}" for name, eps in epsilons.items()))
+        console.print(
+            "certified radii eps_c (percentile "
+            + f"{percentile:g}): "
+            + ", ".join(f"{name} {eps:.3g}" for name, eps in epsilons.items())
+        )
     result = admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
     float_accuracy, quantized_accuracy = accuracy(model, test_set), accuracy(result.model, test_set)
     record = {"method": method, "certified": certified, "percentile": percentile if certified else None,
@@ -105,7 +152,10 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
     save_checkpoint(output, Checkpoint(result.model.state_dict(), metadata))
     codes = output.with_suffix(".codes.pt")
     size = save_codes(codes, result, metadata)
-    write_json_record(output.with_suffix(".json"), {"command": "quantize", **record, "seed": seed, "model": saved.metadata} | result.summary())
+    write_json_record(
+        output.with_suffix(".json"),
+        {"command": "quantize", **record, "seed": seed, "model": saved.metadata} | result.summary(),
+    )
     console.print(f"{config.bits}-bit {method}{' (certified)' if certified else ''}: test accuracy "
                   f"{100 * quantized_accuracy:.2f}% (float {100 * float_accuracy:.2f}%, {len(test_set)} images); "
                   f"codes {size / 1024:.1f} KiB  -> {output}, {codes}")  # fmt: skip
@@ -113,7 +163,9 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
 
 @app.command("export")
 def export_command(
-    model_file: Annotated[Path, typer.Argument(help="A `qrobust train` fp32 checkpoint or a `qrobust quantize` int8 file.")],
+    model_file: Annotated[
+        Path, typer.Argument(help="A `qrobust train` fp32 checkpoint or a `qrobust quantize` int8 file.")
+    ],
     output: Annotated[Path, typer.Option(help="ONNX file to write (.onnx).")],
     model: ModelFactory = None,
     overwrite: Overwrite = False,

@@ -1,15 +1,14 @@
-"""``search`` (ARQ: per-layer bit-widths by a DDPG agent) and ``finetune`` (a bit policy with noise)."""
+"""``search``: per-layer bit-widths under a BitOPs budget by a DDPG agent (ARQ)."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from qrobust.cli.common import check_counts, float_model, import_model
 from qrobust.cli.core import app, console
-from qrobust.cli.common import check_counts, float_model, import_model, subset
-from qrobust.cli.options import Alpha, DataRoot, ModelFactory, Overwrite, Sigma
-from qrobust.errors import QRobustError
-from qrobust.outputs import check_outputs, check_writable, write_json_record
+from qrobust.cli.options import Alpha, DataRoot, ModelFactory, Sigma
+from qrobust.outputs import check_writable, write_json_record
 
 # qrobust.search.SearchConfig's defaults (and qrobust.search.arq.DEFAULT_WARMUP), as plain values for --help
 EPISODES, REWARD, REWARD_RADIUS, CERTIFIER, WARMUP = 40, "arq", 0.5, "irs", 10
@@ -19,25 +18,70 @@ N0, N, N_ZETA, ALPHA, ALPHA_ZETA, GAMMA = 100, 4000, 500, 0.001, 0.001, 0.99
 
 @app.command("search")
 def search_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train`, noise-trained at --sigma: the model whose bit-widths are searched.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Float checkpoint written by `qrobust train`, noise-trained at --sigma: the model whose bit-widths are searched."
+        ),
+    ],
     sigma: Sigma,
-    budget: Annotated[float, typer.Option(help="BitOPs limit in percent of the fp32 model's, in (0, 100] (uniform 4 bits costs about 1.6%).")],
-    output: Annotated[Path, typer.Option(help="Directory for policy.json (best policy), search.jsonl (one line per episode; an existing one is resumed), best.pt (its fine-tuned quantized checkpoint), fixed-policy.json (the uniform baseline) and config.json.")] = Path("search"),
-    episodes: Annotated[int, typer.Option(help="Search episodes in all (a resumed search counts the logged ones).")] = EPISODES,
-    reward: Annotated[str, typer.Option(help="arq (ACR of the quantized smoothed model minus the original's), certified (certified accuracy at --reward-radius minus the original's) or haq (accuracy of the quantized model on noisy validation images).")] = REWARD,
-    reward_radius: Annotated[float, typer.Option(help="l2 radius of the certified reward, in [0, 1] pixel units.")] = REWARD_RADIUS,
-    certifier: Annotated[str, typer.Option(help="irs (incremental, reusing the original's certificates) or rs (plain smoothing with --n-zeta samples) for each candidate.")] = CERTIFIER,
+    budget: Annotated[
+        float,
+        typer.Option(
+            help="BitOPs limit in percent of the fp32 model's, in (0, 100] (uniform 4 bits costs about 1.6%)."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="Directory for policy.json (best policy), search.jsonl (one line per episode; an existing one is resumed), best.pt (its fine-tuned quantized checkpoint), fixed-policy.json (the uniform baseline) and config.json."
+        ),
+    ] = Path("search"),
+    episodes: Annotated[
+        int, typer.Option(help="Search episodes in all (a resumed search counts the logged ones).")
+    ] = EPISODES,
+    reward: Annotated[
+        str,
+        typer.Option(
+            help="arq (ACR of the quantized smoothed model minus the original's), certified (certified accuracy at --reward-radius minus the original's) or haq (accuracy of the quantized model on noisy validation images)."
+        ),
+    ] = REWARD,
+    reward_radius: Annotated[
+        float, typer.Option(help="l2 radius of the certified reward, in [0, 1] pixel units.")
+    ] = REWARD_RADIUS,
+    certifier: Annotated[
+        str,
+        typer.Option(
+            help="irs (incremental, reusing the original's certificates) or rs (plain smoothing with --n-zeta samples) for each candidate."
+        ),
+    ] = CERTIFIER,
     warmup: Annotated[int, typer.Option(help="Episodes of random actions before the agent learns.")] = WARMUP,
-    finetune_images: Annotated[int, typer.Option(help="Training images (n1) of each policy's one-epoch noisy fine-tuning.")] = FINETUNE_IMAGES,
-    finetune_lr: Annotated[float, typer.Option(help="Learning rate of that fine-tuning (SGD, momentum 0.9).")] = FINETUNE_LR,
-    validation_images: Annotated[int, typer.Option(help="Held-out training images the reward is measured on.")] = VALIDATION_IMAGES,
-    n0: Annotated[int, typer.Option(help="Noisy samples to guess the top class (original certification and IRS fallback).")] = N0,
+    finetune_images: Annotated[
+        int, typer.Option(help="Training images (n1) of each policy's one-epoch noisy fine-tuning.")
+    ] = FINETUNE_IMAGES,
+    finetune_lr: Annotated[
+        float, typer.Option(help="Learning rate of that fine-tuning (SGD, momentum 0.9).")
+    ] = FINETUNE_LR,
+    validation_images: Annotated[
+        int, typer.Option(help="Held-out training images the reward is measured on.")
+    ] = VALIDATION_IMAGES,
+    n0: Annotated[
+        int, typer.Option(help="Noisy samples to guess the top class (original certification and IRS fallback).")
+    ] = N0,
     n: Annotated[int, typer.Option(help="Noisy samples of the original model's certification, done once.")] = N,
-    n_zeta: Annotated[int, typer.Option(help="Noisy samples per image certifying each quantized model (IRS), <= --n.")] = N_ZETA,
+    n_zeta: Annotated[
+        int, typer.Option(help="Noisy samples per image certifying each quantized model (IRS), <= --n.")
+    ] = N_ZETA,
     alpha: Alpha = ALPHA,
-    alpha_zeta: Annotated[float, typer.Option(help="Failure probability of IRS's disagreement bound, in (0, 1).")] = ALPHA_ZETA,
-    gamma: Annotated[float, typer.Option(help="IRS certifies from scratch where the original's pA_lower >= gamma.")] = GAMMA,
-    batch_size: Annotated[int, typer.Option(help="Images per SGD step and noisy samples per forward pass.")] = BATCH_SIZE,
+    alpha_zeta: Annotated[
+        float, typer.Option(help="Failure probability of IRS's disagreement bound, in (0, 1).")
+    ] = ALPHA_ZETA,
+    gamma: Annotated[
+        float, typer.Option(help="IRS certifies from scratch where the original's pA_lower >= gamma.")
+    ] = GAMMA,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per SGD step and noisy samples per forward pass.")
+    ] = BATCH_SIZE,
     data_root: DataRoot = None,
     seed: Annotated[int, typer.Option(help="Seed of the agent, the image draws, the fine-tuning and the noise.")] = 0,
     model: ModelFactory = None,
@@ -61,11 +105,16 @@ def search_command(
     import_model(model)
     network, saved = float_model(checkpoint, "search")
     log = output / "search.jsonl"
-    search = PolicySearch(network, load_dataset(saved.dataset_info.name, "train", data_root), config)  # checks the budget
+    search = PolicySearch(
+        network, load_dataset(saved.dataset_info.name, "train", data_root), config
+    )  # checks the budget
     console.print(("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "
                   f"{budget:g}% BitOPs, sigma {sigma}" + ("" if reward == "haq" else
                   f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"))  # fmt: skip
-    write_json_record(output / "config.json", {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(), "model": saved.metadata})
+    write_json_record(
+        output / "config.json",
+        {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(), "model": saved.metadata},
+    )
     search.fixed_policy.save(output / "fixed-policy.json")
     metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], saved.dataset_info,
                               sigma=sigma, noise="gaussian", source=str(checkpoint))  # fmt: skip
@@ -73,65 +122,3 @@ def search_command(
     result.best.policy.save(output / "policy.json")
     original = "" if result.acr_original is None else f" (original ACR {result.acr_original:.3f})"
     console.print(f"best: {describe(result.best)}{original}  -> {output / 'policy.json'}, {output / 'best.pt'}")
-
-
-@app.command("finetune")
-def finetune_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint written by `qrobust train`: the model to quantize.")],
-    policy: Annotated[Path, typer.Option(help="Bit policy JSON written by `qrobust search` (policy.json, fixed-policy.json).")],
-    sigma: Annotated[float, typer.Option(help="Std of the Gaussian noise augmentation, in [0, 1] pixel units (> 0).")],
-    output: Annotated[Path, typer.Option(help="Checkpoint to write (.pt), rewritten after every epoch; certify it with --method float-fp.")],
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (ARQ: 10).")] = 10,
-    lr: Annotated[float, typer.Option(help="Initial learning rate (ARQ: 0.01).")] = 0.01,
-    lr_step: Annotated[int, typer.Option(help="Epochs between learning-rate drops by 10x (ARQ: 5).")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
-    calibration_images: Annotated[int, typer.Option(help="Noisy training images the clips are calibrated on first.")] = 512,
-    train_subset: Annotated[int | None, typer.Option(help="Fine-tune on this many training images (seeded subset).")] = None,
-    data_root: DataRoot = None,
-    seed: Annotated[int, typer.Option(help="Seed of shuffling, noise and the calibration draw.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
-    model: ModelFactory = None,
-    overwrite: Overwrite = False,
-) -> None:
-    """Quantize a float checkpoint with a mixed-precision bit policy and fine-tune it with Gaussian noise."""
-    if not sigma > 0:
-        raise QRobustError(f"sigma must be > 0, got {sigma}")
-    check_counts({"--epochs": epochs, "--lr-step": lr_step, "--batch-size": batch_size, "--calibration-images": calibration_images}, seed)
-    check_outputs([output], overwrite=overwrite or resume, resumable=True)
-    if not policy.is_file():
-        raise QRobustError(f"policy file not found: {policy}")
-    import torch
-
-    from qrobust.data import load_dataset
-    from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
-    from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
-    from qrobust.search import finetune_policy
-    from qrobust.train import TrainConfig, accuracy
-
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_step=lr_step, sigma=sigma, seed=seed)
-    try:
-        bit_policy = BitPolicy.load(policy)
-    except UnicodeDecodeError:
-        raise QRobustError(f"{policy} is not a JSON bit policy: it is not text") from None
-    import_model(model)
-    network, saved = float_model(checkpoint, "finetune")
-    info = saved.dataset_info
-    layers = layer_infos(network, info.shape)
-    if len(layers) != bit_policy.num_layers:
-        raise QRobustError(f"{policy} has {bit_policy.num_layers} layers but {saved.metadata['model']} in {checkpoint} has {len(layers)}: a policy for another model")
-    train_set = subset(load_dataset(info.name, "train", data_root), train_subset, seed)
-    percent = bitops_percent(layers, bit_policy)
-    console.print(f"{saved.metadata['model']} with weights {list(bit_policy.weight_bits)}, activations "
-                  f"{list(bit_policy.act_bits)} bits ({percent:.2f}% BitOPs): {epochs} epochs on {len(train_set)} images, sigma {sigma}")  # fmt: skip
-    metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], info, sigma=sigma,
-                              noise="gaussian", seed=seed, source=str(checkpoint), bitops_percent=percent)  # fmt: skip
-    mixed = finetune_policy(network, bit_policy, train_set, config, calibration_images=calibration_images,
-                            checkpoint_path=output, metadata=metadata, resume=resume, progress=True)  # fmt: skip
-    test_set = load_dataset(info.name, "test", data_root)
-    test_set = test_set.subset(min(1000, len(test_set)), seed)
-    clean = accuracy(mixed, test_set)
-    noisy = accuracy(mixed, test_set, noise=config.noise_method(), generator=torch.Generator().manual_seed(seed))
-    written = load_checkpoint(output)
-    written.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
-    save_checkpoint(output, written)
-    console.print(f"test accuracy: clean {100 * clean:.2f}%, with Gaussian noise sigma={sigma}: {100 * noisy:.2f}%  -> {output}")

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.core import app, console
 from qrobust.cli.common import check_counts, import_model, parse_options, subset
+from qrobust.cli.core import app, console
 from qrobust.cli.options import MODEL_NAMES, DataRoot, Overwrite
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs
@@ -18,25 +18,67 @@ RHO, CUTOFF_EPOCH = 1.05, 80  # qrobust.quant.LowBitConfig's defaults
 @app.command("train")
 def train_command(
     output: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt); rewritten after every epoch.")],
-    dataset: Annotated[str, typer.Option(help="Dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn, digits.")] = "fashion-mnist",
+    dataset: Annotated[
+        str, typer.Option(help="Dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn, digits.")
+    ] = "fashion-mnist",
     data_root: DataRoot = None,
-    model: Annotated[str, typer.Option(help=f"Model name: {', '.join(MODEL_NAMES)}, one installed under the qrobust.models entry-point group, or your own as package.module:function (a function of the DatasetInfo and the --model-option keywords).")] = "cnn",
-    model_option: Annotated[list[str] | None, typer.Option(help="Model option KEY=VALUE, repeatable (e.g. depth=4 for mlp).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's model and weights (replaces --model, --model-option, --dataset).")] = None,
-    qat: Annotated[bool, typer.Option(help="Quantization-aware training (int8 weights, uint8 activations); convert with `qrobust quantize`.")] = False,
-    input_margin: Annotated[int, typer.Option(help="With --qat: the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise; 0: clip).")] = 0,
+    model: Annotated[
+        str,
+        typer.Option(
+            help=f"Model name: {', '.join(MODEL_NAMES)}, one installed under the qrobust.models entry-point group, or your own as package.module:function (a function of the DatasetInfo and the --model-option keywords)."
+        ),
+    ] = "cnn",
+    model_option: Annotated[
+        list[str] | None, typer.Option(help="Model option KEY=VALUE, repeatable (e.g. depth=4 for mlp).")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this checkpoint's model and weights (replaces --model, --model-option, --dataset)."
+        ),
+    ] = None,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            help="Quantization-aware training (int8 weights, uint8 activations); convert with `qrobust quantize`."
+        ),
+    ] = False,
+    input_margin: Annotated[
+        int,
+        typer.Option(
+            help="With --qat: the int8 model reads noisy lattice inputs in [-M, 255 + M] instead of clipping them to [0, 255] (about 3 * sigma * 255 keeps large-sigma noise; 0: clip)."
+        ),
+    ] = 0,
     sigma: Annotated[float, typer.Option(help="Std of the noise augmentation, in [0, 1] pixel units (0: none).")] = 0.0,
-    noise: Annotated[str, typer.Option(help="Noise kind: gaussian (for FloatRS) or discrete (uint8 lattice, for IntRS).")] = "gaussian",
-    loss: Annotated[str | None, typer.Option(help="Loss: natural, gaussian (natural on noisy inputs), pgd (Madry), trades, tradeoff (alpha * natural + beta * PGD). Default: gaussian if --sigma > 0, else natural.")] = None,
+    noise: Annotated[
+        str, typer.Option(help="Noise kind: gaussian (for FloatRS) or discrete (uint8 lattice, for IntRS).")
+    ] = "gaussian",
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="Loss: natural, gaussian (natural on noisy inputs), pgd (Madry), trades, tradeoff (alpha * natural + beta * PGD). Default: gaussian if --sigma > 0, else natural."
+        ),
+    ] = None,
     alpha: Annotated[float, typer.Option(help="Weight of the natural loss in the trade-off loss.")] = 1.0,
     beta: Annotated[float, typer.Option(help="Weight of the robust term in trades and tradeoff.")] = 1.0,
-    eps: Annotated[float, typer.Option(help="l_inf radius of the training adversaries, in [0, 1] pixel units.")] = 0.031,
+    eps: Annotated[
+        float, typer.Option(help="l_inf radius of the training adversaries, in [0, 1] pixel units.")
+    ] = 0.031,
     step_size: Annotated[float, typer.Option(help="PGD step size of the training adversaries.")] = 0.007,
     attack_steps: Annotated[int, typer.Option(help="PGD steps of the training adversaries.")] = 10,
-    quant: Annotated[str, typer.Option(help="Low-bit weights: none, bc (BinaryConnect) or br (Binary-Relax).")] = "none",
-    bits: Annotated[int, typer.Option(help="Weight bits with --quant, 1..8: 1 binary, 2 ternary, m >= 3 the 2^m - 1 levels -M..M, M = 2^(m-1) - 1 (4 bits: 15).")] = 1,
+    quant: Annotated[
+        str, typer.Option(help="Low-bit weights: none, bc (BinaryConnect) or br (Binary-Relax).")
+    ] = "none",
+    bits: Annotated[
+        int,
+        typer.Option(
+            help="Weight bits with --quant, 1..8: 1 binary, 2 ternary, m >= 3 the 2^m - 1 levels -M..M, M = 2^(m-1) - 1 (4 bits: 15)."
+        ),
+    ] = 1,
     rho: Annotated[float, typer.Option(help="Binary-Relax: growth factor of lambda per epoch (> 1).")] = RHO,
-    cutoff_epoch: Annotated[int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection (0: BinaryConnect).")] = CUTOFF_EPOCH,
+    cutoff_epoch: Annotated[
+        int, typer.Option(help="Binary-Relax: epochs of relaxation before pure projection (0: BinaryConnect).")
+    ] = CUTOFF_EPOCH,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = 90,
     batch_size: Annotated[int, typer.Option(help="Images per SGD step.")] = 256,
     lr: Annotated[float, typer.Option(help="Initial learning rate.")] = 0.1,
@@ -44,8 +86,12 @@ def train_command(
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     lr_step: Annotated[int, typer.Option(help="Epochs between learning-rate drops.")] = 30,
     lr_gamma: Annotated[float, typer.Option(help="Factor applied to the learning rate at each drop.")] = 0.1,
-    augment: Annotated[bool, typer.Option(help="Use the dataset's standard augmentation (crop + flip for CIFAR).")] = True,
-    train_subset: Annotated[int | None, typer.Option(help="Train on this many training images (seeded subset).")] = None,
+    augment: Annotated[
+        bool, typer.Option(help="Use the dataset's standard augmentation (crop + flip for CIFAR).")
+    ] = True,
+    train_subset: Annotated[
+        int | None, typer.Option(help="Train on this many training images (seeded subset).")
+    ] = None,
     test_subset: Annotated[int | None, typer.Option(help="Evaluate on this many test images (seeded subset).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling, augmentation and noise (>= 0).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
@@ -87,7 +133,9 @@ def train_command(
         model, options, info = start.metadata["model"], start.metadata["model_options"], start.dataset_info
         quant_config = start.metadata.get("qat")
     if input_margin and quant_config is not None and quant_config.get("input_margin", 0) != input_margin:
-        raise QRobustError(f"--init is quantization-aware with input margin {quant_config.get('input_margin', 0)}; --input-margin cannot change it")
+        raise QRobustError(
+            f"--init is quantization-aware with input margin {quant_config.get('input_margin', 0)}; --input-margin cannot change it"
+        )
     if quant != "none" and (qat or quant_config is not None):
         raise QRobustError("--quant (low-bit weights) and --qat (int8) cannot be combined")
     if qat and quant_config is None:
@@ -105,7 +153,11 @@ def train_command(
 
     clean = accuracy(network, test_set)
     method = config.noise_method()
-    noisy = clean if method is None else accuracy(network, test_set, noise=method, generator=torch.Generator().manual_seed(seed))
+    noisy = (
+        clean
+        if method is None
+        else accuracy(network, test_set, noise=method, generator=torch.Generator().manual_seed(seed))
+    )
     checkpoint = load_checkpoint(output)
     checkpoint.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
     if quant != "none":
