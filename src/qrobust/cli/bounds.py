@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.common import check_counts, float_model, import_model
+from qrobust.cli.common import check_counts, float_model
 from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, NumExamples, Overwrite, Split
 from qrobust.errors import QRobustError
@@ -48,8 +48,7 @@ def weight_bound_command(
     from qrobust.progress import progress_bar
     from qrobust.runner import example_indices
 
-    import_model(model)
-    network_model, saved = float_model(checkpoint, "weight-bound")
+    network_model, saved = float_model(checkpoint, "weight-bound", model)
     network = ReluNetwork.from_model(network_model)
     for k in layers or []:
         network.check_layer(k)
@@ -106,8 +105,7 @@ def verify_quantization_command(
     from qrobust.quant import load_int8
     from qrobust.runner import example_indices
 
-    import_model(model)
-    network, saved = float_model(checkpoint, "verify-quantization")
+    network, saved = float_model(checkpoint, "verify-quantization", model)
     int8 = load_int8(int8_file)
     int8_dataset = int8.metadata.get("dataset", {}).get("name")
     if int8_dataset not in (None, saved.dataset_info.name):

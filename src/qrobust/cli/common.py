@@ -49,10 +49,12 @@ def import_model(spec: str | None) -> None:
         register(spec)
 
 
-def float_model(checkpoint: Path, command: str):
-    """The float model of a `qrobust train` checkpoint and the checkpoint; quantized ones are refused."""
+def float_model(checkpoint: Path, command: str, factory: str | None):
+    """The float model of a `qrobust train` checkpoint (of your own model ``factory``, from ``--model``)
+    and the checkpoint; quantized ones are refused."""
     from qrobust.train import load_model
 
+    import_model(factory)
     model, saved = load_model(checkpoint)
     for key, kind in (
         ("qat", "quantization-aware (int8)"),

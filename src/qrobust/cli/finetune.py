@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.common import check_counts, float_model, import_model, subset
+from qrobust.cli.common import check_counts, float_model, subset
 from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, Overwrite
 from qrobust.errors import QRobustError
@@ -69,8 +69,7 @@ def finetune_command(
         bit_policy = BitPolicy.load(policy)
     except UnicodeDecodeError:
         raise QRobustError(f"{policy} is not a JSON bit policy: it is not text") from None
-    import_model(model)
-    network, saved = float_model(checkpoint, "finetune")
+    network, saved = float_model(checkpoint, "finetune", model)
     info = saved.dataset_info
     layers = layer_infos(network, info.shape)
     if len(layers) != bit_policy.num_layers:

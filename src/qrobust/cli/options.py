@@ -99,7 +99,6 @@ Address = Annotated[
 SmoothingOutput = Annotated[
     Path,
     typer.Option(
-        "--output",
         help="TSV to write, a row per example (certify: idx label predict radius correct time; predict: without radius); the run config goes to OUTPUT with suffix .json.",
     ),
 ]

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.common import check_counts, float_model, import_model
+from qrobust.cli.common import check_counts, float_model
 from qrobust.cli.core import app, console
 from qrobust.cli.options import Alpha, DataRoot, ModelFactory, Sigma
 from qrobust.outputs import check_writable, write_json_record
@@ -102,8 +102,7 @@ def search_command(
         agent=DDPGConfig(warmup_episodes=warmup, seed=seed),
     )  # fmt: skip
     check_writable(output)
-    import_model(model)
-    network, saved = float_model(checkpoint, "search")
+    network, saved = float_model(checkpoint, "search", model)
     log = output / "search.jsonl"
     search = PolicySearch(
         network, load_dataset(saved.dataset_info.name, "train", data_root), config

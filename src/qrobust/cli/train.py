@@ -121,12 +121,12 @@ def train_command(
         loss=loss, alpha=alpha, beta=beta, eps=eps, step_size=step_size,
         attack_steps=attack_steps, quant=quant, bits=bits, rho=rho, cutoff_epoch=cutoff_epoch,
     )  # fmt: skip
+    if ":" in model:  # your own model's factory, needed by --init's checkpoint too
+        import_model(model)
     torch.manual_seed(seed)
     if init is None:
         options = parse_options(model_option or [])
         info = dataset_info(dataset)
-        if ":" in model:
-            import_model(model)
         network, quant_config = build_model(model, info, **options), None
     else:
         network, start = load_model(init)
