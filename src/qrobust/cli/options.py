@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -171,7 +171,7 @@ def with_smoothing_options(command: Callable[..., None]) -> Callable[..., None]:
     parameters = [*shared[:3], *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *shared[3:]]
 
     @functools.wraps(command)
-    def run(**values: object) -> None:
+    def run(**values: Any) -> None:
         command(SmoothingOptions(**{f.name: values.pop(f.name) for f in fields(SmoothingOptions)}), **values)
 
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
