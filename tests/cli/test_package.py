@@ -34,13 +34,14 @@ def test_help_and_argument_errors_import_no_torch(args):
 
 
 def test_help_lists_every_registered_model(run):
+    from qrobust.data import DATASET_NAMES
     from qrobust.models.registry import _BUILTINS
 
-    assert options.MODEL_NAMES == tuple(_BUILTINS)
+    assert options.MODEL_NAMES == tuple(_BUILTINS) and options.DATASET_NAMES == DATASET_NAMES
     code, out, _ = run("train", "--help")
     assert code == 0
     flat = " ".join(out.replace("│", " ").split())
-    assert all(name in flat for name in ("resnet8", "enresnet110", "mobilenetv2", "package.module:function"))
+    assert all(name in flat for name in ("resnet8", "enresnet110", "mobilenetv2", "package.module:function", "npz:DIR"))
 
 
 def test_help_defaults_match_the_library():

@@ -22,6 +22,7 @@ from qrobust.runner import check_run
 MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                "enresnet8", "enresnet20", "enresnet56", "enresnet110", "mobilenetv2")  # fmt: skip
 DEFAULT_RADII = "0,0.25,0.5,0.75,1"  # qrobust.smoothing.DEFAULT_RADII
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits")  # qrobust.data.DATASET_NAMES
 
 DataRoot = Annotated[
     Path | None,

@@ -7,7 +7,7 @@ import typer
 
 from qrobust.cli.common import check_counts, import_model, parse_options, subset
 from qrobust.cli.core import app, console
-from qrobust.cli.options import MODEL_NAMES, DataRoot, Overwrite
+from qrobust.cli.options import DATASET_NAMES, MODEL_NAMES, DataRoot, Overwrite
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs
 
@@ -19,7 +19,10 @@ RHO, CUTOFF_EPOCH = 1.05, 80  # qrobust.quant.LowBitConfig's defaults
 def train_command(
     output: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt); rewritten after every epoch.")],
     dataset: Annotated[
-        str, typer.Option(help="Dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn, digits.")
+        str,
+        typer.Option(
+            help=f"Dataset: {', '.join(DATASET_NAMES)}, or your own files as folder:DIR (DIR/train/CLASS/*.png|jpg and DIR/test/CLASS/...) or npz:DIR (DIR/train.npz and DIR/test.npz: images uint8 N,H,W[,C], labels)."
+        ),
     ] = "fashion-mnist",
     data_root: DataRoot = None,
     model: Annotated[
