@@ -280,3 +280,5 @@ def test_a_checkpoint_naming_an_unregistered_factory_imports_nothing(registry, t
     named = Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": "gone", "factory": "their_pkg:gone"})
     with pytest.raises(CheckpointError, match=r"'gone' is not registered: install or import .* \(made by their_pkg:gone\)"):
         named.build()
+    with pytest.raises(CheckpointError, match="model name is 5, not a string"):
+        Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": 5}).build()

@@ -31,9 +31,9 @@ from torch.overrides import TorchFunctionMode
 
 import qrobust
 from qrobust.data.base import DatasetInfo
-from qrobust.errors import CheckpointError, QRobustError
+from qrobust.errors import CheckpointError
 from qrobust.limits import check_memory
-from qrobust.models.registry import build_model, factory_path, get_factory, is_builtin
+from qrobust.models.registry import build_model, factory_path, find_factory, get_factory, is_builtin
 from qrobust.outputs import atomic_path
 
 FORMAT = "qrobust-checkpoint"
@@ -80,9 +80,9 @@ class Checkpoint:
         Only registered names and installed entry points are looked up: nothing the file names is imported.
         """
         name = self.metadata["model"]
-        try:
-            get_factory(name)
-        except QRobustError:
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint is corrupt: its model name is {name!r}, not a string")
+        if find_factory(name) is None:
             if ":" in name:
                 advice = f"pass --model {name} (or import {name.partition(':')[0]} first, in Python)"
             else:

@@ -108,8 +108,8 @@ def factory_path(factory: Factory) -> str:
     return f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', repr(factory))}"
 
 
-def get_factory(name: str) -> Factory:
-    """The factory of ``name`` (loading an installed entry point of that name); QRobustError if none."""
+def find_factory(name: str) -> Factory | None:
+    """The factory of ``name`` (loading an installed entry point of that name), or None if there is none."""
     factory = _BUILTINS.get(name) or _REGISTERED.get(name)
     if factory is not None:
         return factory
@@ -120,8 +120,16 @@ def get_factory(name: str) -> Factory:
             except ImportError as error:
                 raise QRobustError(f"cannot load model {name!r} of the installed entry point {point.value}: {error}") from None
             return _REGISTERED[name]
-    raise QRobustError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, "
-                       "or a function of your own as package.module:function")  # fmt: skip
+    return None
+
+
+def get_factory(name: str) -> Factory:
+    """The factory of ``name``; QRobustError naming the valid names if there is none."""
+    factory = find_factory(name)
+    if factory is None:
+        raise QRobustError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, "
+                           "or a function of your own as package.module:function")  # fmt: skip
+    return factory
 
 
 def build_model(name: str, info: DatasetInfo, **options: object) -> nn.Module:
