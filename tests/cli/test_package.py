@@ -121,3 +121,21 @@ def test_your_own_model_on_the_command_line(tmp_path):
     finished = subprocess.run(again, capture_output=True, text=True, env=env, check=False)
     assert finished.returncode == 2 and finished.stderr.count("\n") == 1
     assert "pass --model examples.my_cnn:my_cnn" in finished.stderr
+
+
+def test_the_runner_is_a_library_function_with_the_command_lines_rows(run, checkpoint, tmp_path):
+    from qrobust.jobs import SmoothingJob
+    from qrobust.runner import run_job
+
+    settings = {"sigma": 0.25, "n": 100, "n0": 20, "alpha": 0.01}
+    cli = tmp_path / "cli.tsv"
+    args = [f"--{key}={value}" for key, value in settings.items()]
+    assert run("certify", checkpoint, *args, "--num-examples", 3, "--output", cli)[0] == 0
+    job = SmoothingJob(command="certify", checkpoint=str(checkpoint), method="float-fp", **settings)
+    library = tmp_path / "library.tsv"
+    assert run_job(job, library, 3) == sum(int(line.split("\t")[4]) for line in cli.read_text().splitlines()[1:])
+
+    def rows(path):
+        return [line.rsplit("\t", 1)[0] for line in path.read_text().splitlines()]  # all but the time
+
+    assert rows(library) == rows(cli) and library.with_suffix(".json").exists()
