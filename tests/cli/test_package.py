@@ -15,7 +15,16 @@ from qrobust.cli import app, options, quantize, search, train
 from qrobust.quant import load_int8, save_int8
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "numpy", "scipy", "matplotlib", "qrobust.models", "qrobust.smoothing", "qrobust.quant")
+HEAVY = (
+    "torch",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    *(
+        f"qrobust.{name}"
+        for name in ("attacks", "bounds", "data", "jobs", "models", "quant", "search", "smoothing", "train")
+    ),
+)
 
 
 def heavy_modules_after(*args: str) -> list[str]:
