@@ -64,8 +64,3 @@ def float_model(checkpoint: Path, command: str, factory: str | None):
         if saved.metadata.get(key) is not None:
             raise QRobustError(f"{checkpoint} is {kind}; `qrobust {command}` starts from a float checkpoint")
     return model, saved
-
-
-def subset(data, size: int | None, seed: int):
-    """``data``, or its seeded subset of ``size`` examples."""
-    return data if size is None else data.subset(size, seed)

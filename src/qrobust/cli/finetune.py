@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.common import check_counts, float_model, subset
+from qrobust.cli.common import check_counts, float_model
 from qrobust.cli.core import app, console
 from qrobust.cli.options import DataRoot, ModelFactory, Overwrite
 from qrobust.errors import QRobustError
@@ -76,7 +76,8 @@ def finetune_command(
         raise QRobustError(
             f"{policy} has {bit_policy.num_layers} layers but {saved.metadata['model']} in {checkpoint} has {len(layers)}: a policy for another model"
         )
-    train_set = subset(load_dataset(info.name, "train", data_root), train_subset, seed)
+    train_set = load_dataset(info.name, "train", data_root)
+    train_set = train_set if train_subset is None else train_set.subset(train_subset, seed)
     percent = bitops_percent(layers, bit_policy)
     console.print(f"{saved.metadata['model']} with weights {list(bit_policy.weight_bits)}, activations "
                   f"{list(bit_policy.act_bits)} bits ({percent:.2f}% BitOPs): {epochs} epochs on {len(train_set)} images, sigma {sigma}")  # fmt: skip

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from qrobust.cli.common import check_counts, import_model, parse_options, subset
+from qrobust.cli.common import check_counts, import_model, parse_options
 from qrobust.cli.core import app, console
 from qrobust.cli.options import DATASET_NAMES, MODEL_NAMES, DataRoot, Overwrite
 from qrobust.errors import QRobustError
@@ -108,15 +108,8 @@ def train_command(
     check_outputs([output], overwrite=overwrite or resume, resumable=True)
     if input_margin and not qat:
         raise QRobustError("--input-margin applies to quantization-aware training: add --qat")
-    from dataclasses import asdict
-
-    import torch
-
-    from qrobust.data import dataset_info, load_dataset
-    from qrobust.models import build_model, count_parameters
-    from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
-    from qrobust.quant import QuantConfig, prepare_qat, sparsity_report
-    from qrobust.train import TrainConfig, accuracy, load_model, train
+    from qrobust.recipes import train_checkpoint
+    from qrobust.train import TrainConfig
 
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -126,48 +119,12 @@ def train_command(
     )  # fmt: skip
     if ":" in model:  # your own model's factory, needed by --init's checkpoint too
         import_model(model)
-    torch.manual_seed(seed)
-    if init is None:
-        options = parse_options(model_option or [])
-        info = dataset_info(dataset)
-        network, quant_config = build_model(model, info, **options), None
-    else:
-        network, start = load_model(init)
-        model, options, info = start.metadata["model"], start.metadata["model_options"], start.dataset_info
-        quant_config = start.metadata.get("qat")
-    if input_margin and quant_config is not None and quant_config.get("input_margin", 0) != input_margin:
-        raise QRobustError(
-            f"--init is quantization-aware with input margin {quant_config.get('input_margin', 0)}; --input-margin cannot change it"
-        )
-    if quant != "none" and (qat or quant_config is not None):
-        raise QRobustError("--quant (low-bit weights) and --qat (int8) cannot be combined")
-    if qat and quant_config is None:
-        quant_config = asdict(QuantConfig(input_margin=input_margin))
-        network = prepare_qat(network.train(), QuantConfig(**quant_config))
-    train_set = subset(load_dataset(info.name, "train", data_root), train_subset, seed)
-    test_set = subset(load_dataset(info.name, "test", data_root), test_subset, seed)
-    kind = "quantization-aware " if quant_config else ""
-    console.print(f"{kind}{model} ({count_parameters(network):,} parameters) on {info.name}: "
-                  f"{len(train_set)} training images, {config.loss} loss, {noise} noise sigma {sigma}"
-                  + ("" if quant == "none" else f", {bits}-bit weights by {quant}"))  # fmt: skip
-    metadata = model_metadata(model, options, info, sigma=sigma, noise=noise, seed=seed, qat=quant_config,
-                              init=None if init is None else str(init))  # fmt: skip
-    train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
-
-    clean = accuracy(network, test_set)
-    method = config.noise_method()
-    noisy = (
-        clean
-        if method is None
-        else accuracy(network, test_set, noise=method, generator=torch.Generator().manual_seed(seed))
-    )
-    checkpoint = load_checkpoint(output)
-    checkpoint.metadata["accuracy"] = {"clean": clean, "noisy": noisy, "test_images": len(test_set)}
-    if quant != "none":
-        report = sparsity_report(network)
-        checkpoint.metadata["sparsity"] = asdict(report)
+    result = train_checkpoint(output, config, model=model, model_options=parse_options(model_option or []), dataset=dataset,
+                              init=init, qat=qat, input_margin=input_margin, train_subset=train_subset,
+                              test_subset=test_subset, data_root=data_root, resume=resume, log=console.print)  # fmt: skip
+    if result.sparsity is not None:
+        report = result.sparsity
         console.print(f"{bits}-bit weights: {100 * report.weight_sparsity:.2f}% of conv weights and "
                       f"{100 * report.channel_sparsity:.2f}% of conv channels ({report.zero_channels}/{report.total_channels}) are zero")  # fmt: skip
-    save_checkpoint(output, checkpoint)
-    console.print(f"test accuracy: clean {100 * clean:.2f}%" + (f", with {noise} noise sigma={sigma}: {100 * noisy:.2f}%" if method else "")
-                  + f"  -> {output}")  # fmt: skip
+    noisy = "" if result.noisy is None else f", with {noise} noise sigma={sigma}: {100 * result.noisy:.2f}%"
+    console.print(f"test accuracy: clean {100 * result.clean:.2f}%{noisy}  -> {output}")
