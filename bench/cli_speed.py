@@ -19,8 +19,20 @@ import subprocess
 import sys
 import time
 
-COMMANDS = ("train", "quantize", "export", "attack", "certify", "predict", "analyze", "report", "search",
-            "finetune", "weight-bound", "verify-quantization")  # fmt: skip
+COMMANDS = (
+    "train",
+    "quantize",
+    "export",
+    "attack",
+    "certify",
+    "predict",
+    "analyze",
+    "report",
+    "search",
+    "finetune",
+    "weight-bound",
+    "verify-quantization",
+)
 ERRORS = (
     ("certify", "x", "--sigma", "-1", "--output", "y"),
     ("predict", "x", "--sigma", "0.5", "--alpha", "2", "--output", "y"),

@@ -24,7 +24,16 @@ from qrobust.data import LatticeDataset, dataset_info, load_dataset
 from qrobust.errors import QRobustError
 from qrobust.models import build_model, count_parameters
 from qrobust.models.checkpoint import load_checkpoint, model_metadata, save_checkpoint
-from qrobust.quant import QuantConfig, SparsityReport, calibrate, convert, prepare_qat, save_int8, sparsity_report
+from qrobust.quant import (
+    QATModel,
+    QuantConfig,
+    SparsityReport,
+    calibrate,
+    convert,
+    prepare_qat,
+    save_int8,
+    sparsity_report,
+)
 from qrobust.quant.admm import certificate_epsilons
 from qrobust.smoothing import evenly_spaced
 from qrobust.train import TrainConfig, accuracy, load_model, train
@@ -43,10 +52,22 @@ class TrainResult:
     sparsity: SparsityReport | None
 
 
-def train_checkpoint(output: Path, config: TrainConfig, *, model: str = "cnn", model_options: dict[str, Any] | None = None,
-                     dataset: str = "fashion-mnist", init: Path | None = None, qat: bool = False, input_margin: int = 0,
-                     train_subset: int | None = None, test_subset: int | None = None, data_root: Path | None = None,
-                     resume: bool = False, log: Callable[[str], object] = print) -> TrainResult:  # fmt: skip
+def train_checkpoint(
+    output: Path,
+    config: TrainConfig,
+    *,
+    model: str = "cnn",
+    model_options: dict[str, Any] | None = None,
+    dataset: str = "fashion-mnist",
+    init: Path | None = None,
+    qat: bool = False,
+    input_margin: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    data_root: Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], object] = print,
+) -> TrainResult:
     """Train ``model`` (``qrobust.models.build_model``'s name and options) on ``dataset``, or the model and
     weights of the checkpoint ``init``, into the checkpoint ``output`` (rewritten after every epoch; with
     ``resume``, an interrupted run there continues) and measure it on the test split.
@@ -77,11 +98,21 @@ def train_checkpoint(output: Path, config: TrainConfig, *, model: str = "cnn", m
     train_set = train_set if train_subset is None else train_set.subset(train_subset, config.seed)
     test_set = test_set if test_subset is None else test_set.subset(test_subset, config.seed)
     kind = "quantization-aware " if quant_config else ""
-    log(f"{kind}{model} ({count_parameters(network):,} parameters) on {info.name}: "
+    log(
+        f"{kind}{model} ({count_parameters(network):,} parameters) on {info.name}: "
         f"{len(train_set)} training images, {config.loss} loss, {config.noise} noise sigma {config.sigma}"
-        + ("" if config.quant == "none" else f", {config.bits}-bit weights by {config.quant}"))  # fmt: skip
-    metadata = model_metadata(model, model_options or {}, info, sigma=config.sigma, noise=config.noise, seed=config.seed,
-                              qat=quant_config, init=None if init is None else str(init))  # fmt: skip
+        + ("" if config.quant == "none" else f", {config.bits}-bit weights by {config.quant}")
+    )
+    metadata = model_metadata(
+        model,
+        model_options or {},
+        info,
+        sigma=config.sigma,
+        noise=config.noise,
+        seed=config.seed,
+        qat=quant_config,
+        init=None if init is None else str(init),
+    )
     train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
 
     clean, method = accuracy(network, test_set), config.noise_method()
@@ -116,8 +147,15 @@ class Int8Result:
     test_images: int
 
 
-def quantize_int8(checkpoint: Path, output: Path, *, calibration_images: int = 512, input_margin: int | None = None,
-                  data_root: Path | None = None, seed: int = 0) -> Int8Result:  # fmt: skip
+def quantize_int8(
+    checkpoint: Path,
+    output: Path,
+    *,
+    calibration_images: int = 512,
+    input_margin: int | None = None,
+    data_root: Path | None = None,
+    seed: int = 0,
+) -> Int8Result:
     """Convert the checkpoint to an int8 model file ``output`` (``qrobust.quant.save_int8``, with the
     checkpoint's metadata) and measure it on up to 1000 seeded test images.
 
@@ -140,6 +178,10 @@ def quantize_int8(checkpoint: Path, output: Path, *, calibration_images: int = 5
         images = load_dataset(info.name, "train", data_root).subset(calibration_images, seed).images
         ptq = prepare_qat(model, QuantConfig(input_margin=input_margin or 0))
         model = calibrate(ptq, model_inputs(images, noise, torch.Generator().manual_seed(seed)))
+    if not isinstance(model, QATModel):  # e.g. a mixed-precision checkpoint: ARQ's models are not int8 programs
+        raise QRobustError(
+            f"{checkpoint} holds a {type(model).__name__}; int8 conversion takes a float or --qat checkpoint"
+        )
     int8 = convert(model)
     test_set = load_dataset(info.name, "test", data_root)
     test_set = test_set.subset(min(1000, len(test_set)), seed)
@@ -155,8 +197,9 @@ def quantize_int8(checkpoint: Path, output: Path, *, calibration_images: int = 5
     return Int8Result(quantization, size, buffer.getbuffer().nbytes, accuracy, agreement, len(test_set))
 
 
-def certified_radii(model: nn.Module, train_set: LatticeDataset, images: int, percentile: float,
-                    log: Callable[[str], object] = print) -> dict[str, float]:  # fmt: skip
+def certified_radii(
+    model: nn.Module, train_set: LatticeDataset, images: int, percentile: float, log: Callable[[str], object] = print
+) -> dict[str, float]:
     """Each layer's certified weight-perturbation radius (``qrobust.quant.admm.certificate_epsilons``):
     the ``percentile`` (0..100) of its certified bounds over ``images`` training images the model
     classifies correctly, chosen evenly among up to 10 * ``images`` evenly spaced candidates."""

@@ -32,8 +32,17 @@ def check_run(output: Path, *, overwrite: bool, resume: bool, backend: str) -> N
     check_outputs([output], overwrite=overwrite or resume, resumable=True)
 
 
-def run_job(job: SmoothingJob, output: Path, num_examples: int, *, overwrite: bool = False, resume: bool = False,
-            backend: str = "local", workers: int = 2, address: str | None = None) -> int:  # fmt: skip
+def run_job(
+    job: SmoothingJob,
+    output: Path,
+    num_examples: int,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    backend: str = "local",
+    workers: int = 2,
+    address: str | None = None,
+) -> int:
     """Run ``job`` on ``num_examples`` examples spread evenly over its split, rows appended to the TSV
     ``output`` (its run config to OUTPUT with suffix .json); returns the number classified correctly.
 
@@ -52,7 +61,9 @@ def run_job(job: SmoothingJob, output: Path, num_examples: int, *, overwrite: bo
         indices = example_indices(len(data), num_examples, job.split)
         run_config = {**asdict(job), "indices": indices, "model": metadata}
         header, reader = (
-            (CERTIFY_SAMPLES_HEADER, read_certify_tsv) if job.command == "certify" else (PREDICT_HEADER, read_predict_tsv)
+            (CERTIFY_SAMPLES_HEADER, read_certify_tsv)
+            if job.command == "certify"
+            else (PREDICT_HEADER, read_predict_tsv)
         )
         if resume and output.exists():
             done, start = _resumable_rows(output, run_config, header, reader), None
@@ -90,8 +101,10 @@ def _check_config_is_free(output: Path, run_config: dict[str, Any], overwrite: b
     """Refuse to replace an existing OUTPUT.json that is not this run's own config, unless ``overwrite``."""
     config_path = output.with_suffix(".json")
     if config_path.exists() and not overwrite and _config_changes(config_path, run_config) != []:
-        raise QRobustError(f"{config_path} exists and is not this run's config, which would replace it; "
-                           "pass --overwrite to replace it, or choose another --output")  # fmt: skip
+        raise QRobustError(
+            f"{config_path} exists and is not this run's config, which would replace it; "
+            "pass --overwrite to replace it, or choose another --output"
+        )
 
 
 def _resumable_rows(output: Path, run_config: dict[str, Any], header: str, reader) -> list:
@@ -102,12 +115,15 @@ def _resumable_rows(output: Path, run_config: dict[str, Any], header: str, reade
     if changed is None:
         raise QRobustError(f"cannot resume {output}: its run config {config_path} is missing or corrupt")
     if changed:
-        raise QRobustError(f"cannot resume {output}: it was run with other {', '.join(changed)}; "
-                           "pass --overwrite to start again")  # fmt: skip
+        raise QRobustError(
+            f"cannot resume {output}: it was run with other {', '.join(changed)}; pass --overwrite to start again"
+        )
     done = reader(output, interrupted=True)
     with output.open() as table:
         if table.readline().rstrip("\n") != header:
-            raise QRobustError(f"cannot resume {output}: it has other columns than this qrobust writes; pass --overwrite")
+            raise QRobustError(
+                f"cannot resume {output}: it has other columns than this qrobust writes; pass --overwrite"
+            )
     if [row.idx for row in done] != run_config["indices"][: len(done)]:
         raise QRobustError(f"cannot resume {output}: its rows are not the run's first examples in order")
     complete = output.read_bytes().rfind(b"\n") + 1

@@ -29,15 +29,24 @@ HEAVY = (
 
 def heavy_modules_after(*args: str) -> list[str]:
     """The heavy modules a fresh ``qrobust ARGS`` process has imported when it exits."""
-    code = ("import json, sys\nfrom qrobust.cli import main\nsys.argv = ['qrobust', *sys.argv[1:]]\ntry:\n    main()\n"
-            f"except SystemExit:\n    print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))")  # fmt: skip
+    code = (
+        "import json, sys\nfrom qrobust.cli import main\nsys.argv = ['qrobust', *sys.argv[1:]]\ntry:\n    main()\n"
+        f"except SystemExit:\n    print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))"
+    )
     finished = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("args", [("--help",), ("certify", "--help"), ("train", "--help"),
-                                  ("certify", "x", "--sigma", "-1", "--output", "y"),
-                                  ("predict", "x", "--sigma", "0.5", "--alpha", "2", "--output", "y")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--help",),
+        ("certify", "--help"),
+        ("train", "--help"),
+        ("certify", "x", "--sigma", "-1", "--output", "y"),
+        ("predict", "x", "--sigma", "0.5", "--alpha", "2", "--output", "y"),
+    ],
+)
 def test_help_and_argument_errors_import_no_torch(args):
     assert heavy_modules_after(*args) == []
 
@@ -66,8 +75,22 @@ def test_help_defaults_match_the_library():
     assert (quantize.ADMM_ITERATIONS, quantize.ADMM_STEPS) == (ADMMConfig.iterations, ADMMConfig.steps)
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     parameters = inspect.signature(search.search_command).parameters
-    for name in ("episodes", "reward", "reward_radius", "certifier", "finetune_images", "finetune_lr",
-                 "validation_images", "n0", "n", "n_zeta", "alpha", "alpha_zeta", "gamma", "batch_size"):  # fmt: skip
+    for name in (
+        "episodes",
+        "reward",
+        "reward_radius",
+        "certifier",
+        "finetune_images",
+        "finetune_lr",
+        "validation_images",
+        "n0",
+        "n",
+        "n_zeta",
+        "alpha",
+        "alpha_zeta",
+        "gamma",
+        "batch_size",
+    ):
         assert parameters[name].default == defaults[name], name
     assert parameters["warmup"].default == DEFAULT_WARMUP
 
@@ -90,8 +113,20 @@ def test_an_int8_file_without_metadata_is_one_line(run, checkpoint, tmp_path):
     assert run("quantize", checkpoint, "--calibration-images", 64, "--output", int8)[0] == 0
     bare = tmp_path / "bare.int8.pt"
     save_int8(bare, load_int8(int8).model)  # from Python, without metadata
-    code, out, err = run("certify", bare, "--method", "int", "--sigma", 0.25, "--n", 100, "--num-examples", 2,
-                         "--output", tmp_path / "c.tsv")  # fmt: skip
+    code, out, err = run(
+        "certify",
+        bare,
+        "--method",
+        "int",
+        "--sigma",
+        0.25,
+        "--n",
+        100,
+        "--num-examples",
+        2,
+        "--output",
+        tmp_path / "c.tsv",
+    )
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert "no 'dataset' in its metadata" in err and "Traceback" not in out + err
 
@@ -109,8 +144,11 @@ def test_a_checkpoint_of_an_unknown_factory_is_one_line_and_imports_nothing(run,
 
 
 def test_a_model_factory_that_cannot_be_imported_is_one_line(run, tmp_path):
-    for spec, message in (("no_such_module:f", "cannot import 'no_such_module'"), ("os:not_there", "has no 'not_there'"),
-                          ("no-colon", "unknown model 'no-colon'")):  # fmt: skip
+    for spec, message in (
+        ("no_such_module:f", "cannot import 'no_such_module'"),
+        ("os:not_there", "has no 'not_there'"),
+        ("no-colon", "unknown model 'no-colon'"),
+    ):
         code, _, err = run(
             "train", "--model", spec, "--dataset", "digits", "--epochs", 1, "--output", tmp_path / "m.pt"
         )
@@ -120,13 +158,31 @@ def test_a_model_factory_that_cannot_be_imported_is_one_line(run, tmp_path):
 def test_your_own_model_on_the_command_line(tmp_path):
     """examples/custom_model_cli.sh on a tiny budget; its checkpoint does not load without --model."""
     env = os.environ | {"PYTHON": sys.executable}
-    finished = subprocess.run(["sh", str(ROOT / "examples/custom_model_cli.sh"), str(tmp_path), "1", "20"],
-                              capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    finished = subprocess.run(
+        ["sh", str(ROOT / "examples/custom_model_cli.sh"), str(tmp_path), "1", "20"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert finished.returncode == 0, finished.stderr
     assert len((tmp_path / "certify.tsv").read_text().splitlines()) == 21
     assert "certified accuracy at radius 0" in finished.stdout
-    again = [sys.executable, "-m", "qrobust", "certify", str(tmp_path / "my_cnn.pt"), "--sigma", "0.25", "--n", "100",
-             "--num-examples", "2", "--output", str(tmp_path / "again.tsv")]  # fmt: skip
+    again = [
+        sys.executable,
+        "-m",
+        "qrobust",
+        "certify",
+        str(tmp_path / "my_cnn.pt"),
+        "--sigma",
+        "0.25",
+        "--n",
+        "100",
+        "--num-examples",
+        "2",
+        "--output",
+        str(tmp_path / "again.tsv"),
+    ]
     finished = subprocess.run(again, capture_output=True, text=True, env=env, check=False)
     assert finished.returncode == 2 and finished.stderr.count("\n") == 1
     assert "pass --model examples.my_cnn:my_cnn" in finished.stderr

@@ -46,9 +46,20 @@ NAMES = model_names()
 
 def test_registered_names() -> None:
     assert NAMES == [
-        "mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-        "enresnet8", "enresnet20", "enresnet56", "enresnet110", "mobilenetv2",
-    ]  # fmt: skip
+        "mlp",
+        "cnn",
+        "resnet8",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "enresnet8",
+        "enresnet20",
+        "enresnet56",
+        "enresnet110",
+        "mobilenetv2",
+    ]
 
 
 @pytest.mark.parametrize("info", INFOS, ids=lambda i: f"{i.shape}-{i.num_classes}")
@@ -78,9 +89,7 @@ def test_first_layer_is_normalize_with_buffers(name: str) -> None:
 def test_normalize_math() -> None:
     layer = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
     x = torch.rand(4, 3, 5, 6)
-    expected = torch.stack(
-        [(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 0.25, (x[:, 2] - 0.0) / 2.0], dim=1
-    )
+    expected = torch.stack([(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 0.25, (x[:, 2] - 0.0) / 2.0], dim=1)
     torch.testing.assert_close(layer(x), expected)
     assert count_parameters(layer) == 0
 
@@ -222,8 +231,13 @@ def test_gradients_reach_every_parameter(name: str) -> None:
 
 def tiny_linear(info: DatasetInfo, hidden: int = 4) -> nn.Module:
     """A model of a user's own, outside qrobust."""
-    return nn.Sequential(Normalize(info.mean, info.std), nn.Flatten(), nn.Linear(info.shape[0] * info.shape[1] * info.shape[2], hidden),
-                         nn.ReLU(), nn.Linear(hidden, info.num_classes))  # fmt: skip
+    return nn.Sequential(
+        Normalize(info.mean, info.std),
+        nn.Flatten(),
+        nn.Linear(info.shape[0] * info.shape[1] * info.shape[2], hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, info.num_classes),
+    )
 
 
 @pytest.fixture
@@ -265,8 +279,11 @@ def test_installed_entry_points_are_models(registry, monkeypatch) -> None:
 def test_import_model_registers_a_named_factory(registry) -> None:
     assert import_model(f"{__name__}:tiny_linear") == f"{__name__}:tiny_linear"
     assert build_model(f"{__name__}:tiny_linear", GRAY28)[2].out_features == 4
-    for spec, match in (("no_such_module_q:f", "cannot import 'no_such_module_q'"), ("os:nothing_here", "has no 'nothing_here'"),
-                        ("os", "package.module:function")):  # fmt: skip
+    for spec, match in (
+        ("no_such_module_q:f", "cannot import 'no_such_module_q'"),
+        ("os:nothing_here", "has no 'nothing_here'"),
+        ("os", "package.module:function"),
+    ):
         with pytest.raises(QRobustError, match=match):
             import_model(spec)
 
@@ -278,7 +295,9 @@ def test_a_checkpoint_naming_an_unregistered_factory_imports_nothing(registry, t
         load_checkpoint(tmp_path / "crafted.pt").build()
     assert "\n" not in str(excinfo.value) and "qrobust_crafted_module" not in sys.modules
     named = Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": "gone", "factory": "their_pkg:gone"})
-    with pytest.raises(CheckpointError, match=r"'gone' is not registered: install or import .* \(made by their_pkg:gone\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'gone' is not registered: install or import .* \(made by their_pkg:gone\)"
+    ):
         named.build()
     with pytest.raises(CheckpointError, match="model name is 5, not a string"):
         Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": 5}).build()

@@ -91,10 +91,16 @@ def attack_command(
         "fgsm": lambda: FGSM(source, eps),
         "ifgsm": lambda: PGD(source, norm="inf", eps=eps, step_size=step, steps=steps, random_start=False),
         "pgd": lambda: PGD(source, norm="inf", eps=eps, step_size=step, steps=steps, generator=generator),
-        "pgd-l2": lambda: PGD(source, norm="2", eps=eps_l2, step_size=eps_l2 / 8 if step_size is None else step_size,
-                              steps=steps, generator=generator),
+        "pgd-l2": lambda: PGD(
+            source,
+            norm="2",
+            eps=eps_l2,
+            step_size=eps_l2 / 8 if step_size is None else step_size,
+            steps=steps,
+            generator=generator,
+        ),
         "cw": lambda: CarliniWagnerL2(source, lr=cw_lr, steps=cw_steps, search_steps=cw_search_steps),
-    }  # fmt: skip
+    }
     attacks = {"natural": None} | {name: builders[name]() for name in dict.fromkeys(names)}
     data = load_dataset(saved.dataset_info.name, split, data_root)
     data = data.select(example_indices(len(data), num_examples, split))
@@ -109,8 +115,20 @@ def attack_command(
     for name, value in attacks.items():
         console.print(f"{name}: {value!r}" if value is not None else "natural: clean images", highlight=False)
     if output is not None:
-        write_json_record(output, {"command": "attack", "checkpoint": str(checkpoint), "int8": None if int8 is None else str(int8),
-                                   "attacks": {name: repr(value) for name, value in attacks.items()}, "sigma": sigma,
-                                   "samples": samples, "split": split, "examples": len(data), "seed": seed,
-                                   "accuracy": accuracies, "model": saved.metadata})  # fmt: skip
+        write_json_record(
+            output,
+            {
+                "command": "attack",
+                "checkpoint": str(checkpoint),
+                "int8": None if int8 is None else str(int8),
+                "attacks": {name: repr(value) for name, value in attacks.items()},
+                "sigma": sigma,
+                "samples": samples,
+                "split": split,
+                "examples": len(data),
+                "seed": seed,
+                "accuracy": accuracies,
+                "model": saved.metadata,
+            },
+        )
         console.print(f"-> {output}")

@@ -58,8 +58,15 @@ def weight_bound_command(
     chosen = list(dict.fromkeys(layers)) if layers else list(range(network.num_layers))
     with progress_bar() as bar:
         task = bar.add_task("weight-bound", total=len(chosen), status="")
-        rows = certified_eps_table(network, data.images, data.labels, chosen, norm, bias=bias,
-                                   on_layer=lambda row: bar.update(task, advance=1, status=f"layer {row.layer}"))  # fmt: skip
+        rows = certified_eps_table(
+            network,
+            data.images,
+            data.labels,
+            chosen,
+            norm,
+            bias=bias,
+            on_layer=lambda row: bar.update(task, advance=1, status=f"layer {row.layer}"),
+        )
     table = Table(
         title=f"certified l_{norm:g} weight radius per layer ({len(data)} {split} images; 0 where misclassified)"
     )
@@ -76,11 +83,30 @@ def weight_bound_command(
         )
     console.print(table)
     if output is not None:
-        write_json_record(output, {"command": "weight-bound", "checkpoint": str(checkpoint), "norm": f"{norm:g}", "bias": bias,
-                                   "split": split, "indices": indices, "model": saved.metadata,
-                                   "layers": [{"layer": row.layer, "type": row.description, "method": row.method, "mean": row.mean,
-                                               "median": row.median, "certified_fraction": row.certified_fraction,
-                                               "eps": row.eps.tolist()} for row in rows]})  # fmt: skip
+        write_json_record(
+            output,
+            {
+                "command": "weight-bound",
+                "checkpoint": str(checkpoint),
+                "norm": f"{norm:g}",
+                "bias": bias,
+                "split": split,
+                "indices": indices,
+                "model": saved.metadata,
+                "layers": [
+                    {
+                        "layer": row.layer,
+                        "type": row.description,
+                        "method": row.method,
+                        "mean": row.mean,
+                        "median": row.median,
+                        "certified_fraction": row.certified_fraction,
+                        "eps": row.eps.tolist(),
+                    }
+                    for row in rows
+                ],
+            },
+        )
         console.print(f"-> {output}")
 
 
@@ -115,11 +141,24 @@ def verify_quantization_command(
     data = data.select(indices)
     result = verify_quantization(network, int8.model, data.images)
     agreement = float((int8.model.predict(data.images) == result.float_predictions).float().mean())
-    console.print(f"certified: {int(result.certified.sum())}/{len(data)} {split} images ({100 * result.fraction:.1f}%) provably "
-                  f"get the float model's prediction from the int8 model; measured agreement {100 * agreement:.1f}%")  # fmt: skip
+    console.print(
+        f"certified: {int(result.certified.sum())}/{len(data)} {split} images ({100 * result.fraction:.1f}%) provably "
+        f"get the float model's prediction from the int8 model; measured agreement {100 * agreement:.1f}%"
+    )
     if output is not None:
-        write_json_record(output, {"command": "verify-quantization", "checkpoint": str(checkpoint), "int8": str(int8_file),
-                                   "split": split, "indices": indices, "certified_fraction": result.fraction, "agreement": agreement,
-                                   "certified": result.certified.tolist(), "margin_lower": result.margin_lower.tolist(),
-                                   "model": saved.metadata})  # fmt: skip
+        write_json_record(
+            output,
+            {
+                "command": "verify-quantization",
+                "checkpoint": str(checkpoint),
+                "int8": str(int8_file),
+                "split": split,
+                "indices": indices,
+                "certified_fraction": result.fraction,
+                "agreement": agreement,
+                "certified": result.certified.tolist(),
+                "margin_lower": result.margin_lower.tolist(),
+                "model": saved.metadata,
+            },
+        )
         console.print(f"-> {output}")

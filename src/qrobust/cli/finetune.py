@@ -79,12 +79,31 @@ def finetune_command(
     train_set = load_dataset(info.name, "train", data_root)
     train_set = train_set if train_subset is None else train_set.subset(train_subset, seed)
     percent = bitops_percent(layers, bit_policy)
-    console.print(f"{saved.metadata['model']} with weights {list(bit_policy.weight_bits)}, activations "
-                  f"{list(bit_policy.act_bits)} bits ({percent:.2f}% BitOPs): {epochs} epochs on {len(train_set)} images, sigma {sigma}")  # fmt: skip
-    metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], info, sigma=sigma,
-                              noise="gaussian", seed=seed, source=str(checkpoint), bitops_percent=percent)  # fmt: skip
-    mixed = finetune_policy(network, bit_policy, train_set, config, calibration_images=calibration_images,
-                            checkpoint_path=output, metadata=metadata, resume=resume, progress=True)  # fmt: skip
+    console.print(
+        f"{saved.metadata['model']} with weights {list(bit_policy.weight_bits)}, activations "
+        f"{list(bit_policy.act_bits)} bits ({percent:.2f}% BitOPs): {epochs} epochs on {len(train_set)} images, sigma {sigma}"
+    )
+    metadata = model_metadata(
+        saved.metadata["model"],
+        saved.metadata["model_options"],
+        info,
+        sigma=sigma,
+        noise="gaussian",
+        seed=seed,
+        source=str(checkpoint),
+        bitops_percent=percent,
+    )
+    mixed = finetune_policy(
+        network,
+        bit_policy,
+        train_set,
+        config,
+        calibration_images=calibration_images,
+        checkpoint_path=output,
+        metadata=metadata,
+        resume=resume,
+        progress=True,
+    )
     test_set = load_dataset(info.name, "test", data_root)
     test_set = test_set.subset(min(1000, len(test_set)), seed)
     clean = accuracy(mixed, test_set)

@@ -19,8 +19,21 @@ from qrobust.cli.common import check_counts, import_model
 from qrobust.limits import check_limit
 from qrobust.runner import check_run
 
-MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-               "enresnet8", "enresnet20", "enresnet56", "enresnet110", "mobilenetv2")  # fmt: skip
+MODEL_NAMES = (
+    "mlp",
+    "cnn",
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "enresnet8",
+    "enresnet20",
+    "enresnet56",
+    "enresnet110",
+    "mobilenetv2",
+)
 DEFAULT_RADII = "0,0.25,0.5,0.75,1"  # qrobust.smoothing.DEFAULT_RADII
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits")  # qrobust.data.DATASET_NAMES
 
@@ -138,8 +151,10 @@ class SmoothingOptions:
 
     def check(self, counts: dict[str, int]) -> None:
         """Check the plain values (``counts``: the command's own sample counts) and the output file."""
-        check_counts({**counts, "--num-examples": self.num_examples, "--batch-size": self.batch_size,
-                      "--workers": self.workers}, self.seed)  # fmt: skip
+        check_counts(
+            {**counts, "--num-examples": self.num_examples, "--batch-size": self.batch_size, "--workers": self.workers},
+            self.seed,
+        )
         check_sigma(self.sigma)
         check_alpha(self.alpha)
         if self.memory_limit is not None:
@@ -153,13 +168,33 @@ class SmoothingOptions:
 
         import_model(self.model)
         job = SmoothingJob(
-            command=command, checkpoint=str(self.checkpoint), method=self.method, sigma=self.sigma, n=n,
-            alpha=self.alpha, n0=n0, fast=self.fast, noise_bank=self.noise_bank, batch_size=self.batch_size,
-            seed=self.seed, split=self.split, data_root=None if self.data_root is None else str(self.data_root),
-            settle_radii=settle_radii, runtime=self.runtime, memory_limit=self.memory_limit,
-        )  # fmt: skip
-        return run_job(job, self.output, self.num_examples, overwrite=self.overwrite, resume=self.resume,
-                       backend=self.backend, workers=self.workers, address=self.address)  # fmt: skip
+            command=command,
+            checkpoint=str(self.checkpoint),
+            method=self.method,
+            sigma=self.sigma,
+            n=n,
+            alpha=self.alpha,
+            n0=n0,
+            fast=self.fast,
+            noise_bank=self.noise_bank,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            split=self.split,
+            data_root=None if self.data_root is None else str(self.data_root),
+            settle_radii=settle_radii,
+            runtime=self.runtime,
+            memory_limit=self.memory_limit,
+        )
+        return run_job(
+            job,
+            self.output,
+            self.num_examples,
+            overwrite=self.overwrite,
+            resume=self.resume,
+            backend=self.backend,
+            workers=self.workers,
+            address=self.address,
+        )
 
 
 def with_smoothing_options(command: Callable[..., None]) -> Callable[..., None]:

@@ -78,16 +78,29 @@ def quantize_command(
     float ones after calibration on noisy training images (PTQ). With --method admm or lb: quantize a float
     checkpoint's weights to low-bit codes and one scale per layer by ADMM, optionally certificate-aware."""
     check_counts({"--calibration-images": calibration_images, "--certify-images": certify_images}, seed)
-    check_outputs([output, output.with_suffix(".codes.pt"), output.with_suffix(".json")] if method in ADMM_METHODS else [output],
-                  overwrite=overwrite)  # fmt: skip
+    check_outputs(
+        [output, output.with_suffix(".codes.pt"), output.with_suffix(".json")] if method in ADMM_METHODS else [output],
+        overwrite=overwrite,
+    )
     lowbit_options = {"--bits": bits, "--percentile": percentile, "--iterations": iterations, "--steps": steps}
     if method in ADMM_METHODS and input_margin is not None:
         raise QRobustError("--input-margin applies to --method int8")
     if method in ADMM_METHODS:
         _check_admm(method, certified, percentile)
         import_model(model)
-        _quantize_admm(checkpoint, output, method, bits, certified, 50.0 if percentile is None else percentile, certify_images,
-                       iterations, steps, data_root, seed)  # fmt: skip
+        _quantize_admm(
+            checkpoint,
+            output,
+            method,
+            bits,
+            certified,
+            50.0 if percentile is None else percentile,
+            certify_images,
+            iterations,
+            steps,
+            data_root,
+            seed,
+        )
         return
     if method != "int8":
         raise QRobustError(f"method must be one of int8, {', '.join(ADMM_METHODS)}, got {method!r}")
@@ -99,11 +112,19 @@ def quantize_command(
     import_model(model)
     from qrobust.recipes import quantize_int8
 
-    result = quantize_int8(checkpoint, output, calibration_images=calibration_images, input_margin=input_margin,
-                           data_root=data_root, seed=seed)  # fmt: skip
-    console.print(f"int8 model ({result.quantization}): {result.size / 1024:.1f} KiB, {100 * result.size / result.fp32_size:.0f}% of the "
-                  f"{result.fp32_size / 1024:.1f} KiB of fp32 weights; clean accuracy {100 * result.accuracy:.2f}%, "
-                  f"top-1 agreement with the float model {100 * result.agreement:.2f}% ({result.test_images} test images)  -> {output}")  # fmt: skip
+    result = quantize_int8(
+        checkpoint,
+        output,
+        calibration_images=calibration_images,
+        input_margin=input_margin,
+        data_root=data_root,
+        seed=seed,
+    )
+    console.print(
+        f"int8 model ({result.quantization}): {result.size / 1024:.1f} KiB, {100 * result.size / result.fp32_size:.0f}% of the "
+        f"{result.fp32_size / 1024:.1f} KiB of fp32 weights; clean accuracy {100 * result.accuracy:.2f}%, "
+        f"top-1 agreement with the float model {100 * result.agreement:.2f}% ({result.test_images} test images)  -> {output}"
+    )
 
 
 def _check_admm(method: str, certified: bool, percentile: float | None) -> None:
@@ -116,8 +137,19 @@ def _check_admm(method: str, certified: bool, percentile: float | None) -> None:
         raise QRobustError(f"percentile must be in [0, 100], got {percentile:g}")
 
 
-def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None, certified: bool, percentile: float,
-                   certify_images: int, iterations: int | None, steps: int | None, data_root: Path | None, seed: int) -> None:  # fmt: skip
+def _quantize_admm(
+    checkpoint: Path,
+    output: Path,
+    method: str,
+    bits: int | None,
+    certified: bool,
+    percentile: float,
+    certify_images: int,
+    iterations: int | None,
+    steps: int | None,
+    data_root: Path | None,
+    seed: int,
+) -> None:
     """``quantize --method admm|lb``: low-bit ADMM quantization of a float checkpoint (qrobust.quant.admm)."""
     from qrobust.data import load_dataset
     from qrobust.models.checkpoint import Checkpoint, save_checkpoint
@@ -126,9 +158,13 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
     from qrobust.train import accuracy, load_model
 
     defaults = ADMMConfig()
-    config = ADMMConfig(bits=defaults.bits if bits is None else bits, method=method, seed=seed,
-                        iterations=defaults.iterations if iterations is None else iterations,
-                        steps=defaults.steps if steps is None else steps)  # fmt: skip
+    config = ADMMConfig(
+        bits=defaults.bits if bits is None else bits,
+        method=method,
+        seed=seed,
+        iterations=defaults.iterations if iterations is None else iterations,
+        steps=defaults.steps if steps is None else steps,
+    )
     model, saved = load_model(checkpoint)
     if saved.metadata.get("qat") is not None:
         raise QRobustError(f"{checkpoint} is quantization-aware (int8); --method {method} quantizes float checkpoints")
@@ -145,9 +181,16 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
         )
     result = admm_quantize(model, train_set, config, epsilons=epsilons, test_set=test_set, progress=True)
     float_accuracy, quantized_accuracy = accuracy(model, test_set), accuracy(result.model, test_set)
-    record = {"method": method, "certified": certified, "percentile": percentile if certified else None,
-              "epsilons": epsilons, "source": str(checkpoint), "float_accuracy": float_accuracy,
-              "accuracy": quantized_accuracy, "test_images": len(test_set)}  # fmt: skip
+    record = {
+        "method": method,
+        "certified": certified,
+        "percentile": percentile if certified else None,
+        "epsilons": epsilons,
+        "source": str(checkpoint),
+        "float_accuracy": float_accuracy,
+        "accuracy": quantized_accuracy,
+        "test_images": len(test_set),
+    }
     metadata = saved.metadata | {"quantization": record | {"bits": config.bits}}
     save_checkpoint(output, Checkpoint(result.model.state_dict(), metadata))
     codes = output.with_suffix(".codes.pt")
@@ -156,9 +199,11 @@ def _quantize_admm(checkpoint: Path, output: Path, method: str, bits: int | None
         output.with_suffix(".json"),
         {"command": "quantize", **record, "seed": seed, "model": saved.metadata} | result.summary(),
     )
-    console.print(f"{config.bits}-bit {method}{' (certified)' if certified else ''}: test accuracy "
-                  f"{100 * quantized_accuracy:.2f}% (float {100 * float_accuracy:.2f}%, {len(test_set)} images); "
-                  f"codes {size / 1024:.1f} KiB  -> {output}, {codes}")  # fmt: skip
+    console.print(
+        f"{config.bits}-bit {method}{' (certified)' if certified else ''}: test accuracy "
+        f"{100 * quantized_accuracy:.2f}% (float {100 * float_accuracy:.2f}%, {len(test_set)} images); "
+        f"codes {size / 1024:.1f} KiB  -> {output}, {codes}"
+    )
 
 
 @app.command("export")

@@ -88,35 +88,70 @@ def search_command(
 ) -> None:
     """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
     agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
-    check_counts({"--episodes": episodes, "--finetune-images": finetune_images, "--validation-images": validation_images,
-                  "--n0": n0, "--n": n, "--n-zeta": n_zeta, "--batch-size": batch_size}, seed)  # fmt: skip
+    check_counts(
+        {
+            "--episodes": episodes,
+            "--finetune-images": finetune_images,
+            "--validation-images": validation_images,
+            "--n0": n0,
+            "--n": n,
+            "--n-zeta": n_zeta,
+            "--batch-size": batch_size,
+        },
+        seed,
+    )
     from qrobust.data import load_dataset
     from qrobust.models.checkpoint import model_metadata
     from qrobust.search import DDPGConfig, PolicySearch, SearchConfig, describe
 
     config = SearchConfig(
-        sigma=sigma, budget=budget, episodes=episodes, reward=reward, certifier=certifier,
-        reward_radius=reward_radius, finetune_images=finetune_images,
-        finetune_lr=finetune_lr, batch_size=batch_size, validation_images=validation_images, n0=n0, n=n,
-        n_zeta=n_zeta, alpha=alpha, alpha_zeta=alpha_zeta, gamma=gamma, seed=seed,
+        sigma=sigma,
+        budget=budget,
+        episodes=episodes,
+        reward=reward,
+        certifier=certifier,
+        reward_radius=reward_radius,
+        finetune_images=finetune_images,
+        finetune_lr=finetune_lr,
+        batch_size=batch_size,
+        validation_images=validation_images,
+        n0=n0,
+        n=n,
+        n_zeta=n_zeta,
+        alpha=alpha,
+        alpha_zeta=alpha_zeta,
+        gamma=gamma,
+        seed=seed,
         agent=DDPGConfig(warmup_episodes=warmup, seed=seed),
-    )  # fmt: skip
+    )
     check_writable(output)
     network, saved = float_model(checkpoint, "search", model)
     log = output / "search.jsonl"
     search = PolicySearch(
         network, load_dataset(saved.dataset_info.name, "train", data_root), config
     )  # checks the budget
-    console.print(("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "
-                  f"{budget:g}% BitOPs, sigma {sigma}" + ("" if reward == "haq" else
-                  f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"))  # fmt: skip
+    console.print(
+        ("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "
+        f"{budget:g}% BitOPs, sigma {sigma}"
+        + (
+            ""
+            if reward == "haq"
+            else f"; certifying the original smoothed model on {validation_images} images first (n0 {n0}, n {n})"
+        )
+    )
     write_json_record(
         output / "config.json",
         {"command": "search", "checkpoint": str(checkpoint), **config.to_dict(), "model": saved.metadata},
     )
     search.fixed_policy.save(output / "fixed-policy.json")
-    metadata = model_metadata(saved.metadata["model"], saved.metadata["model_options"], saved.dataset_info,
-                              sigma=sigma, noise="gaussian", source=str(checkpoint))  # fmt: skip
+    metadata = model_metadata(
+        saved.metadata["model"],
+        saved.metadata["model_options"],
+        saved.dataset_info,
+        sigma=sigma,
+        noise="gaussian",
+        source=str(checkpoint),
+    )
     result = search.run(log, best_checkpoint=output / "best.pt", metadata=metadata, progress=True)
     result.best.policy.save(output / "policy.json")
     original = "" if result.acr_original is None else f" (original ACR {result.acr_original:.3f})"

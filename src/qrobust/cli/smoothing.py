@@ -31,8 +31,10 @@ def certify_command(
     from qrobust.smoothing import read_certify_tsv, summarize_rows
 
     summary = summarize_rows(read_certify_tsv(options.output))
-    console.print(f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
-                  f"ACR {summary.average_certified_radius:.3f}  -> {options.output}")  # fmt: skip
+    console.print(
+        f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
+        f"ACR {summary.average_certified_radius:.3f}  -> {options.output}"
+    )
 
 
 @app.command("predict")

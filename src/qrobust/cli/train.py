@@ -101,8 +101,16 @@ def train_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train a classifier (noise augmentation, adversarial losses, low-bit or int8 quantization-aware weights) and save a checkpoint."""
-    check_counts({"--epochs": epochs, "--batch-size": batch_size, "--lr-step": lr_step, "--attack-steps": attack_steps,
-                  "--bits": bits}, seed)  # fmt: skip
+    check_counts(
+        {
+            "--epochs": epochs,
+            "--batch-size": batch_size,
+            "--lr-step": lr_step,
+            "--attack-steps": attack_steps,
+            "--bits": bits,
+        },
+        seed,
+    )
     if quant != "none" and not 1 <= bits <= MAX_BITS:
         raise QRobustError(f"--bits must be in 1..{MAX_BITS}, got {bits}")
     check_outputs([output], overwrite=overwrite or resume, resumable=True)
@@ -112,19 +120,50 @@ def train_command(
     from qrobust.train import TrainConfig
 
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        lr_step=lr_step, lr_gamma=lr_gamma, sigma=sigma, noise=noise, augment=augment, seed=seed,
-        loss=loss, alpha=alpha, beta=beta, eps=eps, step_size=step_size,
-        attack_steps=attack_steps, quant=quant, bits=bits, rho=rho, cutoff_epoch=cutoff_epoch,
-    )  # fmt: skip
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        sigma=sigma,
+        noise=noise,
+        augment=augment,
+        seed=seed,
+        loss=loss,
+        alpha=alpha,
+        beta=beta,
+        eps=eps,
+        step_size=step_size,
+        attack_steps=attack_steps,
+        quant=quant,
+        bits=bits,
+        rho=rho,
+        cutoff_epoch=cutoff_epoch,
+    )
     if ":" in model:  # your own model's factory, needed by --init's checkpoint too
         import_model(model)
-    result = train_checkpoint(output, config, model=model, model_options=parse_options(model_option or []), dataset=dataset,
-                              init=init, qat=qat, input_margin=input_margin, train_subset=train_subset,
-                              test_subset=test_subset, data_root=data_root, resume=resume, log=console.print)  # fmt: skip
+    result = train_checkpoint(
+        output,
+        config,
+        model=model,
+        model_options=parse_options(model_option or []),
+        dataset=dataset,
+        init=init,
+        qat=qat,
+        input_margin=input_margin,
+        train_subset=train_subset,
+        test_subset=test_subset,
+        data_root=data_root,
+        resume=resume,
+        log=console.print,
+    )
     if result.sparsity is not None:
         report = result.sparsity
-        console.print(f"{bits}-bit weights: {100 * report.weight_sparsity:.2f}% of conv weights and "
-                      f"{100 * report.channel_sparsity:.2f}% of conv channels ({report.zero_channels}/{report.total_channels}) are zero")  # fmt: skip
+        console.print(
+            f"{bits}-bit weights: {100 * report.weight_sparsity:.2f}% of conv weights and "
+            f"{100 * report.channel_sparsity:.2f}% of conv channels ({report.zero_channels}/{report.total_channels}) are zero"
+        )
     noisy = "" if result.noisy is None else f", with {noise} noise sigma={sigma}: {100 * result.noisy:.2f}%"
     console.print(f"test accuracy: clean {100 * result.clean:.2f}%{noisy}  -> {output}")

@@ -48,7 +48,9 @@ class Checkpoint:
     metadata: dict[str, Any]
     training_state: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, wrap: Callable[[nn.Module], nn.Module] | None = None, memory_limit: float | None = None) -> nn.Module:
+    def build(
+        self, wrap: Callable[[nn.Module], nn.Module] | None = None, memory_limit: float | None = None
+    ) -> nn.Module:
         """The model described by the metadata, with the saved weights, in eval mode.
 
         ``wrap`` transforms the freshly built model before the weights are loaded, for checkpoints of
@@ -88,8 +90,9 @@ class Checkpoint:
             else:
                 made_by = f" (made by {self.metadata['factory']})" if "factory" in self.metadata else ""
                 advice = f"install or import the package that registers it{made_by}, or register it with qrobust.models.register_model"
-            raise CheckpointError(f"checkpoint model {name!r} is not registered: {advice}; "
-                                  "qrobust never imports code that a file names") from None  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint model {name!r} is not registered: {advice}; qrobust never imports code that a file names"
+            ) from None
 
     def _assemble(self, wrap: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
         """A freshly initialised model of the metadata, wrapped by ``wrap``, on the default device."""
@@ -136,11 +139,19 @@ def build_skeleton(build: Callable[[], nn.Module], file_tensors: int, what: str)
         nonlocal count
         count += 1
         if count > budget:
-            raise CheckpointError(f"checkpoint weights do not fit {what}: its metadata describes more than {budget:,} "
-                                  f"modules and tensors, its file holds {file_tensors:,} tensors")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint weights do not fit {what}: its metadata describes more than {budget:,} "
+                f"modules and tensors, its file holds {file_tensors:,} tensors"
+            )
 
-    hooks = [add(register) for add in (register_module_module_registration_hook,
-                                       register_module_parameter_registration_hook, register_module_buffer_registration_hook)]  # fmt: skip
+    hooks = [
+        add(register)
+        for add in (
+            register_module_module_registration_hook,
+            register_module_parameter_registration_hook,
+            register_module_buffer_registration_hook,
+        )
+    ]
     try:
         with torch.device("meta"), _SkipRandomInit():
             return build()
@@ -159,7 +170,9 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def check_skeleton(skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], what: str, memory_limit: float | None) -> None:
+def check_skeleton(
+    skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], what: str, memory_limit: float | None
+) -> None:
     """Raise unless ``skeleton`` (a model built by ``build_skeleton``) has a tensor of each name and shape in
     ``shapes`` (a file's) and no other, and its tensors fit ``memory_limit`` GiB (None: the default).
 
@@ -169,12 +182,16 @@ def check_skeleton(skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], wha
     expected = skeleton.state_dict()
     missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
-        names = ", ".join([*(f"{name} is missing" for name in missing), *(f"{name} is unexpected" for name in unexpected)][:3])
+        names = ", ".join(
+            [*(f"{name} is missing" for name in missing), *(f"{name} is unexpected" for name in unexpected)][:3]
+        )
         raise CheckpointError(f"checkpoint weights do not fit {what}: {names}")
     for name, tensor in expected.items():
         if list(shapes[name]) != list(tensor.shape):
-            raise CheckpointError(f"checkpoint weights do not fit {what}: {name} has shape {list(shapes[name])} "
-                                  f"in the file but {list(tensor.shape)} in the model")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint weights do not fit {what}: {name} has shape {list(shapes[name])} "
+                f"in the file but {list(tensor.shape)} in the model"
+            )
     check_memory(what, sum(tensor.numel() * tensor.element_size() for tensor in expected.values()), memory_limit)
 
 

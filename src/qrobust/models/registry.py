@@ -39,9 +39,7 @@ def _resnet(depth: int) -> Callable[[DatasetInfo], CifarResNet]:
 def _enresnet(depth: int) -> Callable[..., EnResNet]:
     """The builder of En_n ResNets of this depth; ``members`` and ``noise_coef`` are its options."""
 
-    def build(
-        info: DatasetInfo, members: int = 1, noise_coef: float = DEFAULT_NOISE_COEF
-    ) -> EnResNet:
+    def build(info: DatasetInfo, members: int = 1, noise_coef: float = DEFAULT_NOISE_COEF) -> EnResNet:
         return EnResNet(info, depth=depth, members=members, noise_coef=noise_coef)
 
     return build
@@ -118,7 +116,9 @@ def find_factory(name: str) -> Factory | None:
             try:
                 register_model(name, point.load())
             except ImportError as error:
-                raise QRobustError(f"cannot load model {name!r} of the installed entry point {point.value}: {error}") from None
+                raise QRobustError(
+                    f"cannot load model {name!r} of the installed entry point {point.value}: {error}"
+                ) from None
             return _REGISTERED[name]
     return None
 
@@ -127,8 +127,10 @@ def get_factory(name: str) -> Factory:
     """The factory of ``name``; QRobustError naming the valid names if there is none."""
     factory = find_factory(name)
     if factory is None:
-        raise QRobustError(f"unknown model {name!r}; valid names: {', '.join(model_names())}, "
-                           "or a function of your own as package.module:function")  # fmt: skip
+        raise QRobustError(
+            f"unknown model {name!r}; valid names: {', '.join(model_names())}, "
+            "or a function of your own as package.module:function"
+        )
     return factory
 
 
@@ -150,8 +152,7 @@ def build_model(name: str, info: DatasetInfo, **options: object) -> nn.Module:
     if unknown:
         accepted = ", ".join(allowed) if allowed else "none"
         raise QRobustError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; "
-            f"accepted options: {accepted}"
+            f"unknown option(s) {', '.join(map(repr, unknown))} for model {name!r}; accepted options: {accepted}"
         )
     return factory(info, **options)
 
