@@ -72,13 +72,13 @@ Radii = Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pix
 CheckpointPath = Annotated[
     Path,
     typer.Argument(
-        help="Model: a `qrobust train` checkpoint for --method float-fp, a `qrobust quantize` int8 file for float-quant and int."
+        help="Model: a `qrobust train` checkpoint for --method float-fp and lattice, a `qrobust quantize` int8 file for float-quant and int."
     ),
 ]
 Method = Annotated[
     str,
     typer.Option(
-        help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model) or int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table)."
+        help="Smoothing: float-fp (Gaussian noise, fp32 model), float-quant (Gaussian noise rounded to the integer lattice, int8 model), int (IntRS: discrete noise on the uint8 lattice, int8 model, integer radius table) or lattice (IntRS's noise and sound radius for an fp32 model, which reads (x + noise) / 255); int and lattice are sound in floating point (README)."
     ),
 ]
 NoiseBank = Annotated[
@@ -161,7 +161,16 @@ class SmoothingOptions:
             check_limit(self.memory_limit)
         check_run(self.output, overwrite=self.overwrite, resume=self.resume, backend=self.backend)
 
-    def run(self, command: str, *, n: int, n0: int = 100, settle_radii: tuple[float, ...] | None = None) -> int:
+    def run(
+        self,
+        command: str,
+        *,
+        n: int,
+        n0: int = 100,
+        settle_radii: tuple[float, ...] | None = None,
+        sequential: str = "cs",
+        randomized_bound: bool = False,
+    ) -> int:
         """Run the certify or predict job of these options; returns the number of examples classified correctly."""
         from qrobust.jobs import SmoothingJob
         from qrobust.runner import run_job
@@ -184,6 +193,8 @@ class SmoothingOptions:
             settle_radii=settle_radii,
             runtime=self.runtime,
             memory_limit=self.memory_limit,
+            sequential=sequential,
+            randomized_bound=randomized_bound,
         )
         return run_job(
             job,
