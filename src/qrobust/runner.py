@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -71,8 +72,26 @@ def run_job(
             _check_config_is_free(output, run_config, overwrite)
             done, start = [], (header, run_config)
         todo = indices[len(done) :]
+        if job.command == "certify":
+            _warn_unreachable(job, smoothed.method)
         rows = job.rows(smoothed, data, todo) if backend == "local" else run_ray(job, todo, workers, address)
         return _write_rows(output, rows, done, len(indices), job.command, start)
+
+
+def _warn_unreachable(job: SmoothingJob, method: Any) -> None:
+    """Warn when no input can certify some of the job's radii (``settle_radii``, else the table radii)."""
+    from qrobust.smoothing import DEFAULT_RADII
+    from qrobust.smoothing.planner import unreachable_radii
+
+    adaptive = job.settle_radii is not None
+    radii = job.settle_radii if job.settle_radii is not None else DEFAULT_RADII
+    out_of_reach = unreachable_radii(method, job.n, job.alpha, radii, adaptive)
+    if out_of_reach:
+        warnings.warn(
+            f"no input can certify radius {', '.join(f'{r:g}' for r in out_of_reach)} with n = {job.n:,} at alpha "
+            f"{job.alpha:g} (sigma {job.sigma:g}): those columns will read 0; `qrobust plan` gives the n needed",
+            stacklevel=2,
+        )
 
 
 def example_indices(size: int, num_examples: int, split: str) -> list[int]:

@@ -64,6 +64,13 @@ def test_lattice_smoothing_of_a_float_checkpoint(run, checkpoint, tmp_path):
     assert len(read_certify_tsv(output)) == 4
 
 
+def test_the_light_method_list_is_the_library_s():
+    from qrobust.cli.smoothing_options import SMOOTHING_METHODS
+    from qrobust.jobs import METHODS
+
+    assert SMOOTHING_METHODS == tuple(METHODS)
+
+
 def test_plan_prints_the_planner_numbers(run):
     code, out, err = run("plan", "--sigma", 0.25, "--radius", 0.5, "--alpha", 0.001, "--p-a", 0.99)
     assert code == 0, err

@@ -174,7 +174,8 @@ def test_analyze_errors(run, tmp_path):
     assert code == 2 and "cannot read" in err
 
 
-def test_certify_help_documents_every_option_with_units(run):
+def test_certify_help_documents_every_option_with_units(run, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option, so phrases are not wrapped apart
     code, out, _ = run("certify", "--help")
     assert code == 0
     for option in [

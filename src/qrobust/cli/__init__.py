@@ -10,7 +10,7 @@ in one ``error:`` line and exit code 2; results already written stay as they are
 
 # isort: off
 from qrobust.cli.core import app, main
-from qrobust.cli import train, quantize, attack, smoothing, plan, analysis, search, finetune, bounds  # noqa: F401  (registers the commands, in this order)
+from qrobust.cli import train, quantize, export, attack, smoothing, plan, analysis, search, finetune, bounds  # noqa: F401  (registers the commands, in this order)
 # isort: on
 
 __all__ = ["app", "main"]

@@ -1,13 +1,13 @@
 """``certify`` and ``predict``: randomized smoothing of a model over a dataset split, resumable."""
 
-import warnings
 from typing import Annotated
 
 import typer
 
 from qrobust.cli.common import parse_radii
 from qrobust.cli.core import app, console
-from qrobust.cli.options import DEFAULT_RADII, SmoothingOptions, with_smoothing_options
+from qrobust.cli.options import DEFAULT_RADII
+from qrobust.cli.smoothing_options import SmoothingOptions, with_smoothing_options
 from qrobust.errors import QRobustError
 
 
@@ -45,9 +45,7 @@ def certify_command(
         raise QRobustError(f"--sequential must be cs or union, got {sequential!r}")
     if randomized_bound and adaptive:
         raise QRobustError("--randomized-bound applies to fixed-n certification: leave out --adaptive")
-    asked = parse_radii(radii)
-    _warn_unreachable(options, n, asked if adaptive else parse_radii(DEFAULT_RADII), adaptive)
-    settle = asked if adaptive else None
+    settle = parse_radii(radii) if adaptive else None
     options.run("certify", n=n, n0=n0, settle_radii=settle, sequential=sequential, randomized_bound=randomized_bound)
     from qrobust.smoothing import read_certify_tsv, summarize_rows
 
@@ -56,22 +54,6 @@ def certify_command(
         f"certified accuracy at radius 0: {100 * summary.certified_accuracy[0]:.1f}%, "
         f"ACR {summary.average_certified_radius:.3f}  -> {options.output}"
     )
-
-
-def _warn_unreachable(options: SmoothingOptions, n: int, radii: tuple[float, ...], adaptive: bool) -> None:
-    """Warn, before the run, about the requested (or table) radii that no input can certify with n samples."""
-    from qrobust.jobs import METHODS
-    from qrobust.smoothing.planner import unreachable_radii
-
-    if options.method not in METHODS:
-        raise QRobustError(f"--method must be one of {', '.join(METHODS)}, got {options.method!r}")
-    out_of_reach = unreachable_radii(METHODS[options.method](options.sigma), n, options.alpha, radii, adaptive)
-    if out_of_reach:
-        warnings.warn(
-            f"no input can certify radius {', '.join(f'{r:g}' for r in out_of_reach)} with n = {n:,} at alpha "
-            f"{options.alpha:g} (sigma {options.sigma:g}): those columns will read 0; `qrobust plan` gives the n needed",
-            stacklevel=1,
-        )
 
 
 @app.command("predict")
