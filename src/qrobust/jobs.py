@@ -19,7 +19,7 @@ from torch import nn
 
 from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
 from qrobust.errors import CheckpointError, QRobustError
-from qrobust.limits import check_limit, check_memory
+from qrobust.limits import check_limit, check_memory, check_samples
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import Int8Model, fast_backend, load_int8
 from qrobust.smoothing import (
@@ -103,7 +103,7 @@ class SmoothingJob:
             raise QRobustError("randomized_bound applies to fixed-n certify only (not predict, not settle_radii)")
         object.__setattr__(self, "_memory_limit", None if memory_limit is None else check_limit(memory_limit))
         most = max(self.n0, self.n) if self.command == "certify" else self.n
-        check_memory(f"n = {most:,} noisy samples (an int64 prediction each)", 8 * most, self._memory_limit, "--n")
+        check_samples(most, self._memory_limit)
 
     def open(self) -> tuple[SmoothedClassifier, LatticeDataset, dict[str, Any]]:
         """The smoothed classifier, the dataset split and the model's metadata, read from the files."""

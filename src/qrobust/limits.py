@@ -45,6 +45,11 @@ def check_memory(what: str, needed: int, memory_limit: float | None = None, lowe
         )
 
 
+def check_samples(n: int, memory_limit: float | None = None) -> None:
+    """Refuse n noisy samples per input whose predictions (an int64 each) alone exceed the limit."""
+    check_memory(f"n = {n:,} noisy samples (an int64 prediction each)", 8 * n, memory_limit, "--n")
+
+
 def check_limit(memory_limit: float) -> float:
     """``memory_limit`` (GiB) after checking it is a finite number > 0."""
     if (

@@ -25,7 +25,7 @@ from qrobust.cli.options import (
     Split,
 )
 from qrobust.errors import QRobustError
-from qrobust.limits import check_limit
+from qrobust.limits import check_limit, check_samples
 from qrobust.runner import check_run
 
 SMOOTHING_METHODS = ("float-fp", "float-quant", "int", "lattice")  # qrobust.jobs.METHODS, checked by a test
@@ -121,6 +121,7 @@ class SmoothingOptions:
             raise QRobustError(f"--method must be one of {', '.join(SMOOTHING_METHODS)}, got {self.method!r}")
         if self.memory_limit is not None:
             check_limit(self.memory_limit)
+        check_samples(max(counts.values()), self.memory_limit)  # before torch loads: --n 10**12 is refused at once
         check_run(self.output, overwrite=self.overwrite, resume=self.resume, backend=self.backend)
 
     def run(
