@@ -18,7 +18,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``device`` as a ``torch.device`` that torch can use here.
 
     "auto" (or None) is the first of CUDA, MPS and the CPU that torch sees; "cpu", "cuda", "cuda:N" and
-    "mps" are taken as named. Raises QRobustError, one line, for an unknown name or an absent device.
+    "mps" are taken as named, and a ``torch.device`` of any other type (xpu, ...) as it is. Raises
+    QRobustError, one line, for an unknown name or an absent CUDA or MPS device.
     """
     if device is None or device == "auto":
         if torch.cuda.is_available():
@@ -28,7 +29,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         resolved = None
-    if resolved is None or resolved.type not in DEVICES:
+    if resolved is None or (resolved.type not in DEVICES and not isinstance(device, torch.device)):
         raise QRobustError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
