@@ -25,22 +25,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps") if _mps_available() else torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or (resolved.type not in DEVICES and not isinstance(device, torch.device)):
-        raise QRobustError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    resolved = device if isinstance(device, torch.device) else torch.device(check_device_name(device))
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise QRobustError("device 'cuda' is not available: torch sees no CUDA GPU: choose cpu or auto")
+            raise QRobustError("device 'cuda' is not available (torch sees no CUDA GPU): choose cpu or auto")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise QRobustError(
-                f"device {device!r} is not available: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+                f"device '{resolved}' is not available: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
             )
     if resolved.type == "mps" and not _mps_available():
-        raise QRobustError("device 'mps' is not available: this torch has no usable MPS backend: choose cpu")
+        raise QRobustError("device 'mps' is not available (torch has no usable MPS backend): choose cpu or auto")
     return resolved
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it names a device ``resolve_device`` takes (auto, cpu, cuda, cuda:N, mps), whether or
+    not it is present here; else QRobustError."""
+    if name == "auto":
+        return name
+    try:
+        parsed: torch.device | None = torch.device(name)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICES or (parsed.type != "cuda" and parsed.index is not None):
+        raise QRobustError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
+    return name
 
 
 def module_device(model: nn.Module) -> torch.device:
