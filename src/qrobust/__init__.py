@@ -20,20 +20,18 @@ weight bounds: ``ReluNetwork``, ``WeightPerturbation``, ``certify``, ``certified
 ``verify_quantization``; devices: ``resolve_device``; errors: ``QRobustError``.
 
 The names load on first use (PEP 562), so ``import qrobust`` stays light (no torch) for the command line.
-``qrobust.train`` is the function; its subpackage is reached by ``from qrobust.train import ...``.
+``qrobust.train`` is the training subpackage, callable as its function ``train``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> (module, attribute in it)
-_EXPORTS: dict[str, tuple[str, str]] = {
+# public name -> (module, attribute in it; None: the module itself)
+_EXPORTS: dict[str, tuple[str, str | None]] = {
     "load_dataset": ("qrobust.data", "load_dataset"),
     "as_lattice_dataset": ("qrobust.data", "as_lattice_dataset"),
     "load_image_folder": ("qrobust.data", "load_image_folder"),
@@ -41,7 +39,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "build_model": ("qrobust.models", "build_model"),
     "trace": ("qrobust.graph", "trace"),
     "check_supported": ("qrobust.graph", "check_supported"),
-    "train": ("qrobust.train", "train"),
+    "train": ("qrobust.train", None),  # the subpackage itself, callable as qrobust.train.loop.train
     "accuracy": ("qrobust.train", "accuracy"),
     "TrainConfig": ("qrobust.train", "TrainConfig"),
     "prepare": ("qrobust.quant", "prepare_qat"),
@@ -77,23 +75,12 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'qrobust' has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attribute)
+    value = importlib.import_module(module)
+    if attribute is not None:
+        value = getattr(value, attribute)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Namespace(types.ModuleType):
-    """The package, whose exported names win over same-named subpackages (``train``): importing
-    ``qrobust.train`` does not replace the function ``qrobust.train`` by the subpackage."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return  # the subpackage stays in sys.modules; the attribute is the exported name
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Namespace
