@@ -19,7 +19,7 @@ from torch import nn
 
 from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
 from qrobust.devices import check_device_name, require_cpu, resolve_device
-from qrobust.errors import QRobustError
+from qrobust.errors import CheckpointError, QRobustError
 from qrobust.limits import check_limit, check_memory
 from qrobust.models.inference import freeze_for_inference
 from qrobust.quant import Int8Model, fast_backend, load_int8
@@ -132,6 +132,11 @@ class SmoothingJob:
         model: nn.Module
         if int8:
             int8_file = load_int8(self.checkpoint, self._memory_limit)
+            if "dataset" not in int8_file.metadata:
+                raise CheckpointError(
+                    f"{self.checkpoint} does not say which dataset its model reads (no 'dataset' in its metadata): "
+                    "save it with `qrobust quantize`, or with save_int8(path, model, {'dataset': dataclasses.asdict(info)})"
+                )
             info, metadata, model = (
                 DatasetInfo.from_dict(int8_file.metadata["dataset"]),
                 int8_file.metadata,

@@ -9,11 +9,14 @@ appends to a file another run could also write.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from qrobust.errors import QRobustError
 
@@ -90,3 +93,10 @@ def exclusive_lock(path: Path, option: str = "--output") -> Iterator[None]:
     finally:
         lock_path.unlink(missing_ok=True)  # while still holding it, so no one locks a removed file
         handle.close()
+
+
+def write_json_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` with the time and the command line, as indented JSON, written atomically: the config
+    of a run, next to its results, so the run can be reproduced."""
+    record = record | {"started": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv}
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")

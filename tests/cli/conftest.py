@@ -25,9 +25,30 @@ def run(monkeypatch, capsys):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "mlp.pt"
-    command = [sys.executable, "-m", "qrobust", "train", "--dataset", "digits", "--model", "mlp",
-               "--model-option", "depth=2", "--model-option", "width=32", "--sigma", "0.25", "--epochs", "2",
-               "--batch-size", "64", "--lr", "0.05", "--output", str(path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "qrobust",
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--model-option",
+        "depth=2",
+        "--model-option",
+        "width=32",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--output",
+        str(path),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     assert finished.returncode == 0, finished.stderr
     assert "test accuracy: clean" in finished.stdout

@@ -28,13 +28,14 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("method", ["admm", "lb"])
 def test_quantize_writes_checkpoint_codes_and_config(run, checkpoint, tmp_path, method):
     output = tmp_path / f"{method}.pt"
-    code, out, err = run("quantize", checkpoint, "--method", method, "--bits", 4, "--iterations", 2, "--steps", 10,
-                         "--output", output)  # fmt: skip
+    code, out, err = run(
+        "quantize", checkpoint, "--method", method, "--bits", 4, "--iterations", 2, "--steps", 10, "--output", output
+    )
     assert code == 0, err
     assert f"4-bit {method}" in out
     model, saved = load_model(output)  # readable by certify / attack
     assert saved.metadata["quantization"]["method"] == method and saved.metadata["model"] == "mlp"
-    codes, metadata = load_codes(output.with_suffix(".codes.pt"))
+    codes, _metadata = load_codes(output.with_suffix(".codes.pt"))
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             assert torch.equal(module.weight, codes[name].dequantize()) and int(codes[name].codes.abs().max()) <= 4
@@ -47,8 +48,25 @@ def test_quantize_writes_checkpoint_codes_and_config(run, checkpoint, tmp_path, 
 def test_certified_quantization(run, checkpoint, tmp_path):
     pytest.importorskip("qrobust.bounds")
     output = tmp_path / "certified.pt"
-    code, out, err = run("quantize", checkpoint, "--method", "admm", "--bits", 6, "--certified", "--percentile", 50,
-                         "--certify-images", 20, "--iterations", 2, "--steps", 10, "--output", output)  # fmt: skip
+    code, _out, err = run(
+        "quantize",
+        checkpoint,
+        "--method",
+        "admm",
+        "--bits",
+        6,
+        "--certified",
+        "--percentile",
+        50,
+        "--certify-images",
+        20,
+        "--iterations",
+        2,
+        "--steps",
+        10,
+        "--output",
+        output,
+    )
     assert code == 0, err
     config = json.loads(output.with_suffix(".json").read_text())
     epsilons = config["epsilons"]
@@ -69,6 +87,6 @@ def test_certified_quantization(run, checkpoint, tmp_path):
     ],
 )
 def test_bad_input_is_one_error_line(run, checkpoint, tmp_path, args, message):
-    code, out, err = run("quantize", checkpoint, *args, "--output", tmp_path / "out.pt")
+    code, _out, err = run("quantize", checkpoint, *args, "--output", tmp_path / "out.pt")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out.pt").exists()

@@ -28,7 +28,9 @@ def checkpoint(tmp_path_factory):
 
 def test_weight_bound_table_and_json(run, checkpoint, tmp_path):
     output = tmp_path / "bounds.json"
-    code, out, err = run("weight-bound", checkpoint, "--layers", 1, "--layers", 2, "--num-examples", 8, "--output", output)
+    code, out, err = run(
+        "weight-bound", checkpoint, "--layers", 1, "--layers", 2, "--num-examples", 8, "--output", output
+    )
     assert code == 0, err
     assert "median eps" in out and "Linear 16->10" in out
     record = json.loads(output.read_text())

@@ -11,7 +11,7 @@ from qrobust.data import dataset_info
 from qrobust.models import build_model
 from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
 from qrobust.quant import load_int8
-from qrobust.smoothing import CERTIFY_HEADER, PREDICT_HEADER, read_certify_tsv
+from qrobust.smoothing import CERTIFY_SAMPLES_HEADER, PREDICT_HEADER, read_certify_tsv
 
 
 def test_train_writes_metadata(checkpoint):
@@ -25,11 +25,25 @@ def test_train_writes_metadata(checkpoint):
 
 def test_certify_predict_analyze(run, checkpoint, tmp_path):
     tsv = tmp_path / "certify.tsv"
-    code, out, _ = run("certify", checkpoint, "--sigma", 0.25, "--n0", 20, "--n", 200, "--alpha", 0.01,
-                       "--num-examples", 12, "--output", tsv)  # fmt: skip
+    code, out, _ = run(
+        "certify",
+        checkpoint,
+        "--sigma",
+        0.25,
+        "--n0",
+        20,
+        "--n",
+        200,
+        "--alpha",
+        0.01,
+        "--num-examples",
+        12,
+        "--output",
+        tsv,
+    )
     assert code == 0, out
     lines = tsv.read_text().splitlines()
-    assert lines[0] == CERTIFY_HEADER and len(lines) == 13
+    assert lines[0] == CERTIFY_SAMPLES_HEADER and len(lines) == 13
     rows = read_certify_tsv(tsv)
     assert [row.idx for row in rows] == [i * 450 // 12 for i in range(12)]
     assert all(row.radius > 0 for row in rows if row.predict != -1)
@@ -38,11 +52,39 @@ def test_certify_predict_analyze(run, checkpoint, tmp_path):
     assert config["n"] == 200 and config["sigma"] == 0.25 and config["model"]["model"] == "mlp"
 
     again = tmp_path / "again.tsv"
-    run("certify", checkpoint, "--sigma", 0.25, "--n0", 20, "--n", 200, "--alpha", 0.01, "--num-examples", 12, "--output", again)
+    run(
+        "certify",
+        checkpoint,
+        "--sigma",
+        0.25,
+        "--n0",
+        20,
+        "--n",
+        200,
+        "--alpha",
+        0.01,
+        "--num-examples",
+        12,
+        "--output",
+        again,
+    )
     assert [line.split("\t")[:4] for line in again.read_text().splitlines()] == [line.split("\t")[:4] for line in lines]
 
     predictions = tmp_path / "predict.tsv"
-    code, out, _ = run("predict", checkpoint, "--sigma", 0.25, "--n", 200, "--alpha", 0.01, "--num-examples", 5, "--output", predictions)
+    code, out, _ = run(
+        "predict",
+        checkpoint,
+        "--sigma",
+        0.25,
+        "--n",
+        200,
+        "--alpha",
+        0.01,
+        "--num-examples",
+        5,
+        "--output",
+        predictions,
+    )
     assert code == 0 and predictions.read_text().splitlines()[0] == PREDICT_HEADER
     assert len(predictions.read_text().splitlines()) == 6
 
@@ -80,7 +122,9 @@ def test_missing_data_root(run, tmp_path):
     info = dataset_info("mnist")
     path = tmp_path / "mnist.pt"
     save_checkpoint(path, Checkpoint(build_model("mlp", info).state_dict(), model_metadata("mlp", {}, info)))
-    code, _, err = run("certify", path, "--sigma", 0.25, "--data-root", tmp_path / "nowhere", "--output", tmp_path / "o.tsv")
+    code, _, err = run(
+        "certify", path, "--sigma", 0.25, "--data-root", tmp_path / "nowhere", "--output", tmp_path / "o.tsv"
+    )
     assert code == 2 and err.count("\n") == 1 and "MNIST not found" in err and "t10k-images-idx3-ubyte" in err
     assert not (tmp_path / "o.tsv").exists()
 
@@ -90,7 +134,11 @@ def test_bad_checkpoints(run, tmp_path, checkpoint):
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     evil = tmp_path / "evil.pt"
     torch.save({"format": "qrobust-checkpoint", "code": _Payload(tmp_path / "pwned")}, evil)
-    for path, message in [(truncated, "truncated or corrupt"), (evil, "pickled Python objects"), (tmp_path / "absent.pt", "not found")]:
+    for path, message in [
+        (truncated, "truncated or corrupt"),
+        (evil, "pickled Python objects"),
+        (tmp_path / "absent.pt", "not found"),
+    ]:
         code, _, err = run("certify", path, "--sigma", 0.25, "--output", tmp_path / "out.tsv")
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "pwned").exists()
@@ -108,7 +156,9 @@ def test_existing_results_are_never_overwritten_by_accident(run, checkpoint, tmp
 def test_train_errors(run, tmp_path):
     code, _, err = run("train", "--dataset", "cifar10", "--data-root", tmp_path, "--output", tmp_path / "m.pt")
     assert code == 2 and "cifar-10-binary.tar.gz" in err and err.count("\n") == 1
-    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=1", "--output", tmp_path / "m.pt")
+    code, _, err = run(
+        "train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=1", "--output", tmp_path / "m.pt"
+    )
     assert code == 2 and "depth" in err
     code, _, err = run("train", "--dataset", "imagenet", "--output", tmp_path / "m.pt")
     assert code == 2 and "fashion-mnist" in err
@@ -127,16 +177,40 @@ def test_analyze_errors(run, tmp_path):
 def test_certify_help_documents_every_option_with_units(run):
     code, out, _ = run("certify", "--help")
     assert code == 0
-    for option in ["--sigma", "--n0", "--n ", "--alpha", "--num-examples", "--split", "--data-root", "--batch-size", "--seed", "--output", "--overwrite"]:
+    for option in [
+        "--sigma",
+        "--n0",
+        "--n ",
+        "--alpha",
+        "--num-examples",
+        "--split",
+        "--data-root",
+        "--batch-size",
+        "--seed",
+        "--output",
+        "--overwrite",
+    ]:
         assert option in out
     assert "pixel units" in out and "(0, 1)" in out
 
 
 def test_a_real_process_prints_no_traceback(tmp_path):
     finished = subprocess.run(
-        [sys.executable, "-m", "qrobust", "certify", str(tmp_path / "absent.pt"), "--sigma", "-1", "--output", str(tmp_path / "o.tsv")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qrobust",
+            "certify",
+            str(tmp_path / "absent.pt"),
+            "--sigma",
+            "-1",
+            "--output",
+            str(tmp_path / "o.tsv"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert finished.returncode == 2
     assert finished.stderr.strip() == "error: sigma must be a finite number > 0, got -1.0"
 
@@ -151,8 +225,24 @@ class _Payload:
 
 def test_quantization_aware_flow_to_integer_certification(run, checkpoint, tmp_path):
     qat = tmp_path / "qat.pt"
-    code, out, err = run("train", "--init", checkpoint, "--qat", "--noise", "discrete", "--sigma", 0.25, "--epochs", 1,
-                         "--batch-size", 64, "--lr", 0.01, "--output", qat)  # fmt: skip
+    code, out, err = run(
+        "train",
+        "--init",
+        checkpoint,
+        "--qat",
+        "--noise",
+        "discrete",
+        "--sigma",
+        0.25,
+        "--epochs",
+        1,
+        "--batch-size",
+        64,
+        "--lr",
+        0.01,
+        "--output",
+        qat,
+    )
     assert code == 0, err
     assert "quantization-aware mlp" in out
     int8 = tmp_path / "model.int8.pt"
@@ -162,8 +252,26 @@ def test_quantization_aware_flow_to_integer_certification(run, checkpoint, tmp_p
     results = {}
     for method, fast in [("int", "--fast"), ("int", "--no-fast"), ("float-quant", "--fast")]:
         tsv = tmp_path / f"{method}{fast}.tsv"
-        code, _, err = run("certify", int8, "--method", method, fast, "--noise-bank", "--sigma", 0.25, "--n0", 20,
-                           "--n", 200, "--alpha", 0.01, "--num-examples", 6, "--output", tsv)  # fmt: skip
+        code, _, err = run(
+            "certify",
+            int8,
+            "--method",
+            method,
+            fast,
+            "--noise-bank",
+            "--sigma",
+            0.25,
+            "--n0",
+            20,
+            "--n",
+            200,
+            "--alpha",
+            0.01,
+            "--num-examples",
+            6,
+            "--output",
+            tsv,
+        )
         assert code == 0, err
         results[method, fast] = [(row.predict, row.radius) for row in read_certify_tsv(tsv)]
         assert json.loads(tsv.with_suffix(".json").read_text())["method"] == method
@@ -188,18 +296,38 @@ def test_float_checkpoint_is_calibrated_for_post_training_quantization(run, chec
 
 
 def test_post_training_quantization_takes_an_input_margin(run, checkpoint, tmp_path):
-    code, _, err = run("quantize", checkpoint, "--calibration-images", 64, "--input-margin", 40, "--output", tmp_path / "m.int8.pt")
+    code, _, err = run(
+        "quantize", checkpoint, "--calibration-images", 64, "--input-margin", 40, "--output", tmp_path / "m.int8.pt"
+    )
     assert code == 0, err
     assert load_int8(tmp_path / "m.int8.pt").model.input_margin == 40
-    for args, message in ((["--input-margin", -1], "input_margin"), (["--method", "admm", "--input-margin", 40], "--input-margin applies to --method int8")):
+    for args, message in (
+        (["--input-margin", -1], "input_margin"),
+        (["--method", "admm", "--input-margin", 40], "--input-margin applies to --method int8"),
+    ):
         code, _, err = run("quantize", checkpoint, *args, "--output", tmp_path / "bad.pt")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not (tmp_path / "bad.pt").exists()
 
 
 def test_a_diverged_training_run_is_warned_in_one_line(run, tmp_path):
-    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=2", "--model-option",
-                       "width=16", "--epochs", 2, "--lr", 1e4, "--output", tmp_path / "m.pt")  # fmt: skip
+    code, _, err = run(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--model-option",
+        "depth=2",
+        "--model-option",
+        "width=16",
+        "--epochs",
+        2,
+        "--lr",
+        1e4,
+        "--output",
+        tmp_path / "m.pt",
+    )
     assert code == 0, err
     assert err.startswith("warning: epochs 1-2: training accuracy") and "UserWarning" not in err
     assert len(err.strip().splitlines()) == 1
@@ -207,10 +335,45 @@ def test_a_diverged_training_run_is_warned_in_one_line(run, tmp_path):
 
 def test_low_bit_adversarial_training_then_attack_table(run, tmp_path):
     path = tmp_path / "br.pt"
-    code, out, err = run("train", "--dataset", "digits", "--model", "mlp", "--model-option", "depth=2",
-                         "--model-option", "width=32", "--loss", "tradeoff", "--alpha", 1, "--beta", 2, "--eps", 0.1,
-                         "--step-size", 0.05, "--attack-steps", 2, "--quant", "br", "--bits", 2, "--rho", 2,
-                         "--cutoff-epoch", 1, "--epochs", 2, "--batch-size", 64, "--lr", 0.05, "--output", path)  # fmt: skip
+    code, out, err = run(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--model-option",
+        "depth=2",
+        "--model-option",
+        "width=32",
+        "--loss",
+        "tradeoff",
+        "--alpha",
+        1,
+        "--beta",
+        2,
+        "--eps",
+        0.1,
+        "--step-size",
+        0.05,
+        "--attack-steps",
+        2,
+        "--quant",
+        "br",
+        "--bits",
+        2,
+        "--rho",
+        2,
+        "--cutoff-epoch",
+        1,
+        "--epochs",
+        2,
+        "--batch-size",
+        64,
+        "--lr",
+        0.05,
+        "--output",
+        path,
+    )
     assert code == 0, err
     assert "tradeoff loss" in out and "2-bit weights by br" in out and "of conv channels" in out
     metadata = json.loads(torch.load(path, weights_only=True)["metadata"])
@@ -219,8 +382,24 @@ def test_low_bit_adversarial_training_then_attack_table(run, tmp_path):
     assert all(weights[k].unique().numel() <= 3 for k in weights if k.endswith("weight") and weights[k].dim() == 2)
 
     report = tmp_path / "attacks.json"
-    code, out, err = run("attack", path, "--attack", "fgsm", "--attack", "pgd", "--attack", "pgd-l2", "--eps", 0.1,
-                         "--steps", 5, "--num-examples", 40, "--output", report)  # fmt: skip
+    code, out, err = run(
+        "attack",
+        path,
+        "--attack",
+        "fgsm",
+        "--attack",
+        "pgd",
+        "--attack",
+        "pgd-l2",
+        "--eps",
+        0.1,
+        "--steps",
+        5,
+        "--num-examples",
+        40,
+        "--output",
+        report,
+    )
     assert code == 0, err
     accuracy = json.loads(report.read_text())["accuracy"]["br.pt"]
     assert list(accuracy) == ["natural", "fgsm", "pgd", "pgd-l2"]
@@ -233,14 +412,29 @@ def test_attack_transfers_to_the_int8_model_and_smoothed_attacks_run(run, checkp
     assert run("train", "--init", checkpoint, "--qat", "--sigma", 0.25, "--epochs", 1, "--output", qat)[0] == 0
     assert run("quantize", qat, "--output", int8)[0] == 0
     report = tmp_path / "transfer.json"
-    code, out, err = run("attack", qat, "--int8", int8, "--attack", "ifgsm", "--eps", 0.1, "--steps", 3,
-                         "--num-examples", 30, "--output", report)  # fmt: skip
+    code, out, err = run(
+        "attack",
+        qat,
+        "--int8",
+        int8,
+        "--attack",
+        "ifgsm",
+        "--eps",
+        0.1,
+        "--steps",
+        3,
+        "--num-examples",
+        30,
+        "--output",
+        report,
+    )
     assert code == 0, err
     accuracy = json.loads(report.read_text())["accuracy"]
     assert set(accuracy) == {"qat.pt", "mlp.int8.pt"}
     assert abs(accuracy["qat.pt"]["natural"] - accuracy["mlp.int8.pt"]["natural"]) <= 0.1  # twins agree
-    code, out, err = run("attack", checkpoint, "--sigma", 0.25, "--samples", 4, "--attack", "pgd-l2",
-                         "--steps", 2, "--num-examples", 10)  # fmt: skip
+    code, out, err = run(
+        "attack", checkpoint, "--sigma", 0.25, "--samples", 4, "--attack", "pgd-l2", "--steps", 2, "--num-examples", 10
+    )
     assert code == 0, err
     assert "smoothed sigma 0.25" in out
 
@@ -260,7 +454,9 @@ def test_attack_errors_are_one_line(run, checkpoint, arguments, message):
 
 
 def test_train_rejects_contradictory_losses(run, tmp_path):
-    code, _, err = run("train", "--dataset", "digits", "--loss", "natural", "--sigma", 0.25, "--output", tmp_path / "x.pt")
+    code, _, err = run(
+        "train", "--dataset", "digits", "--loss", "natural", "--sigma", 0.25, "--output", tmp_path / "x.pt"
+    )
     assert code == 2 and "use loss 'gaussian'" in err
     code, _, err = run("train", "--dataset", "digits", "--quant", "br", "--qat", "--output", tmp_path / "y.pt")
     assert code == 2 and "cannot be combined" in err
@@ -268,12 +464,28 @@ def test_train_rejects_contradictory_losses(run, tmp_path):
 
 def test_input_margin_flows_from_training_to_integer_certification(run, checkpoint, tmp_path):
     qat, int8, tsv = tmp_path / "qat.pt", tmp_path / "m.int8.pt", tmp_path / "int.tsv"
-    code, _, err = run("train", "--init", checkpoint, "--qat", "--input-margin", 64, "--noise", "discrete",
-                       "--sigma", 0.25, "--epochs", 1, "--output", qat)  # fmt: skip
+    code, _, err = run(
+        "train",
+        "--init",
+        checkpoint,
+        "--qat",
+        "--input-margin",
+        64,
+        "--noise",
+        "discrete",
+        "--sigma",
+        0.25,
+        "--epochs",
+        1,
+        "--output",
+        qat,
+    )
     assert code == 0, err
     assert json.loads(torch.load(qat, weights_only=True)["metadata"])["qat"]["input_margin"] == 64
     assert run("quantize", qat, "--output", int8)[0] == 0
-    code, _, err = run("certify", int8, "--method", "int", "--sigma", 0.25, "--n0", 10, "--n", 50, "--num-examples", 3, "--output", tsv)
+    code, _, err = run(
+        "certify", int8, "--method", "int", "--sigma", 0.25, "--n0", 10, "--n", 50, "--num-examples", 3, "--output", tsv
+    )
     assert code == 0, err
     code, _, err = run("train", "--dataset", "digits", "--input-margin", 64, "--output", tmp_path / "x.pt")
     assert code == 2 and "add --qat" in err

@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qrobust.data import dataset_info  # noqa: E402
-from qrobust.models import build_model  # noqa: E402
-from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint  # noqa: E402
-from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8  # noqa: E402
-from qrobust.quant.export import OnnxRuntimeModel  # noqa: E402
+from qrobust.data import dataset_info
+from qrobust.models import build_model
+from qrobust.models.checkpoint import Checkpoint, model_metadata, save_checkpoint
+from qrobust.quant import QuantConfig, calibrate, convert, prepare_qat, save_int8
+from qrobust.quant.export import OnnxRuntimeModel
 
 
 @pytest.fixture(scope="module")

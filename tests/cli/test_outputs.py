@@ -20,17 +20,34 @@ from qrobust.smoothing import CERTIFY_HEADER, CertifyRow, read_certify_tsv
 QUICK = ("--sigma", "0.25", "--n", "200", "--alpha", "0.01", "--num-examples", "4")
 # About 0.1 s per example on one thread (as in test_resume), 45 s for the whole split: a run still going
 # while a second process starts; it is killed as soon as the second has been refused.
-SLOW = ("--sigma", "0.25", "--n0", "20", "--n", "30000", "--alpha", "0.01", "--num-examples", "450", "--batch-size", "1000")
+SLOW = (
+    "--sigma",
+    "0.25",
+    "--n0",
+    "20",
+    "--n",
+    "30000",
+    "--alpha",
+    "0.01",
+    "--num-examples",
+    "450",
+    "--batch-size",
+    "1000",
+)
 ENVIRONMENT = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def _qrobust(*args):
-    return subprocess.run([sys.executable, "-m", "qrobust", *map(str, args)], capture_output=True, text=True, env=ENVIRONMENT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "qrobust", *map(str, args)], capture_output=True, text=True, env=ENVIRONMENT, check=False
+    )
 
 
 def _files(directory):
     """Every file under ``directory`` with its bytes."""
-    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 def _refused(finished, *words):
@@ -83,8 +100,12 @@ def test_a_run_failing_before_its_first_row_leaves_the_files_as_they_were(run, c
 
 def test_a_second_writer_of_a_running_certification_refuses(checkpoint, tmp_path):
     output = tmp_path / "run.tsv"
-    first = subprocess.Popen([sys.executable, "-m", "qrobust", "certify", str(checkpoint), *SLOW, "--output", str(output)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENVIRONMENT)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qrobust", "certify", str(checkpoint), *SLOW, "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENVIRONMENT,
+    )
     try:
         started = time.monotonic()
         while first.poll() is None and (not output.exists() or len(output.read_bytes().splitlines()) < 2):
@@ -104,7 +125,10 @@ def test_a_second_writer_of_a_running_certification_refuses(checkpoint, tmp_path
 def test_two_runs_started_together_one_refuses(checkpoint, tmp_path):
     output = tmp_path / "run.tsv"
     command = [sys.executable, "-m", "qrobust", "certify", str(checkpoint), *QUICK, "--output", str(output)]
-    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+        for _ in range(2)
+    ]
     results = sorted((process.wait(), process.stderr.read()) for process in processes)
     assert [code for code, _ in results] == [0, 2]
     assert results[1][1].count("\n") == 1 and results[1][1].startswith("error: ") and str(output) in results[1][1]
@@ -151,7 +175,9 @@ def test_an_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, c
     blocker.write_text("not a directory\n")
     before = _files(tmp_path)
     if command == "train":
-        finished = _qrobust("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", blocker / "m.pt")
+        finished = _qrobust(
+            "train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", blocker / "m.pt"
+        )
     else:
         finished = _qrobust("quantize", checkpoint, "--output", blocker / "m.int8.pt")
     _refused(finished, "cannot write into", str(blocker))
@@ -168,7 +194,9 @@ def test_overwrite_onto_a_directory_is_refused_and_leaves_nothing_beside_it(chec
     if command == "certify":
         finished = _qrobust("certify", checkpoint, *QUICK, "--output", directory, "--overwrite")
     else:
-        finished = _qrobust("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", directory, "--overwrite")
+        finished = _qrobust(
+            "train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", directory, "--overwrite"
+        )
     _refused(finished, f"--output {directory} is a directory")
     assert _files(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["results"]
 
@@ -177,7 +205,9 @@ def test_overwrite_onto_a_directory_is_refused_and_leaves_nothing_beside_it(chec
 def test_a_read_only_directory_is_refused_before_training(tmp_path):
     tmp_path.chmod(0o555)
     try:
-        finished = _qrobust("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", tmp_path / "m.pt")
+        finished = _qrobust(
+            "train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--output", tmp_path / "m.pt"
+        )
     finally:
         tmp_path.chmod(0o755)
     _refused(finished, "is not writable")
@@ -186,7 +216,9 @@ def test_a_read_only_directory_is_refused_before_training(tmp_path):
 
 def test_analyze_refuses_a_bad_row_with_its_line(checkpoint, tmp_path):
     tsv = tmp_path / "run.tsv"
-    tsv.write_text("\n".join([CERTIFY_HEADER, CertifyRow(0, 1, 1, 0.5, 1.0).to_line(), "9\t2\t2\tnan\t1\t0:00:01"]) + "\n")
+    tsv.write_text(
+        "\n".join([CERTIFY_HEADER, CertifyRow(0, 1, 1, 0.5, 1.0).to_line(), "9\t2\t2\tnan\t1\t0:00:01"]) + "\n"
+    )
     _refused(_qrobust("analyze", tsv), f"{tsv}, line 3", "radius")
     tsv.write_text("\n".join([CERTIFY_HEADER, CertifyRow(0, 12, 12, 0.5, 1.0).to_line()]) + "\n")
     tsv.with_suffix(".json").write_text(json.dumps({"model": {"dataset": {"classes": [str(c) for c in range(10)]}}}))
@@ -196,11 +228,26 @@ def test_analyze_refuses_a_bad_row_with_its_line(checkpoint, tmp_path):
 def test_train_documents_and_checks_its_bits(run, tmp_path):
     code, out, _ = run("train", "--help")
     assert code == 0 and "1..8" in out
-    code, _, err = run("train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--quant", "bc", "--bits", "3",
-                       "--output", tmp_path / "3bit.pt")  # fmt: skip
+    code, _, err = run(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--quant",
+        "bc",
+        "--bits",
+        "3",
+        "--output",
+        tmp_path / "3bit.pt",
+    )
     assert code == 0, err
     weights = torch.load(tmp_path / "3bit.pt", weights_only=True)["state_dict"]
-    assert all(weight.unique().numel() <= 7 for name, weight in weights.items() if name.endswith("weight") and weight.dim() > 1)
+    assert all(
+        weight.unique().numel() <= 7 for name, weight in weights.items() if name.endswith("weight") and weight.dim() > 1
+    )
     code, _, err = run("train", "--dataset", "digits", "--quant", "bc", "--bits", "9", "--output", tmp_path / "m.pt")
     assert code == 2 and err == "error: --bits must be in 1..8, got 9\n"
     assert not (tmp_path / "m.pt").exists()
@@ -210,7 +257,10 @@ def test_the_lock_names_its_holder_and_no_lock_or_temporary_file_stays(tmp_path)
     target = tmp_path / "run.tsv"
     with exclusive_lock(target):
         assert (tmp_path / "run.tsv.lock").read_text().startswith(f"process {os.getpid()}: qrobust")
-        with pytest.raises(QRobustError, match=rf"run.tsv is being written by another run \(process {os.getpid()}: "), exclusive_lock(target):
+        with (
+            pytest.raises(QRobustError, match=rf"run.tsv is being written by another run \(process {os.getpid()}: "),
+            exclusive_lock(target),
+        ):
             pass
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError), atomic_path(target) as temporary:
@@ -227,7 +277,10 @@ def test_the_lock_names_its_holder_and_no_lock_or_temporary_file_stays(tmp_path)
         (["predict", "absent.pt", "--sigma", "0.25", "--n", "0"], "--n must be an integer >= 1, got 0"),
         (["attack", "absent.pt", "--seed", "-3"], "--seed must be an integer >= 0, got -3"),
         (["weight-bound", "absent.pt", "--num-examples", "0"], "--num-examples must be an integer >= 1, got 0"),
-        (["search", "absent.pt", "--sigma", "0.25", "--budget", "5", "--episodes", "0"], "--episodes must be an integer >= 1, got 0"),
+        (
+            ["search", "absent.pt", "--sigma", "0.25", "--budget", "5", "--episodes", "0"],
+            "--episodes must be an integer >= 1, got 0",
+        ),
     ],
 )
 def test_count_and_seed_errors_name_the_option_before_reading_anything(run, tmp_path, arguments, message):

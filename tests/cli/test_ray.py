@@ -17,7 +17,9 @@ def test_ray_finishes_a_local_run_with_the_same_rows(run, checkpoint, tmp_path):
     output.with_suffix(".json").write_text(reference.with_suffix(".json").read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        code, out, _ = run("certify", checkpoint, *SETTINGS, "--output", output, "--resume", "--backend", "ray", "--workers", 2)
+        code, out, _ = run(
+            "certify", checkpoint, *SETTINGS, "--output", output, "--resume", "--backend", "ray", "--workers", 2
+        )
     finally:
         ray.shutdown()
     assert code == 0, out

@@ -10,10 +10,23 @@ import time
 import numpy as np
 import pytest
 
-from qrobust.smoothing import CERTIFY_HEADER, read_certify_tsv
+from qrobust.smoothing import CERTIFY_SAMPLES_HEADER, read_certify_tsv
 
 # 40 examples of about 0.1 s each on one thread: long enough that every kill lands mid-run.
-SETTINGS = ("--sigma", "0.25", "--n0", "20", "--n", "30000", "--alpha", "0.01", "--num-examples", "40", "--batch-size", "1000")
+SETTINGS = (
+    "--sigma",
+    "0.25",
+    "--n0",
+    "20",
+    "--n",
+    "30000",
+    "--alpha",
+    "0.01",
+    "--num-examples",
+    "40",
+    "--batch-size",
+    "1000",
+)
 
 
 def _columns(path):
@@ -26,7 +39,17 @@ def test_killed_runs_resume_to_the_uninterrupted_result(run, checkpoint, tmp_pat
     assert run("certify", checkpoint, *SETTINGS, "--output", reference)[0] == 0
 
     output = tmp_path / "killed.tsv"
-    command = [sys.executable, "-m", "qrobust", "certify", str(checkpoint), *SETTINGS, "--output", str(output), "--resume"]
+    command = [
+        sys.executable,
+        "-m",
+        "qrobust",
+        "certify",
+        str(checkpoint),
+        *SETTINGS,
+        "--output",
+        str(output),
+        "--resume",
+    ]
     environment = os.environ | {"OMP_NUM_THREADS": "1"}
     rng = np.random.default_rng(0)
     kills = 0
@@ -59,7 +82,9 @@ def test_resume_drops_a_cut_off_row_and_finishes(run, checkpoint, tmp_path):
     output.write_text("\n".join(complete[:3]) + "\n" + complete[3][:7])  # two rows, then a row cut mid-write
     code, out, _ = run("certify", checkpoint, *settings, "--output", output, "--resume")
     assert code == 0, out
-    assert [line.split("\t")[:5] for line in output.read_text().splitlines()] == [line.split("\t")[:5] for line in complete]
+    assert [line.split("\t")[:5] for line in output.read_text().splitlines()] == [
+        line.split("\t")[:5] for line in complete
+    ]
     assert output.read_text().splitlines()[:3] == complete[:3]  # kept rows untouched, timing included
 
 
@@ -77,10 +102,27 @@ def test_resume_refuses_other_settings_and_keeps_the_file(run, checkpoint, tmp_p
 
 def test_adaptive_certify_records_its_radii(run, checkpoint, tmp_path):
     output = tmp_path / "adaptive.tsv"
-    code, out, _ = run("certify", checkpoint, "--sigma", "0.25", "--n0", "20", "--n", "4000", "--alpha", "0.01",
-                       "--num-examples", "5", "--adaptive", "--radii", "0,0.25", "--output", output)  # fmt: skip
+    code, out, _ = run(
+        "certify",
+        checkpoint,
+        "--sigma",
+        "0.25",
+        "--n0",
+        "20",
+        "--n",
+        "4000",
+        "--alpha",
+        "0.01",
+        "--num-examples",
+        "5",
+        "--adaptive",
+        "--radii",
+        "0,0.25",
+        "--output",
+        output,
+    )
     assert code == 0, out
-    assert output.read_text().splitlines()[0] == CERTIFY_HEADER and len(read_certify_tsv(output)) == 5
+    assert output.read_text().splitlines()[0] == CERTIFY_SAMPLES_HEADER and len(read_certify_tsv(output)) == 5
     assert json.loads(output.with_suffix(".json").read_text())["settle_radii"] == [0.0, 0.25]
 
 
@@ -88,6 +130,31 @@ def test_adaptive_certify_records_its_radii(run, checkpoint, tmp_path):
 def test_resume_without_a_previous_run_starts_fresh(run, checkpoint, tmp_path, command):
     output = tmp_path / f"{command}.tsv"
     counts = ("--n0", "20") if command == "certify" else ()
-    code, _, _ = run(command, checkpoint, "--sigma", "0.25", *counts, "--n", "100", "--alpha", "0.01",
-                     "--num-examples", "3", "--output", output, "--resume")  # fmt: skip
+    code, _, _ = run(
+        command,
+        checkpoint,
+        "--sigma",
+        "0.25",
+        *counts,
+        "--n",
+        "100",
+        "--alpha",
+        "0.01",
+        "--num-examples",
+        "3",
+        "--output",
+        output,
+        "--resume",
+    )
     assert code == 0 and len(output.read_text().splitlines()) == 4
+
+
+def test_resume_refuses_a_table_with_other_columns(run, checkpoint, tmp_path):
+    output = tmp_path / "run.tsv"
+    settings = ("--sigma", "0.25", "--n0", "20", "--n", "200", "--alpha", "0.01", "--num-examples", "6")
+    assert run("certify", checkpoint, *settings, "--output", output)[0] == 0
+    cohen = "\n".join("\t".join(line.split("\t")[:6]) for line in output.read_text().splitlines()[:3]) + "\n"
+    output.write_text(cohen)  # Cohen et al.'s six columns: rows without samples cannot be continued
+    code, _, err = run("certify", checkpoint, *settings, "--output", output, "--resume")
+    assert code == 2 and "other columns" in err and len(err.strip().splitlines()) == 1
+    assert output.read_text() == cohen

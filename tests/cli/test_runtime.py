@@ -19,7 +19,9 @@ def test_onnxruntime_certifies_like_torch(run, checkpoint, tmp_path, method):
     results = {}
     for runtime in ("torch", "onnxruntime"):
         results[runtime] = tmp_path / f"{runtime}.tsv"
-        code, out, _ = run("certify", model, *SETTINGS, "--method", method, "--runtime", runtime, "--output", results[runtime])
+        code, out, _ = run(
+            "certify", model, *SETTINGS, "--method", method, "--runtime", runtime, "--output", results[runtime]
+        )
         assert code == 0, out
     torch_rows, onnx_rows = (read_certify_tsv(results[runtime]) for runtime in ("torch", "onnxruntime"))
     assert [row.predict for row in onnx_rows] == [row.predict for row in torch_rows]

@@ -14,8 +14,22 @@ from qrobust.quant.bitops import BitPolicy, bitops_percent, layer_infos
 from qrobust.smoothing import read_certify_tsv
 from qrobust.train import TrainConfig, train
 
-TINY = ("--finetune-images", 200, "--validation-images", 10, "--n0", 20, "--n", 100, "--n-zeta", 50,
-        "--batch-size", 64, "--warmup", 1)  # fmt: skip
+TINY = (
+    "--finetune-images",
+    200,
+    "--validation-images",
+    10,
+    "--n0",
+    20,
+    "--n",
+    100,
+    "--n-zeta",
+    50,
+    "--batch-size",
+    64,
+    "--warmup",
+    1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +75,9 @@ def test_search_writes_policy_log_and_checkpoint(searched, run, checkpoint):
     config = json.loads((searched / "config.json").read_text())
     assert config["reward"] == "arq" and config["budget"] == 3 and config["model"]["model"] == "cnn"
 
-    code, out, _ = run("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--episodes", 4, *TINY, "--output", searched)
+    code, out, _ = run(
+        "search", checkpoint, "--sigma", 0.25, "--budget", 3, "--episodes", 4, *TINY, "--output", searched
+    )
     assert code == 0 and "resuming" in out
     lines = (searched / "search.jsonl").read_text().splitlines()
     assert [json.loads(line)["episode"] for line in lines[1:]] == [0, 1, 2, 3]
@@ -69,16 +85,46 @@ def test_search_writes_policy_log_and_checkpoint(searched, run, checkpoint):
 
 def test_finetune_then_certify(searched, run, checkpoint, tmp_path):
     tuned = tmp_path / "tuned.pt"
-    code, out, err = run("finetune", checkpoint, "--policy", searched / "policy.json", "--sigma", 0.25, "--epochs", 2,
-                         "--lr", 0.01, "--batch-size", 64, "--calibration-images", 64, "--output", tuned)  # fmt: skip
+    code, out, err = run(
+        "finetune",
+        checkpoint,
+        "--policy",
+        searched / "policy.json",
+        "--sigma",
+        0.25,
+        "--epochs",
+        2,
+        "--lr",
+        0.01,
+        "--batch-size",
+        64,
+        "--calibration-images",
+        64,
+        "--output",
+        tuned,
+    )
     assert code == 0, err
     assert "test accuracy" in out
     saved = load_checkpoint(tuned)
     assert saved.metadata["bit_policy"] == BitPolicy.load(searched / "policy.json").to_dict()
     assert saved.metadata["epochs_done"] == 2 and saved.metadata["accuracy"]["clean"] > 0.5
     tsv = tmp_path / "certify.tsv"
-    code, out, err = run("certify", tuned, "--method", "float-fp", "--sigma", 0.25, "--n0", 10, "--n", 100,
-                         "--num-examples", 5, "--output", tsv)  # fmt: skip
+    code, out, err = run(
+        "certify",
+        tuned,
+        "--method",
+        "float-fp",
+        "--sigma",
+        0.25,
+        "--n0",
+        10,
+        "--n",
+        100,
+        "--num-examples",
+        5,
+        "--output",
+        tsv,
+    )
     assert code == 0, err
     assert len(read_certify_tsv(tsv)) == 5
 
@@ -87,19 +133,64 @@ def test_errors_are_one_line(searched, run, checkpoint, tmp_path):
     other_model = tmp_path / "five-layers.json"
     BitPolicy.uniform(5, 4).save(other_model)
     cases = [
-        (("finetune", checkpoint, "--policy", tmp_path / "missing.json", "--sigma", 0.25, "--output", tmp_path / "a.pt"), "policy file not found"),
-        (("finetune", checkpoint, "--policy", other_model, "--sigma", 0.25, "--output", tmp_path / "b.pt"), "policy for another model"),
-        (("finetune", checkpoint, "--policy", checkpoint, "--sigma", 0.25, "--output", tmp_path / "c.pt"), "not a JSON bit policy"),
-        (("finetune", checkpoint, "--policy", searched / "policy.json", "--sigma", 0.25, "--output", checkpoint), "exists"),
-        (("finetune", searched / "best.pt", "--policy", searched / "policy.json", "--sigma", 0.25, "--output", tmp_path / "d.pt"), "starts from a float checkpoint"),
-        (("search", checkpoint, "--sigma", 0.25, "--budget", 0, "--output", tmp_path / "s"), "budget must be a percentage in (0, 100]"),
-        (("search", checkpoint, "--sigma", 0.25, "--budget", 150, "--output", tmp_path / "s"), "budget must be a percentage in (0, 100]"),
+        (
+            (
+                "finetune",
+                checkpoint,
+                "--policy",
+                tmp_path / "missing.json",
+                "--sigma",
+                0.25,
+                "--output",
+                tmp_path / "a.pt",
+            ),
+            "policy file not found",
+        ),
+        (
+            ("finetune", checkpoint, "--policy", other_model, "--sigma", 0.25, "--output", tmp_path / "b.pt"),
+            "policy for another model",
+        ),
+        (
+            ("finetune", checkpoint, "--policy", checkpoint, "--sigma", 0.25, "--output", tmp_path / "c.pt"),
+            "not a JSON bit policy",
+        ),
+        (
+            ("finetune", checkpoint, "--policy", searched / "policy.json", "--sigma", 0.25, "--output", checkpoint),
+            "exists",
+        ),
+        (
+            (
+                "finetune",
+                searched / "best.pt",
+                "--policy",
+                searched / "policy.json",
+                "--sigma",
+                0.25,
+                "--output",
+                tmp_path / "d.pt",
+            ),
+            "starts from a float checkpoint",
+        ),
+        (
+            ("search", checkpoint, "--sigma", 0.25, "--budget", 0, "--output", tmp_path / "s"),
+            "budget must be a percentage in (0, 100]",
+        ),
+        (
+            ("search", checkpoint, "--sigma", 0.25, "--budget", 150, "--output", tmp_path / "s"),
+            "budget must be a percentage in (0, 100]",
+        ),
         (("search", checkpoint, "--sigma", 0.25, "--budget", 0.2, "--output", tmp_path / "s"), "out of reach"),
-        (("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--reward", "accuracy", "--output", tmp_path / "s"), "reward must be one of arq, certified, haq"),
-        (("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--certifier", "exact", "--output", tmp_path / "s"), "certifier must be one of irs, rs"),
+        (
+            ("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--reward", "accuracy", "--output", tmp_path / "s"),
+            "reward must be one of arq, certified, haq",
+        ),
+        (
+            ("search", checkpoint, "--sigma", 0.25, "--budget", 3, "--certifier", "exact", "--output", tmp_path / "s"),
+            "certifier must be one of irs, rs",
+        ),
         (("search", tmp_path / "nothing.pt", "--sigma", 0.25, "--budget", 3), "checkpoint not found"),
         (("search", checkpoint, "--sigma", 0.5, "--budget", 3, *TINY, "--output", searched), "different sigma"),
-    ]  # fmt: skip
+    ]
     for args, message in cases:
         code, _, err = run(*args)
         assert code == 2, args

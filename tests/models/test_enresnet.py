@@ -211,14 +211,14 @@ def test_resnet8_has_one_block_per_stage_and_reads_gray_images() -> None:
 
 
 def test_cli_option_strings_give_ints_and_floats() -> None:
-    from qrobust.cli import _parse_options
+    from qrobust.cli.common import parse_options
 
-    model = build_model("enresnet8", SMALL, **_parse_options(["members=2", "noise_coef=0.05"]))
+    model = build_model("enresnet8", SMALL, **parse_options(["members=2", "noise_coef=0.05"]))
     assert len(model.members) == 2 and model.noise_coef == 0.05
-    model = build_model("enresnet8", SMALL, **_parse_options(["noise_coef=0"]))  # JSON int 0
+    model = build_model("enresnet8", SMALL, **parse_options(["noise_coef=0"]))  # JSON int 0
     assert model.noise_coef == 0.0
     with pytest.raises(ValueError, match=r"members must be an integer >= 1, got 2\.0"):
-        build_model("enresnet8", SMALL, **_parse_options(["members=2.0"]))
+        build_model("enresnet8", SMALL, **parse_options(["members=2.0"]))
 
 
 def test_gradients_reach_every_parameter() -> None:

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import sys
+from importlib.metadata import EntryPoint
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from qrobust.data.base import DatasetInfo
-from qrobust.models import CifarResNet, Normalize, build_model, count_parameters, model_names
+from qrobust.errors import CheckpointError, QRobustError
+from qrobust.models import (
+    CifarResNet,
+    Normalize,
+    build_model,
+    count_parameters,
+    import_model,
+    model_names,
+    register_model,
+)
+from qrobust.models import registry as registry_module
+from qrobust.models.checkpoint import Checkpoint, load_checkpoint, model_metadata, save_checkpoint
+from qrobust.models.registry import ENTRY_POINT_GROUP
 
 
 def make_info(shape: tuple[int, int, int], num_classes: int = 10) -> DatasetInfo:
@@ -30,9 +46,20 @@ NAMES = model_names()
 
 def test_registered_names() -> None:
     assert NAMES == [
-        "mlp", "cnn", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-        "enresnet8", "enresnet20", "enresnet56", "enresnet110", "mobilenetv2",
-    ]  # fmt: skip
+        "mlp",
+        "cnn",
+        "resnet8",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "enresnet8",
+        "enresnet20",
+        "enresnet56",
+        "enresnet110",
+        "mobilenetv2",
+    ]
 
 
 @pytest.mark.parametrize("info", INFOS, ids=lambda i: f"{i.shape}-{i.num_classes}")
@@ -62,9 +89,7 @@ def test_first_layer_is_normalize_with_buffers(name: str) -> None:
 def test_normalize_math() -> None:
     layer = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 2.0))
     x = torch.rand(4, 3, 5, 6)
-    expected = torch.stack(
-        [(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 0.25, (x[:, 2] - 0.0) / 2.0], dim=1
-    )
+    expected = torch.stack([(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 0.25, (x[:, 2] - 0.0) / 2.0], dim=1)
     torch.testing.assert_close(layer(x), expected)
     assert count_parameters(layer) == 0
 
@@ -202,3 +227,77 @@ def test_gradients_reach_every_parameter(name: str) -> None:
         assert param.grad is not None, param_name
         assert torch.isfinite(param.grad).all(), param_name
         assert param.grad.abs().sum() > 0, param_name
+
+
+def tiny_linear(info: DatasetInfo, hidden: int = 4) -> nn.Module:
+    """A model of a user's own, outside qrobust."""
+    return nn.Sequential(
+        Normalize(info.mean, info.std),
+        nn.Flatten(),
+        nn.Linear(info.shape[0] * info.shape[1] * info.shape[2], hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, info.num_classes),
+    )
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """An empty set of registered models and no installed entry points, restored after the test."""
+    monkeypatch.setattr(registry_module, "_REGISTERED", {})
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [])
+    return registry_module
+
+
+def test_a_registered_model_builds_and_round_trips_through_a_checkpoint(registry, tmp_path) -> None:
+    register_model("tiny", tiny_linear)
+    register_model("tiny", tiny_linear)  # the same factory again: a no-op
+    assert "tiny" in model_names()
+    torch.manual_seed(0)
+    model = build_model("tiny", GRAY28, hidden=3)
+    metadata = model_metadata("tiny", {"hidden": 3}, GRAY28)
+    assert metadata["factory"] == f"{__name__}:tiny_linear" and "factory" not in model_metadata("cnn", {}, GRAY28)
+    save_checkpoint(tmp_path / "tiny.pt", Checkpoint(model.state_dict(), metadata))
+    rebuilt = load_checkpoint(tmp_path / "tiny.pt").build()
+    x = torch.rand(2, *GRAY28.shape)
+    assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_register_model_refuses_taken_names_and_non_factories(registry) -> None:
+    with pytest.raises(QRobustError, match=r"'cnn' is taken by qrobust\.models\.cnn:CNN"):
+        register_model("cnn", tiny_linear)
+    with pytest.raises(QRobustError, match="must be callable"):
+        register_model("tiny", "not a function")
+
+
+def test_installed_entry_points_are_models(registry, monkeypatch) -> None:
+    point = EntryPoint("tiny-ep", f"{__name__}:tiny_linear", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == ENTRY_POINT_GROUP else [])
+    assert model_names()[-1] == "tiny-ep"
+    assert isinstance(build_model("tiny-ep", GRAY28, hidden=2)[2], nn.Linear)
+
+
+def test_import_model_registers_a_named_factory(registry) -> None:
+    assert import_model(f"{__name__}:tiny_linear") == f"{__name__}:tiny_linear"
+    assert build_model(f"{__name__}:tiny_linear", GRAY28)[2].out_features == 4
+    for spec, match in (
+        ("no_such_module_q:f", "cannot import 'no_such_module_q'"),
+        ("os:nothing_here", "has no 'nothing_here'"),
+        ("os", "package.module:function"),
+    ):
+        with pytest.raises(QRobustError, match=match):
+            import_model(spec)
+
+
+def test_a_checkpoint_naming_an_unregistered_factory_imports_nothing(registry, tmp_path) -> None:
+    metadata = model_metadata("cnn", {}, GRAY28) | {"model": "qrobust_crafted_module:run", "model_options": {}}
+    save_checkpoint(tmp_path / "crafted.pt", Checkpoint(build_model("cnn", GRAY28).state_dict(), metadata))
+    with pytest.raises(CheckpointError, match=r"not registered: pass --model qrobust_crafted_module:run") as excinfo:
+        load_checkpoint(tmp_path / "crafted.pt").build()
+    assert "\n" not in str(excinfo.value) and "qrobust_crafted_module" not in sys.modules
+    named = Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": "gone", "factory": "their_pkg:gone"})
+    with pytest.raises(
+        CheckpointError, match=r"'gone' is not registered: install or import .* \(made by their_pkg:gone\)"
+    ):
+        named.build()
+    with pytest.raises(CheckpointError, match="model name is 5, not a string"):
+        Checkpoint({}, model_metadata("cnn", {}, GRAY28) | {"model": 5}).build()

@@ -33,7 +33,7 @@ import qrobust
 from qrobust.data.base import DatasetInfo
 from qrobust.errors import CheckpointError
 from qrobust.limits import check_memory
-from qrobust.models.registry import build_model
+from qrobust.models.registry import build_model, factory_path, find_factory, get_factory, is_builtin
 from qrobust.outputs import atomic_path
 
 FORMAT = "qrobust-checkpoint"
@@ -48,7 +48,9 @@ class Checkpoint:
     metadata: dict[str, Any]
     training_state: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, wrap: Callable[[nn.Module], nn.Module] | None = None, memory_limit: float | None = None) -> nn.Module:
+    def build(
+        self, wrap: Callable[[nn.Module], nn.Module] | None = None, memory_limit: float | None = None
+    ) -> nn.Module:
         """The model described by the metadata, with the saved weights, in eval mode.
 
         ``wrap`` transforms the freshly built model before the weights are loaded, for checkpoints of
@@ -60,6 +62,7 @@ class Checkpoint:
         tensors must have the names and shapes of the saved ones and fit ``memory_limit`` GiB
         (``qrobust.limits``) before it is built for real.
         """
+        self._check_factory()
         if wrap is None and "bit_policy" in self.metadata:
             wrap = self._mixed_precision()
         what = f"model {self.metadata['model']!r}"
@@ -72,6 +75,24 @@ class Checkpoint:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint weights do not fit {what}: {first_line}") from None
         return model.eval()
+
+    def _check_factory(self) -> None:
+        """Raise CheckpointError, saying how to make it known, if the metadata's model is not buildable here.
+
+        Only registered names and installed entry points are looked up: nothing the file names is imported.
+        """
+        name = self.metadata["model"]
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint is corrupt: its model name is {name!r}, not a string")
+        if find_factory(name) is None:
+            if ":" in name:
+                advice = f"pass --model {name} (or import {name.partition(':')[0]} first, in Python)"
+            else:
+                made_by = f" (made by {self.metadata['factory']})" if "factory" in self.metadata else ""
+                advice = f"install or import the package that registers it{made_by}, or register it with qrobust.models.register_model"
+            raise CheckpointError(
+                f"checkpoint model {name!r} is not registered: {advice}; qrobust never imports code that a file names"
+            ) from None
 
     def _assemble(self, wrap: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
         """A freshly initialised model of the metadata, wrapped by ``wrap``, on the default device."""
@@ -118,11 +139,19 @@ def build_skeleton(build: Callable[[], nn.Module], file_tensors: int, what: str)
         nonlocal count
         count += 1
         if count > budget:
-            raise CheckpointError(f"checkpoint weights do not fit {what}: its metadata describes more than {budget:,} "
-                                  f"modules and tensors, its file holds {file_tensors:,} tensors")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint weights do not fit {what}: its metadata describes more than {budget:,} "
+                f"modules and tensors, its file holds {file_tensors:,} tensors"
+            )
 
-    hooks = [add(register) for add in (register_module_module_registration_hook,
-                                       register_module_parameter_registration_hook, register_module_buffer_registration_hook)]  # fmt: skip
+    hooks = [
+        add(register)
+        for add in (
+            register_module_module_registration_hook,
+            register_module_parameter_registration_hook,
+            register_module_buffer_registration_hook,
+        )
+    ]
     try:
         with torch.device("meta"), _SkipRandomInit():
             return build()
@@ -141,7 +170,9 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def check_skeleton(skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], what: str, memory_limit: float | None) -> None:
+def check_skeleton(
+    skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], what: str, memory_limit: float | None
+) -> None:
     """Raise unless ``skeleton`` (a model built by ``build_skeleton``) has a tensor of each name and shape in
     ``shapes`` (a file's) and no other, and its tensors fit ``memory_limit`` GiB (None: the default).
 
@@ -151,20 +182,29 @@ def check_skeleton(skeleton: nn.Module, shapes: Mapping[str, Sequence[int]], wha
     expected = skeleton.state_dict()
     missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
-        names = ", ".join([*(f"{name} is missing" for name in missing), *(f"{name} is unexpected" for name in unexpected)][:3])
+        names = ", ".join(
+            [*(f"{name} is missing" for name in missing), *(f"{name} is unexpected" for name in unexpected)][:3]
+        )
         raise CheckpointError(f"checkpoint weights do not fit {what}: {names}")
     for name, tensor in expected.items():
         if list(shapes[name]) != list(tensor.shape):
-            raise CheckpointError(f"checkpoint weights do not fit {what}: {name} has shape {list(shapes[name])} "
-                                  f"in the file but {list(tensor.shape)} in the model")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint weights do not fit {what}: {name} has shape {list(shapes[name])} "
+                f"in the file but {list(tensor.shape)} in the model"
+            )
     check_memory(what, sum(tensor.numel() * tensor.element_size() for tensor in expected.values()), memory_limit)
 
 
 def model_metadata(model_name: str, model_options: dict[str, Any], info: DatasetInfo, **extra: Any) -> dict[str, Any]:
-    """Metadata describing how to rebuild a model, with library versions; ``extra`` adds run facts."""
+    """Metadata describing how to rebuild a model, with library versions; ``extra`` adds run facts.
+
+    A model not built into qrobust also records its factory as ``module:qualified_name``, for messages.
+    """
+    factory = {} if is_builtin(model_name) else {"factory": factory_path(get_factory(model_name))}
     return {
         "model": model_name,
         "model_options": dict(model_options),
+        **factory,
         "dataset": asdict(info),
         "versions": {"qrobust": qrobust.__version__, "torch": torch.__version__, "python": platform.python_version()},
         **extra,

@@ -30,8 +30,8 @@ class InvertedResidual(nn.Module):
         hidden = in_channels * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers += _conv_bn(in_channels, hidden, kernel_size=1) + [nn.ReLU6()]
-        layers += _conv_bn(hidden, hidden, kernel_size=3, stride=stride, groups=hidden) + [nn.ReLU6()]
+            layers += [*_conv_bn(in_channels, hidden, kernel_size=1), nn.ReLU6()]
+        layers += [*_conv_bn(hidden, hidden, kernel_size=3, stride=stride, groups=hidden), nn.ReLU6()]
         layers += _conv_bn(hidden, out_channels, kernel_size=1)
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and in_channels == out_channels

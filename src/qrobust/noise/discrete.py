@@ -20,6 +20,7 @@ from typing import overload
 import numpy as np
 import torch
 
+from qrobust.checks import check_sigma
 from qrobust.noise.table import AMBIGUOUS, GUIDE_BITS, check_sigma_int, inverse_cdf_table
 
 # Words per lookup pass on the CPU. Below ATen's parallel grain (32768 elements) every op runs on the
@@ -198,9 +199,7 @@ class DiscreteGaussianNoise:
     scale: int = 255
 
     def __post_init__(self) -> None:
-        sigma_ok = isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
-        if not (sigma_ok and math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        check_sigma(self.sigma)
         if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
             raise ValueError(f"scale must be an int >= 1, got {self.scale!r}")
         check_sigma_int(self.sigma_int)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from qrobust.checks import check_sigma
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,7 @@ class GaussianNoise:
     sigma: float
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        check_sigma(self.sigma)
 
     def sample(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise with the shape, dtype and device of ``like``."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 from scipy.stats import beta
 
+from qrobust.checks import check_alpha, check_count  # noqa: F401  (re-exported: the smoothing modules import them from here)
 from qrobust.errors import QRobustError
 
 
@@ -23,19 +22,6 @@ def clopper_pearson_lower(successes, trials: int, alpha: float):
         raise ValueError(f"successes must be in [0, trials={trials}], got {successes}")
     bound = np.where(k == 0, 0.0, beta.ppf(alpha, np.maximum(k, 1), trials - k + 1))
     return float(bound) if bound.ndim == 0 else bound
-
-
-def check_count(name: str, value: int, minimum: int = 1) -> None:
-    """Raise QRobustError unless ``value`` is an integer >= ``minimum``: a Python or numpy integer, not a
-    float (``100.0``) or a bool, which torch would reject or misread far from the call."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise QRobustError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_alpha(alpha: float, name: str = "alpha") -> None:
-    """Raise QRobustError unless the failure probability ``alpha`` is a number in (0, 1)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-        raise QRobustError(f"{name} must be in (0, 1), got {alpha!r}")
 
 
 def check_image(x: torch.Tensor, float_dtype: torch.dtype | None, method: str) -> None:
