@@ -1,10 +1,13 @@
 """Device resolution: auto, named devices, absent ones as one QRobustError line."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from qrobust.devices import generator_on, module_device, require_cpu, resolve_device
+from qrobust.devices import check_device_name, generator_on, module_device, require_cpu, resolve_device
 from qrobust.errors import QRobustError
 
 
@@ -49,3 +52,13 @@ def test_a_generator_already_on_the_device_is_kept():
     generator = torch.Generator().manual_seed(0)
     assert generator_on(torch.device("cpu"), generator) is generator
     assert generator_on(torch.device("cpu"), None) is None
+
+
+def test_device_names_are_checked_without_importing_torch():
+    code = "import sys; from qrobust.devices import check_device_name as c; c('cuda:1'); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout == "False\n"
+    for name in ("auto", "cpu", "cuda", "cuda:3", "mps"):
+        assert check_device_name(name) == name
+    for name in ("gpu", "cuda:", "cuda:x", "mps:0", "CPU"):
+        with pytest.raises(QRobustError, match="device must be one of auto, cpu, cuda, mps"):
+            check_device_name(name)
