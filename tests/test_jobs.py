@@ -26,6 +26,7 @@ from qrobust.smoothing import LatticeRS
         ({"n": 0}, "n must be"),
         ({"alpha": 1.0}, "alpha must be"),
         ({"batch_size": 0}, "batch_size must be"),
+        ({"device": "gpu"}, "device must be one of auto, cpu, cuda, mps"),
     ],
 )
 def test_job_rejects_bad_settings(change, message):
@@ -180,3 +181,36 @@ def test_new_options_are_recorded_and_checked():
         } | settings
         with pytest.raises(QRobustError, match=message):
             SmoothingJob(**arguments)
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_a_cpu_job_by_name_gives_the_default_rows(fashion_cnn, monkeypatch, device):
+    """``device`` defaults to "cpu" in the run config; "auto" without a GPU is the CPU, and both run the
+    frozen fast path with the same noise as a job without the field."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    info = dataset_info("fashion-mnist")
+    images = torch.randint(0, 256, (2, *info.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(jobs, "load_dataset", lambda *a, **k: LatticeDataset(images, torch.tensor([0, 1]), info))
+    rows = {}
+    for settings in ({}, {"device": device}):
+        job = SmoothingJob("certify", fashion_cnn, "float-fp", 0.25, 200, 0.01, 20, **settings)
+        smoothed, data, _ = job.open()
+        assert smoothed.device == torch.device("cpu") and isinstance(smoothed.base, torch.jit.ScriptModule)
+        rows[job.device] = [(row.predict, row.radius) for row in job.rows(smoothed, data, [0, 1])]
+    assert asdict(SmoothingJob("certify", "m.pt", "float-fp", 0.25, 100, 0.01))["device"] == "cpu"
+    assert rows["cpu"] == rows[device]
+
+
+def test_devices_are_resolved_when_the_job_is_opened_and_int8_stays_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    job = SmoothingJob("certify", "absent.pt", "float-fp", 0.25, 100, 0.01, device="cuda")  # made anywhere
+    with pytest.raises(QRobustError, match="device 'cuda' is not available"):
+        job.open()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert SmoothingJob("certify", "m.pt", "int", 0.25, 100, 0.01, device="auto").resolved_device().type == "cpu"
+    assert SmoothingJob("certify", "m.pt", "float-fp", 0.25, 100, 0.01, device="auto").resolved_device().type == "cuda"
+    with pytest.raises(QRobustError, match="int on an int8 model runs on the CPU only"):
+        SmoothingJob("certify", "m.pt", "int", 0.25, 100, 0.01, device="cuda").resolved_device()
+    with pytest.raises(QRobustError, match="the onnxruntime runtime runs on the CPU only"):
+        SmoothingJob("predict", "m.pt", "float-fp", 0.25, 100, 0.01, runtime="onnxruntime", device="cuda").open()

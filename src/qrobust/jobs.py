@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qrobust.data import DatasetInfo, LatticeDataset, load_dataset
+from qrobust.devices import check_device_name, require_cpu, resolve_device
 from qrobust.errors import CheckpointError, QRobustError
 from qrobust.limits import check_limit, check_memory, check_samples
 from qrobust.models.inference import freeze_for_inference
@@ -56,7 +57,10 @@ class SmoothingJob:
     (``SmoothedClassifier.certificate`` says what it guarantees); ``runtime`` "onnxruntime" runs the
     base model exported to ONNX (``qrobust.quant.export``) instead of on torch (where ``fast`` picks
     the path). ``method`` picks the checkpoint kind: an fp32 checkpoint for "float-fp" and "lattice", an
-    int8 one for "float-quant" and "int" (``SmoothingMethod.model_kind``).
+    int8 one for "float-quant" and "int" (``SmoothingMethod.model_kind``). ``device`` (auto, cpu, cuda,
+    cuda:N, mps; resolved when the job is opened, see ``resolved_device``) is where an fp32 model runs
+    and its noise is drawn; int8 models and the onnxruntime runtime run on the CPU only ("auto" picks it
+    for them). Noise streams differ per device, so a seed reproduces a run on the same kind of device.
 
     ``memory_limit`` (GiB; None: the default of ``qrobust.limits``) bounds what the job may allocate: n is
     checked when the job is made, the model file, the noise bank and a batch when it is opened, each
@@ -84,6 +88,7 @@ class SmoothingJob:
     _memory_limit: ClassVar[float | None] = None
     sequential: str = field(default="cs", kw_only=True)
     randomized_bound: bool = field(default=False, kw_only=True)
+    device: str = field(default="cpu", kw_only=True)
 
     def __post_init__(self, memory_limit: float | None) -> None:
         if self.command not in COMMANDS:
@@ -96,6 +101,7 @@ class SmoothingJob:
         for name in ("n", "n0", "batch_size"):
             check_count(name, getattr(self, name))
         check_alpha(self.alpha)
+        check_device_name(self.device)
         check_sequential(self.sequential)
         if self.settle_radii is not None:
             check_radii(self.settle_radii)
@@ -105,8 +111,22 @@ class SmoothingJob:
         most = max(self.n0, self.n) if self.command == "certify" else self.n
         check_samples(most, self._memory_limit)
 
+    def resolved_device(self) -> torch.device:
+        """Where the base model runs: ``device`` resolved here, "auto" being the CPU for int8 models and
+        the onnxruntime runtime; QRobustError when it is absent or such a model is asked to leave the CPU."""
+        cpu_only = METHODS[self.method](self.sigma).model_kind == "int8" or self.runtime == "onnxruntime"
+        device = resolve_device("cpu" if cpu_only and self.device == "auto" else self.device)
+        if cpu_only:
+            what = "the onnxruntime runtime" if self.runtime == "onnxruntime" else f"{self.method} on an int8 model"
+            require_cpu(device, what)
+        return device
+
     def open(self) -> tuple[SmoothedClassifier, LatticeDataset, dict[str, Any]]:
-        """The smoothed classifier, the dataset split and the model's metadata, read from the files."""
+        """The smoothed classifier, the dataset split and the model's metadata, read from the files.
+
+        The fp32 fast path (``freeze_for_inference``) is taken on the CPU; on an accelerator the eager
+        model runs there."""
+        device = self.resolved_device()
         smoothing = METHODS[self.method](self.sigma)
         int8 = smoothing.model_kind == "int8"
         model: nn.Module
@@ -135,14 +155,15 @@ class SmoothingJob:
             except ImportError:
                 raise QRobustError("the onnxruntime runtime needs onnx: pip install 'qrobust[onnx]'") from None
             base = onnx_runtime_model(model if int8 else self.checkpoint)
-        elif not self.fast:
-            base = model
+        elif not self.fast or device.type != "cpu":
+            base = model.to(device)
         else:
             example = torch.rand(self.batch_size, *info.shape)
             base = fast_backend(cast(Int8Model, model)) if int8 else freeze_for_inference(model, example)
         data = load_dataset(info.name, self.split, None if self.data_root is None else Path(self.data_root))
         bank_seed = self.seed if self.noise_bank else None
-        return SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed), data, metadata
+        smoothed = SmoothedClassifier(base, info.num_classes, smoothing, self.batch_size, bank_seed, device=device)
+        return smoothed, data, metadata
 
     def _check_memory(self, model: nn.Module, shape: tuple[int, ...], smoothing: SmoothingMethod) -> None:
         """Refuse a batch or a noise bank above the memory limit, before any is allocated.

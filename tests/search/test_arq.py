@@ -162,6 +162,26 @@ def test_haq_reward_is_noisy_accuracy(digits_cnn, tmp_path):
         assert record.accuracy in {k / 12 for k in range(13)}  # one noisy draw per validation image
 
 
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_a_search_on_the_cpu_by_name_equals_the_default_one(digits_cnn, tmp_path, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    model, data = digits_cnn
+    config = _config(episodes=2)
+    default = PolicySearch(model, data, config).run(tmp_path / "default.jsonl")
+    named = PolicySearch(model, data, config, device=device).run(tmp_path / f"{device}.jsonl")
+    assert [(r.policy, r.reward, r.acr, r.accuracy) for r in named.records] == [
+        (r.policy, r.reward, r.acr, r.accuracy) for r in default.records
+    ]
+
+
+def test_a_search_on_an_absent_device_is_one_error_line(digits_cnn, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, data = digits_cnn
+    with pytest.raises(QRobustError, match="device 'cuda' is not available"):
+        PolicySearch(model, data, _config(), device="cuda")
+
+
 def test_certified_reward_is_certified_accuracy_gain(digits_cnn, tmp_path):
     model, data = digits_cnn
     result = PolicySearch(model, data, _config(episodes=2, reward="certified", reward_radius=0.1)).run(

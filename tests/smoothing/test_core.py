@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy import stats
 
-from qrobust.smoothing import FloatRS, SmoothedClassifier, clopper_pearson_lower
+from qrobust.errors import QRobustError
+from qrobust.smoothing import FloatRS, IntRS, SmoothedClassifier, clopper_pearson_lower
 
 
 @pytest.mark.parametrize(
@@ -152,3 +153,27 @@ def test_noise_bank_rows_for_selection_and_estimation_are_disjoint(linear_binary
     certificate = smoothed.certify(x, n0=30, n=100, alpha=0.01)
     assert np.array_equal(certificate.counts, expected)
     assert smoothed.noise_bank(x, 130) is bank  # drawn once
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", torch.device("cpu")])
+def test_a_cpu_device_certifies_exactly_as_the_default(linear_binary, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    x = _point(0.2)
+
+    def run(**kwargs):
+        smoothed = SmoothedClassifier(linear_binary, 2, FloatRS(0.25), batch_size=64, **kwargs)
+        assert smoothed.device == torch.device("cpu")
+        certificate = smoothed.certify(x, n0=20, n=300, alpha=0.01, generator=torch.Generator().manual_seed(3))
+        prediction = smoothed.predict(x, n=300, alpha=0.01, generator=torch.Generator().manual_seed(4))
+        return certificate.radius, certificate.counts.tolist(), prediction.counts.tolist()
+
+    assert run(device=device) == run()
+
+
+def test_an_absent_device_or_an_int8_method_off_the_cpu_is_one_error_line(linear_binary, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QRobustError, match="device 'cuda' is not available"):
+        SmoothedClassifier(linear_binary, 2, FloatRS(0.25), device="cuda")
+    with pytest.raises(QRobustError, match="int smoothing of an int8 model runs on the CPU only"):
+        SmoothedClassifier(linear_binary, 2, IntRS(0.25), device=torch.device("meta"))

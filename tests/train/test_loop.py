@@ -203,3 +203,34 @@ def test_accuracy_of_an_int8_model_under_noise_uses_lattice_noise(digits, quanti
     assert noisy == pytest.approx(_predict_accuracy(int8, expected, test_set.labels))
     with pytest.raises(QRobustError, match=r"int8 model reads integer lattice values, but .* gives floats: use IntRS"):
         accuracy(int8, test_set, noise=FloatRS(0.25))
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_training_on_the_cpu_by_name_equals_the_default_run(digits, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    train_set, test_set = digits
+    config = TrainConfig(epochs=1, batch_size=64, lr=0.05, sigma=0.25, seed=1)
+    default, named = _model(train_set.info), _model(train_set.info)
+    expected = train(default, train_set, config, test_set=test_set, progress=False)
+    history = train(named, train_set, config, test_set=test_set, progress=False, device=device)
+    assert [(s.loss, s.accuracy, s.test_accuracy) for s in history] == [
+        (s.loss, s.accuracy, s.test_accuracy) for s in expected
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), named.state_dict().values()))
+
+    def noisy(model, **kwargs):
+        return accuracy(model, test_set, noise=FloatRS(0.25), generator=torch.Generator().manual_seed(0), **kwargs)
+
+    assert noisy(named, device=device) == noisy(default)
+
+
+def test_an_absent_device_is_one_error_line_and_int8_models_stay_on_the_cpu(digits, quantized, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train_set, test_set = digits
+    with pytest.raises(QRobustError, match="device 'cuda' is not available"):
+        train(_model(train_set.info), train_set, TrainConfig(epochs=1), progress=False, device="cuda")
+    with pytest.raises(QRobustError, match="device 'cuda' is not available"):
+        accuracy(_model(train_set.info), test_set, device="cuda")
+    with pytest.raises(QRobustError, match="an int8 model runs on the CPU only"):
+        accuracy(quantized[1], test_set, device=torch.device("meta"))

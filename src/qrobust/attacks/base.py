@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from qrobust.devices import module_device
+
 
 class GradientMaskingWarning(UserWarning):
     """The model's input gradient is exactly zero, so a gradient attack on it measures nothing."""
@@ -27,7 +29,8 @@ class Attack(abc.ABC):
     Calling it returns adversarial examples, detached, of the shape of ``x`` and in [0, 1]. The model
     runs in evaluation mode during the attack (no BatchNorm or quantization-range updates, no dropout)
     and gets every submodule's own mode back afterwards; gradients are taken w.r.t. the input only, so
-    the parameters' ``.grad`` stay as they were.
+    the parameters' ``.grad`` stay as they were. The attack runs on the model's device (that of its
+    first parameter or buffer; the CPU for a model without any) and returns the examples on ``x``'s.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -41,8 +44,10 @@ class Attack(abc.ABC):
         check_batch(x, y)
         # Gradients are needed even when called under no_grad or inference_mode; cloning there turns
         # inference tensors into ordinary ones autograd accepts.
+        device = module_device(self.model)
         with evaluation_mode(self.model), torch.inference_mode(False), torch.enable_grad():
-            return self._perturb(x.detach().clone(), y.detach().clone()).detach()
+            x_adv = self._perturb(x.detach().to(device, copy=True), y.detach().to(device, copy=True))
+            return x_adv.detach().to(x.device)
 
     @abc.abstractmethod
     def _perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

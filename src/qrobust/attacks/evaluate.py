@@ -10,6 +10,7 @@ from torch import nn
 
 from qrobust.attacks.base import Attack, check_integer, evaluation_mode
 from qrobust.data import to_unit_interval
+from qrobust.devices import module_device
 from qrobust.progress import progress_bar
 
 
@@ -49,7 +50,8 @@ def evaluate_attacks(
     Each batch is attacked once (with gradients) and every model is evaluated on the same adversarial
     examples, so an fp32 or QAT source and its int8 twin are compared on identical inputs. Only the
     evaluated models' forward passes run under ``torch.inference_mode``, in evaluation mode (every
-    submodule gets its own mode back afterwards).
+    submodule gets its own mode back afterwards). Each model runs on its own device (``module_device``),
+    so a GPU source model and a CPU int8 twin can be compared.
 
     Args:
         models: name -> evaluated classifier, float images (N, C, H, W) in [0, 1] -> logits (N, K).
@@ -85,7 +87,8 @@ def evaluate_attacks(
                 x_adv = x if attack is None else attack(x, y)
                 with torch.inference_mode():
                     for model_name, model in models.items():
-                        correct[model_name] += int((model(x_adv).argmax(1) == y).sum())
+                        device = module_device(model)
+                        correct[model_name] += int((model(x_adv.to(device)).argmax(1) == y.to(device)).sum())
                 done = start + len(x)
                 bar.update(task, advance=len(x), status=" ".join(f"{100 * c / done:.1f}%" for c in correct.values()))
             for model_name, count in correct.items():

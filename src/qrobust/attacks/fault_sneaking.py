@@ -47,6 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from qrobust.attacks.base import check_batch, check_integer, check_labels, check_real, evaluation_mode
+from qrobust.devices import module_device
 from qrobust.quant.admm import quantizable_layers
 
 NORMS = ("inf", "2", "1")
@@ -184,8 +185,12 @@ class FaultSneakingAttack:
         keep_images: torch.Tensor,
         keep_labels: torch.Tensor | None = None,
     ) -> FaultSneakingResult:
-        """Attack: ``images`` to ``targets``, ``keep_images`` stay at ``keep_labels`` (default: as predicted)."""
+        """Attack: ``images`` to ``targets``, ``keep_images`` stay at ``keep_labels`` (default: as predicted);
+        on the model's device, where the result's tensors are."""
         check_batch(images, targets)
+        device = module_device(self.model)  # the attack runs there
+        images, targets, keep_images = images.to(device), targets.to(device), keep_images.to(device)
+        keep_labels = None if keep_labels is None else keep_labels.to(device)
         with evaluation_mode(self.model), torch.inference_mode(False), torch.enable_grad():
             with torch.no_grad():
                 logits = self.model(images)

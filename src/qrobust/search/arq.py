@@ -25,6 +25,7 @@ seeded draws from the training split, so the test split stays untouched for eval
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from qrobust.data import LatticeDataset
+from qrobust.devices import module_device, resolve_device
 from qrobust.errors import QRobustError
 from qrobust.models.checkpoint import Checkpoint, save_checkpoint
 from qrobust.models.inference import freeze_for_inference
@@ -255,25 +257,35 @@ def finetune_policy(
     metadata: dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> MixedPrecisionModel:
     """``model`` quantized by ``policy`` and fine-tuned: the clips calibrated (KL) on the first
     ``calibration_images`` of ``train_set`` with one draw of the training noise (seeded by
     ``config.seed``), then ``qrobust.train.train`` with ``config`` (Gaussian noise at ``config.sigma``).
 
     With ``checkpoint_path`` every epoch is saved there (``metadata`` plus "bit_policy"), and
-    ``resume`` continues an interrupted run; ``model`` itself is left unchanged. Returns the
-    quantized model in eval mode.
+    ``resume`` continues an interrupted run; ``model`` itself is left unchanged. Calibration runs on
+    the CPU (the same clips on every device), fine-tuning on ``device`` (as ``train`` takes it; default:
+    where ``model`` is), where the returned quantized model is, in eval mode.
     """
+    device = module_device(model) if device is None else resolve_device(device)
     count = min(calibration_images, len(train_set))
     if count < 1:
         raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
     calibration = model_inputs(
         train_set.images[:count], config.noise_method(), torch.Generator().manual_seed(config.seed)
     )
-    mixed = quantize(model, policy, calibration, batch_size=config.batch_size)
+    mixed = quantize(_on_cpu(model), policy, calibration, batch_size=config.batch_size)
     metadata = {**(metadata or {}), "bit_policy": policy.to_dict()}
     train(
-        mixed, train_set, config, checkpoint_path=checkpoint_path, metadata=metadata, resume=resume, progress=progress
+        mixed,
+        train_set,
+        config,
+        checkpoint_path=checkpoint_path,
+        metadata=metadata,
+        resume=resume,
+        progress=progress,
+        device=device,
     )
     return mixed.eval()
 
@@ -285,14 +297,25 @@ class PolicySearch:
         model: the float base classifier (noise-trained at ``config.sigma``), [0, 1] images -> logits.
         train_set: the training split; the fine-tuning and validation images are drawn from it.
         config: the search settings.
+        device: where each policy is fine-tuned and its noisy accuracy measured ("auto", "cpu", "cuda",
+            ... or a ``torch.device``; default: where ``model`` is). Certification stays on the CPU: the
+            incremental certifier replays the original run's CPU noise streams.
 
     Use ``run(log_path, ...)``; the pieces (``propose``, ``finetuned``, ``evaluate``) are public for
     tests and tools. The original model is certified (ARQ reward) when first needed, after ``run`` has
     checked the log.
     """
 
-    def __init__(self, model: nn.Module, train_set: LatticeDataset, config: SearchConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: LatticeDataset,
+        config: SearchConfig,
+        *,
+        device: torch.device | str | None = None,
+    ):
         self.model, self.config = model.eval(), config
+        self.device = module_device(model) if device is None else resolve_device(device)
         self.layers = layer_infos(model, train_set.info.shape)
         self.features = state_features(self.layers)  # (steps, 9)
         self.fixed_policy = fixed_precision_policy(self.layers, config.budget)  # raises if the budget is out of reach
@@ -355,7 +378,12 @@ class PolicySearch:
             seed=derived_seed(config.seed, EPISODE_STREAM, episode),
         )
         return finetune_policy(
-            self.model, policy, self.finetune_set, fine_tuning, calibration_images=config.calibration_images
+            self.model,
+            policy,
+            self.finetune_set,
+            fine_tuning,
+            calibration_images=config.calibration_images,
+            device=self.device,
         )
 
     def evaluate(self, mixed: nn.Module) -> tuple[float, float | None, float]:
@@ -517,8 +545,13 @@ class _Certifier:
         return float(summary.certified_accuracy[0])
 
     def _smoothed(self, model: nn.Module) -> SmoothedClassifier:
-        """``model`` frozen for inference (TorchScript folds the weight quantization once; about twice as
-        fast as eager on a CPU), smoothed with Gaussian noise."""
+        """``model`` (a CPU copy of it) frozen for inference (TorchScript folds the weight quantization once;
+        about twice as fast as eager on a CPU), smoothed with Gaussian noise."""
         info = self.validation_set.info
-        frozen = freeze_for_inference(model, torch.rand(self.config.batch_size, *info.shape))
+        frozen = freeze_for_inference(_on_cpu(model), torch.rand(self.config.batch_size, *info.shape))
         return SmoothedClassifier(frozen, info.num_classes, FloatRS(self.config.sigma), self.config.batch_size)
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` if it is on the CPU, else a copy of it there (``model`` is not moved)."""
+    return model if module_device(model).type == "cpu" else copy.deepcopy(model).cpu()

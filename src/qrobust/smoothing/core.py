@@ -20,6 +20,7 @@ import torch
 from scipy.stats import binomtest
 from torch import nn
 
+from qrobust.devices import generator_on, module_device, require_cpu, resolve_device
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 from qrobust.smoothing.methods import SmoothingMethod, radius_map_for
@@ -84,6 +85,16 @@ class SmoothedClassifier:
             independent); per-call generators are then unused. Each certificate keeps its guarantee,
             since the bank does not depend on the input, and sampling cost leaves the loop, which
             matters when the base model is fast (int8). The bank holds (n0 + n) noisy images.
+        device: where the base model runs, the noise is drawn and the noisy inputs are made ("auto",
+            "cpu", "cuda", ... or a ``torch.device``); default: the device of ``base``'s parameters (the
+            CPU for a model without any, e.g. a frozen TorchScript one). Inputs are moved there and the
+            votes come back to the CPU. Int8 methods (IntRS, FloatRSQuant) run on the CPU only.
+
+    Reproducibility per device: on the CPU a seeded generator's stream is used as it is. On an
+    accelerator, a CPU generator is replaced per call (``predict``, ``select``, ``sample_predictions``)
+    by one on the device seeded by one draw from it (``qrobust.devices.generator_on``), so a seed
+    reproduces a run on the same kind of device, not across devices. A noise bank is drawn on the CPU
+    and moved, so it is the same on every device.
     """
 
     def __init__(
@@ -93,9 +104,13 @@ class SmoothedClassifier:
         method: SmoothingMethod,
         batch_size: int = 256,
         noise_bank_seed: int | None = None,
+        device: torch.device | str | None = None,
     ):
         check_count("num_classes", num_classes, minimum=2)
         check_count("batch_size", batch_size)
+        self.device = module_device(base) if device is None else resolve_device(device)
+        if method.model_kind == "int8":
+            require_cpu(self.device, f"{method.name} smoothing of an int8 model")
         self.base = base.eval()
         self.num_classes = num_classes
         self.method = method
@@ -111,7 +126,7 @@ class SmoothedClassifier:
         self.method.check_image(x)
         check_count("n", n)
         check_alpha(alpha)
-        counts = self.sample_counts(x, n, generator, self.noise_bank(x, n))
+        counts = self.sample_counts(x, n, generator_on(self.device, generator), self.noise_bank(x, n))
         outcomes = np.append(counts, n - counts.sum())  # (num_classes + 1,), the last is "no class"
         second, top = np.argsort(outcomes, kind="stable")[-2:]
         test = binomtest(int(outcomes[top]), int(outcomes[top] + outcomes[second]), p=0.5)
@@ -156,6 +171,7 @@ class SmoothedClassifier:
         """CERTIFY's first stage: guess the top class from ``n0`` samples and return the estimation
         stage, which draws up to ``n_max`` further samples on demand (rows n0.. of a noise bank)."""
         bank = self.noise_bank(x, n0 + n_max)
+        generator = generator_on(self.device, generator)  # one stream for both stages
         guess = self.top_class(self.sample_counts(x, n0, generator, None if bank is None else bank[:n0]))
         return Estimation(self, x, guess, generator, None if bank is None else bank[n0:])
 
@@ -219,10 +235,13 @@ class SmoothedClassifier:
 
         A sample whose logit row is not all finite gets ``num_classes``, the vote for no class. The noise
         is fresh from ``generator``, drawn in batches of ``batch_size`` (one ``method.perturb`` call per
-        batch), or the first ``num`` rows of ``noise`` (num, *x.shape). Raises QRobustError when
-        ``base`` returns anything but a (batch, num_classes) tensor.
+        batch), or the first ``num`` rows of ``noise`` (num, *x.shape). Everything runs on ``device``
+        (a generator elsewhere is replaced as the class says). Raises QRobustError when ``base`` returns
+        anything but a (batch, num_classes) tensor.
         """
-        predictions = torch.empty(num, dtype=torch.int64, device=x.device)
+        x, generator = x.to(self.device), generator_on(self.device, generator)
+        noise = None if noise is None else noise.to(self.device)
+        predictions = torch.empty(num, dtype=torch.int64, device=self.device)
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
             batch = x.unsqueeze(0).expand(size, *x.shape)  # (size, C, H, W), a view until noise is added
@@ -245,7 +264,7 @@ class SmoothedClassifier:
         key = (rows, *x.shape)
         if self._bank is None or self._bank[0] != key:
             generator = torch.Generator().manual_seed(self.noise_bank_seed)
-            self._bank = (key, self.method.sample_noise(key, generator))
+            self._bank = (key, self.method.sample_noise(key, generator).to(self.device))
         return self._bank[1]
 
 

@@ -45,8 +45,11 @@ class SmoothingMethod(Protocol):
         """The base model it smooths: "float" (an fp32 checkpoint) or "int8" (an int8 one)."""
         ...
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        """Fresh noise of ``shape`` (float for Gaussian, int16 lattice steps for discrete noise)."""
+    def sample_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """Fresh noise of ``shape`` (float for Gaussian, int16 lattice steps for discrete noise), drawn on
+        the generator's device, or on ``device`` (the CPU by default) without one."""
         ...
 
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,8 @@ class SmoothingMethod(Protocol):
         ...
 
     def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """``apply`` with fresh noise."""
+        """``apply`` with fresh noise, drawn where ``generator`` lives (on the images' device without one) and
+        added on the images' device."""
         ...
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
@@ -70,13 +74,15 @@ class _Additive(abc.ABC):
     """``perturb`` for methods that add independent noise: sample it, then apply it."""
 
     @abc.abstractmethod
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor: ...
+    def sample_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None = None
+    ) -> torch.Tensor: ...
 
     @abc.abstractmethod
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
 
     def perturb(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.apply(images, self.sample_noise(tuple(images.shape), generator))
+        return self.apply(images, self.sample_noise(tuple(images.shape), generator, images.device).to(images.device))
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,10 @@ class FloatRS(_Additive):
     def __post_init__(self) -> None:
         GaussianNoise(self.sigma)  # validates sigma
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        return GaussianNoise(self.sigma).sample(torch.empty(shape, device=_device(generator)), generator)
+    def sample_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        return GaussianNoise(self.sigma).sample(torch.empty(shape, device=_device(generator, device)), generator)
 
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return _unit_interval(images) + noise
@@ -149,8 +157,11 @@ class IntRS(_Additive):
     def __post_init__(self) -> None:
         DiscreteGaussianNoise(self.sigma, self.scale)  # validates sigma and scale
 
-    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        return sample_discrete_gaussian(self.sigma * self.scale, shape, generator, device=_device(generator))  # int16
+    def sample_noise(
+        self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        device = _device(generator, device)
+        return sample_discrete_gaussian(self.sigma * self.scale, shape, generator, device=device)  # int16
 
     def apply(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
@@ -278,9 +289,11 @@ def _radius_table(sigma_int: float, n: int, alpha: float, scale: int) -> Lattice
     return LatticeRadiusTable(sigma_int, n, alpha, scale=float(scale))
 
 
-def _device(generator: torch.Generator | None) -> torch.device:
-    """Noise is drawn where its generator lives (the CPU without one)."""
-    return torch.device("cpu") if generator is None else generator.device
+def _device(generator: torch.Generator | None, device: torch.device | None) -> torch.device:
+    """Noise is drawn where its generator lives (on ``device``, by default the CPU, without one)."""
+    if generator is not None:
+        return generator.device
+    return torch.device("cpu") if device is None else device
 
 
 def _unit_interval(x: torch.Tensor) -> torch.Tensor:

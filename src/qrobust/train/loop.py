@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from qrobust.data import LatticeDataset, as_lattice_dataset, augmentation_for, to_unit_interval
+from qrobust.devices import generator_on, module_device, require_cpu, resolve_device
 from qrobust.errors import CheckpointError, QRobustError
 from qrobust.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from qrobust.outputs import exclusive_lock
@@ -151,6 +152,7 @@ def train(
     metadata: dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place and return the history of all epochs (including resumed ones).
 
@@ -159,12 +161,21 @@ def train(
     its last finished epoch left it. ``train_set`` and ``test_set`` may be plain PyTorch datasets or
     DataLoaders of (image, label), converted once by ``qrobust.data.as_lattice_dataset`` (the test set
     with the training set's info); batches come from ``config``.
+
+    ``device`` ("auto", "cpu", "cuda", "mps" or a ``torch.device``; default: where ``model``'s parameters
+    are) is where the model is moved and trained, batches and noise included. Shuffling and augmentation
+    draw from a CPU generator seeded by ``config.seed``; on the CPU the noise and the adversaries draw
+    from the same one (so a CPU run is what it always was), on an accelerator from a generator on the
+    device with the same seed. A seeded run is reproducible on the same kind of device, not across them.
     """
     lock = nullcontext() if checkpoint_path is None else exclusive_lock(Path(checkpoint_path), "checkpoint")
     with lock:  # a second run on the same checkpoint refuses instead of interleaving epochs
         train_set = as_lattice_dataset(train_set)
         test_set = None if test_set is None else as_lattice_dataset(test_set, info=train_set.info)
-        generator = torch.Generator().manual_seed(config.seed)
+        device = module_device(model) if device is None else resolve_device(device)
+        model.to(device)
+        generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
+        device_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(config.seed)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -172,9 +183,10 @@ def train(
         quantizer = config.weight_quantizer(model)
         history: list[EpochStats] = []
         if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-            history = _restore(
-                load_checkpoint(checkpoint_path), model, optimizer, scheduler, generator, quantizer, config
-            )
+            checkpoint = load_checkpoint(checkpoint_path)
+            history = _restore(checkpoint, model, optimizer, scheduler, generator, quantizer, config)
+            if device_generator is not generator and "device_generator" in checkpoint.training_state:
+                device_generator.set_state(checkpoint.training_state["device_generator"])
             if len(history) > config.epochs:
                 raise ValueError(f"cannot resume to {config.epochs} epochs: the checkpoint already has {len(history)}")
 
@@ -195,8 +207,10 @@ def train(
                     images, labels = train_set.images[index], train_set.labels[index]  # (B, C, H, W) uint8, (B,)
                     if augmentation is not None:
                         images = augmentation(images, generator)
+                    images, labels = images.to(device), labels.to(device)
                     with quantized():  # low-bit weights for forward and backward, float ones for the update
-                        loss, logits = objective(model, model_inputs(images, noise, generator), labels, generator)
+                        inputs = model_inputs(images, noise, device_generator)
+                        loss, logits = objective(model, inputs, labels, device_generator)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     optimizer.step()
@@ -213,7 +227,7 @@ def train(
                 if quantizer is not None:
                     quantizer.end_epoch()
                 with quantized():
-                    test_accuracy = accuracy(model, test_set) if test_set is not None else None
+                    test_accuracy = accuracy(model, test_set, device=device) if test_set is not None else None
                 history.append(
                     EpochStats(epoch, lr, loss_sum / seen, correct / seen, test_accuracy, time.perf_counter() - started)
                 )
@@ -234,6 +248,8 @@ def train(
                         "generator": generator.get_state(),
                         "history": json.dumps([asdict(stats) for stats in history]),
                     }
+                    if device_generator is not generator:
+                        training_state["device_generator"] = device_generator.get_state()
                     if quantizer is not None:
                         training_state["quantizer"] = quantizer.state_dict()
                     state = model.state_dict() if quantizer is None else quantizer.projected_state_dict()
@@ -259,20 +275,29 @@ def accuracy(
     noise: SmoothingMethod | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
+    device: torch.device | str | None = None,
 ) -> float:
     """Top-1 accuracy of ``model`` on ``dataset``, on clean inputs or with one draw of ``noise`` per image.
 
     ``model`` may be a float or fake-quantized model (fed [0, 1] floats) or an int8 one (``Int8Model``,
     its fast backend, an int8 ONNX model: fed integer lattice values, see ``reads_lattice``);
-    ``dataset`` anything ``qrobust.data.as_lattice_dataset`` takes.
+    ``dataset`` anything ``qrobust.data.as_lattice_dataset`` takes. Batches run on ``device`` (default:
+    where ``model``'s parameters are; the model is not moved), the noise drawn there (from a generator on
+    the device derived from ``generator`` if that lives elsewhere); int8 models run on the CPU only.
     """
     dataset = as_lattice_dataset(dataset)
     lattice = reads_lattice(model)
+    device = module_device(model) if device is None else resolve_device(device)
+    if lattice:
+        require_cpu(device, "an int8 model")
+    generator = generator_on(device, generator)
     model.eval()
     correct = 0
     for start in range(0, len(dataset), batch_size):
-        inputs = model_inputs(dataset.images[start : start + batch_size], noise, generator, lattice=lattice)
-        correct += (model(inputs).argmax(1) == dataset.labels[start : start + batch_size]).sum().item()
+        images = dataset.images[start : start + batch_size].to(device)
+        inputs = model_inputs(images, noise, generator, lattice=lattice)
+        labels = dataset.labels[start : start + batch_size].to(device)
+        correct += (model(inputs).argmax(1) == labels).sum().item()
     return correct / len(dataset)
 
 
