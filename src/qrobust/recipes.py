@@ -66,6 +66,7 @@ def train_checkpoint(
     test_subset: int | None = None,
     data_root: Path | None = None,
     resume: bool = False,
+    device: str | None = None,
     log: Callable[[str], object] = print,
 ) -> TrainResult:
     """Train ``model`` (``qrobust.models.build_model``'s name and options) on ``dataset``, or the model and
@@ -75,7 +76,8 @@ def train_checkpoint(
     ``qat``: int8 quantization-aware training reading lattice inputs in [-input_margin, 255 + input_margin]
     (a quantization-aware ``init`` keeps its own). ``train_subset``/``test_subset``: seeded subsets of
     that many images. The checkpoint's metadata records the model, its options, the dataset, the noise
-    and the seed, and then the accuracies (and the sparsity of low-bit weights).
+    and the seed, and then the accuracies (and the sparsity of low-bit weights). ``device``: where it
+    trains (``qrobust.train.train``; default the model's).
     """
     torch.manual_seed(config.seed)
     if init is None:
@@ -113,7 +115,16 @@ def train_checkpoint(
         qat=quant_config,
         init=None if init is None else str(init),
     )
-    train(network, train_set, config, test_set=test_set, checkpoint_path=output, metadata=metadata, resume=resume)
+    train(
+        network,
+        train_set,
+        config,
+        test_set=test_set,
+        checkpoint_path=output,
+        metadata=metadata,
+        resume=resume,
+        device=device,
+    )
 
     clean, method = accuracy(network, test_set), config.noise_method()
     noisy = (

@@ -7,7 +7,8 @@ import typer
 
 from qrobust.cli.common import check_counts, import_model
 from qrobust.cli.core import app, console
-from qrobust.cli.options import DataRoot, ModelFactory, NumExamples, Overwrite, Split
+from qrobust.cli.options import DataRoot, Device, ModelFactory, NumExamples, Overwrite, Split
+from qrobust.devices import check_device_name
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs, write_json_record
 
@@ -56,8 +57,10 @@ def attack_command(
     model: ModelFactory = None,
     output: Annotated[Path | None, typer.Option(help="JSON file for the accuracies and the run config.")] = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
 ) -> None:
     """Natural accuracy and accuracy under FGSM, IFGSM/PGD (l_inf, l2) and Carlini-Wagner l2 attacks."""
+    check_device_name(device)
     names = attack or ["fgsm", "ifgsm", "cw"]
     unknown = sorted(set(names) - set(ATTACKS))
     if unknown:
@@ -71,12 +74,14 @@ def attack_command(
 
     from qrobust.attacks import FGSM, PGD, CarliniWagnerL2, ExpectationOverNoise, LatticeInputs, evaluate_attacks
     from qrobust.data import load_dataset
+    from qrobust.devices import resolve_device
     from qrobust.quant import load_int8
     from qrobust.runner import example_indices
     from qrobust.train import load_model
 
     import_model(model)
     network, saved = load_model(checkpoint)
+    network = network.to(resolve_device(device))  # the int8 model of --int8 stays on the CPU
     models = {checkpoint.name: network}
     if int8 is not None:
         models[int8.name] = LatticeInputs(load_int8(int8).model)

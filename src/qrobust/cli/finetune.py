@@ -7,7 +7,8 @@ import typer
 
 from qrobust.cli.common import check_counts, float_model
 from qrobust.cli.core import app, console
-from qrobust.cli.options import DataRoot, ModelFactory, Overwrite
+from qrobust.cli.options import DataRoot, Device, ModelFactory, Overwrite
+from qrobust.devices import check_device_name
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs
 
@@ -40,10 +41,12 @@ def finetune_command(
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
     model: ModelFactory = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
 ) -> None:
     """Quantize a float checkpoint with a mixed-precision bit policy and fine-tune it with Gaussian noise."""
     if not sigma > 0:
         raise QRobustError(f"sigma must be > 0, got {sigma}")
+    check_device_name(device)
     check_counts(
         {
             "--epochs": epochs,
@@ -103,6 +106,7 @@ def finetune_command(
         metadata=metadata,
         resume=resume,
         progress=True,
+        device=device,
     )
     test_set = load_dataset(info.name, "test", data_root)
     test_set = test_set.subset(min(1000, len(test_set)), seed)

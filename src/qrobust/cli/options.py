@@ -59,4 +59,10 @@ Resume = Annotated[
     ),
 ]
 Split = Annotated[str, typer.Option(help="Dataset split: train or test.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        help="Where the float model runs: auto (a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N or mps; int8 models (and int8 inference: float-quant, int) stay on the CPU. Seeded runs reproduce per kind of device."
+    ),
+]
 Radii = Annotated[str, typer.Option(help="Comma-separated l2 radii in [0, 1] pixel units for the table.")]

@@ -7,7 +7,8 @@ import typer
 
 from qrobust.cli.common import check_counts, float_model
 from qrobust.cli.core import app, console
-from qrobust.cli.options import Alpha, DataRoot, ModelFactory, Sigma
+from qrobust.cli.options import Alpha, DataRoot, Device, ModelFactory, Sigma
+from qrobust.devices import check_device_name
 from qrobust.outputs import check_writable, write_json_record
 
 # qrobust.search.SearchConfig's defaults (and qrobust.search.arq.DEFAULT_WARMUP), as plain values for --help
@@ -85,9 +86,11 @@ def search_command(
     data_root: DataRoot = None,
     seed: Annotated[int, typer.Option(help="Seed of the agent, the image draws, the fine-tuning and the noise.")] = 0,
     model: ModelFactory = None,
+    device: Device = "auto",
 ) -> None:
     """Search per-layer weight/activation bit-widths under a BitOPs budget (ARQ, Yang et al. 2025): a DDPG
     agent rewarded by the certified radius of the fine-tuned quantized smoothed model."""
+    check_device_name(device)
     check_counts(
         {
             "--episodes": episodes,
@@ -128,7 +131,7 @@ def search_command(
     network, saved = float_model(checkpoint, "search", model)
     log = output / "search.jsonl"
     search = PolicySearch(
-        network, load_dataset(saved.dataset_info.name, "train", data_root), config
+        network, load_dataset(saved.dataset_info.name, "train", data_root), config, device=device
     )  # checks the budget
     console.print(
         ("resuming " if log.exists() else "") + f"{reward} search over {saved.metadata['model']} at "

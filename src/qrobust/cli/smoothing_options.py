@@ -1,6 +1,7 @@
 """The options of a smoothing run, shared by certify and predict and declared once: ``SmoothingOptions``,
 added to a command by ``with_smoothing_options``."""
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from qrobust.cli.options import (
     Alpha,
     BatchSize,
     DataRoot,
+    Device,
     ModelFactory,
     NumExamples,
     Overwrite,
@@ -24,6 +26,7 @@ from qrobust.cli.options import (
     Sigma,
     Split,
 )
+from qrobust.devices import check_device_name
 from qrobust.errors import QRobustError
 from qrobust.limits import check_limit, check_samples
 from qrobust.runner import check_run
@@ -108,6 +111,7 @@ class SmoothingOptions:
     overwrite: Overwrite = False
     resume: Resume = False
     memory_limit: MemoryLimit = None
+    device: Device = "auto"
 
     def check(self, counts: dict[str, int]) -> None:
         """Check the plain values (``counts``: the command's own sample counts) and the output file."""
@@ -117,6 +121,7 @@ class SmoothingOptions:
         )
         check_sigma(self.sigma)
         check_alpha(self.alpha)
+        check_device_name(self.device)
         if self.method not in SMOOTHING_METHODS:
             raise QRobustError(f"--method must be one of {', '.join(SMOOTHING_METHODS)}, got {self.method!r}")
         if self.memory_limit is not None:
@@ -158,7 +163,11 @@ class SmoothingOptions:
             memory_limit=self.memory_limit,
             sequential=sequential,
             randomized_bound=randomized_bound,
+            device=self.device,
         )
+        job = dataclasses.replace(
+            job, device=str(job.resolved_device()), memory_limit=self.memory_limit
+        )  # the run config records where it ran
         return run_job(
             job,
             self.output,

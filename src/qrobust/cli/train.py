@@ -7,7 +7,8 @@ import typer
 
 from qrobust.cli.common import check_counts, import_model, parse_options
 from qrobust.cli.core import app, console
-from qrobust.cli.options import DATASET_NAMES, MODEL_NAMES, DataRoot, Overwrite
+from qrobust.cli.options import DATASET_NAMES, MODEL_NAMES, DataRoot, Device, Overwrite
+from qrobust.devices import check_device_name
 from qrobust.errors import QRobustError
 from qrobust.outputs import check_outputs
 
@@ -99,8 +100,10 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, shuffling, augmentation and noise (>= 0).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.")] = False,
     overwrite: Overwrite = False,
+    device: Device = "auto",
 ) -> None:
     """Train a classifier (noise augmentation, adversarial losses, low-bit or int8 quantization-aware weights) and save a checkpoint."""
+    check_device_name(device)
     check_counts(
         {
             "--epochs": epochs,
@@ -157,6 +160,7 @@ def train_command(
         test_subset=test_subset,
         data_root=data_root,
         resume=resume,
+        device=device,
         log=console.print,
     )
     if result.sparsity is not None:
