@@ -40,12 +40,17 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     if not gpu and not args.cpu_only:
-        print(f"no CUDA GPU: torch {torch.__version__} sees none, so there is nothing to compare; "
-              "run this on a machine with a GPU (or pass --cpu-only for the CPU half)", file=sys.stderr)  # fmt: skip
+        print(
+            f"no CUDA GPU: torch {torch.__version__} sees none, so there is nothing to compare; "
+            "run this on a machine with a GPU (or pass --cpu-only for the CPU half)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     devices = ["cuda", "cpu"] if gpu else ["cpu"]
-    print(f"torch {torch.__version__}; devices: {', '.join(devices)}"
-          + (f" ({torch.cuda.get_device_name()})" if gpu else " (no CUDA GPU: the CPU half only)"))  # fmt: skip
+    print(
+        f"torch {torch.__version__}; devices: {', '.join(devices)}"
+        + (f" ({torch.cuda.get_device_name()})" if gpu else " (no CUDA GPU: the CPU half only)")
+    )
 
     try:
         train_set, test_set = qr.load_dataset("fashion-mnist", "train"), qr.load_dataset("fashion-mnist", "test")
@@ -59,8 +64,10 @@ def main() -> None:
     qr.train(model, train_set, config, progress=False, device=devices[0])
     _sync()
     seconds = time.perf_counter() - started
-    print(f"{info.name}: trained one epoch on {len(train_set)} images on {devices[0]} in {seconds:.1f} s; "
-          f"clean test accuracy {qr.accuracy(model, test_set, device=devices[0]):.4f}")  # fmt: skip
+    print(
+        f"{info.name}: trained one epoch on {len(train_set)} images on {devices[0]} in {seconds:.1f} s; "
+        f"clean test accuracy {qr.accuracy(model, test_set, device=devices[0]):.4f}"
+    )
 
     indices = range(min(args.images, len(test_set)))
     for bank in (False, True):
@@ -77,15 +84,19 @@ def main() -> None:
             _sync()
             seconds = time.perf_counter() - started
             certified = np.mean([row.correct for row in rows[device]])
-            print(f"{'noise bank' if bank else 'own streams'}: {device}: {len(indices)} images, n = {args.n} in "
-                  f"{seconds:.1f} s ({len(indices) * (args.n0 + args.n) / seconds:,.0f} samples/s), "
-                  f"certified correct {certified:.2f}")  # fmt: skip
+            print(
+                f"{'noise bank' if bank else 'own streams'}: {device}: {len(indices)} images, n = {args.n} in "
+                f"{seconds:.1f} s ({len(indices) * (args.n0 + args.n) / seconds:,.0f} samples/s), "
+                f"certified correct {certified:.2f}"
+            )
         if gpu:
             gpu_rows, cpu_rows = rows["cuda"], rows["cpu"]
             same = np.mean([a.predict == b.predict for a, b in zip(gpu_rows, cpu_rows)])
             gap = max(abs(a.radius - b.radius) for a, b in zip(gpu_rows, cpu_rows))
-            print(f"{'noise bank' if bank else 'own streams'}: cuda vs cpu: same label on {same:.0%} of the "
-                  f"images, largest radius difference {gap:.4f}")  # fmt: skip
+            print(
+                f"{'noise bank' if bank else 'own streams'}: cuda vs cpu: same label on {same:.0%} of the "
+                f"images, largest radius difference {gap:.4f}"
+            )
 
 
 def _sync() -> None:

@@ -27,8 +27,20 @@ def test_enough_samples_give_no_warning(run, checkpoint, tmp_path):
 @pytest.mark.parametrize("sequential", ["cs", "union"])
 def test_adaptive_runs_record_their_test_and_samples(run, checkpoint, tmp_path, sequential):
     output = tmp_path / "run.tsv"
-    code, _, err = run("certify", checkpoint, *SETTINGS, "--n", 5_000, "--adaptive", "--radii", "0,0.25",
-                       "--sequential", sequential, "--output", output)  # fmt: skip
+    code, _, err = run(
+        "certify",
+        checkpoint,
+        *SETTINGS,
+        "--n",
+        5_000,
+        "--adaptive",
+        "--radii",
+        "0,0.25",
+        "--sequential",
+        sequential,
+        "--output",
+        output,
+    )
     assert code == 0, err
     assert json.loads(output.with_suffix(".json").read_text())["sequential"] == sequential
     assert all(1 <= row.samples <= 5_000 for row in read_certify_tsv(output))
