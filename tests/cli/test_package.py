@@ -201,6 +201,8 @@ def test_the_runner_is_a_library_function_with_the_command_lines_rows(run, check
     assert run_job(job, library, 3) == sum(int(line.split("\t")[4]) for line in cli.read_text().splitlines()[1:])
 
     def rows(path):
-        return [[field for k, field in enumerate(line.split("\t")) if k != 5] for line in path.read_text().splitlines()]  # all but the time
+        return [
+            [field for k, field in enumerate(line.split("\t")) if k != 5] for line in path.read_text().splitlines()
+        ]  # all but the time
 
     assert rows(library) == rows(cli) and library.with_suffix(".json").exists()
