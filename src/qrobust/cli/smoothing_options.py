@@ -53,7 +53,7 @@ NoiseBank = Annotated[
 Fast = Annotated[
     bool,
     typer.Option(
-        help="Run the base model on the fast path (frozen TorchScript for fp32, torch's x86 int8 kernels for int8) instead of eager fp32 / the integer reference engine."
+        help="Run the base model on the fast path (frozen TorchScript for fp32, torch's oneDNN int8 kernels for int8) instead of eager fp32 / the integer reference engine."
     ),
 ]
 Backend = Annotated[

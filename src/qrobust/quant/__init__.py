@@ -6,7 +6,7 @@ Inference" (CVPR 2018). The flow::
     qat = prepare_qat(model)                 # fake-quantized copy; train it with qrobust.train.train ...
     calibrate(qat, images)                   # ... or only calibrate its ranges (post-training quantization)
     int8 = convert(qat)                      # integer reference engine: uint8 images -> int32 logits
-    fast = fast_backend(int8)                # the same parameters on torch's x86 int8 kernels
+    fast = fast_backend(int8)                # the same integers on torch's oneDNN int8 kernels
     save_int8("model.int8.pt", int8, metadata)
     int8 = load_int8("model.int8.pt").model
 
