@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/qrobust certify $(DEMO)/cnn.int8.pt --method int --sigma 0.25 --n0 100 --n 1000 --alpha 0.001 \
 		--num-examples 500 --noise-bank --seed 0 --overwrite --output $(DEMO)/certify-int.tsv
 	$(BIN)/qrobust analyze $(DEMO)/certify-float-fp.tsv $(DEMO)/certify-int.tsv --label FloatRS-fp \
-		--label IntRS-quant --plot $(DEMO)/certified_accuracy.png
+		--label IntRS-quant --plot $(DEMO)/certified_accuracy.png --overwrite
 
 # Only one test reads the real Fashion-MNIST (it is skipped without it), so a failed install does not stop the suite.
 test: $(INSTALLED)
