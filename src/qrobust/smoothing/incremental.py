@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from qrobust.errors import QRobustError
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
@@ -212,7 +212,7 @@ def certify_incremental(
             p_lower = max(0.0, cached.p_lower - zeta)
             counts, no_class = count_votes(votes, cache.num_classes)
             if p_lower > 0.5:
-                label, radius = cached.label, modified.method.sigma * float(norm.ppf(p_lower))
+                label, radius = cached.label, modified.method.sigma * float(ndtri(p_lower))
             else:
                 label, radius = None, 0.0
             results.append(IncrementalCertificate(label, radius, p_lower, counts, zeta, False, no_class=no_class))

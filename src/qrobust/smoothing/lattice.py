@@ -31,8 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
-from scipy.stats import norm
+from scipy.special import logsumexp, ndtr, ndtri
 
 from qrobust.smoothing.confidence import check_alpha, check_count, clopper_pearson_lower
 
@@ -390,10 +389,10 @@ def _tail_thresholds(sigma: float, q_min: float, exact_up_to: int) -> np.ndarray
     Phi(-sqrt(K) / sigma) (both are proven lower bounds), and Phi(-sqrt(K) / sigma) beyond. The array is
     long enough to decide every 1 - pA >= q_min (q_min in (0, 1/2)).
     """
-    cohen_top = math.floor((sigma * float(norm.isf(q_min))) ** 2) + 1  # Phi(-sqrt(top)/sigma) < q_min
+    cohen_top = math.floor((sigma * float(-ndtri(q_min))) ** 2) + 1  # Phi(-sqrt(top)/sigma) < q_min
     exact_limit = _exact_limit(sigma, exact_up_to)
     top = max(cohen_top, exact_limit + 1)
-    tails = norm.sf(np.sqrt(np.arange(top + 1)) / sigma) * (1.0 - FLOAT_MARGIN)
+    tails = ndtr(-np.sqrt(np.arange(top + 1)) / sigma) * (1.0 - FLOAT_MARGIN)
     if exact_limit >= 1:
         tails[: exact_limit + 1] = np.maximum(tails[: exact_limit + 1], _exact_tails(sigma, exact_limit))
     tails[0] = 0.5

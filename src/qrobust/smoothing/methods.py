@@ -18,7 +18,6 @@ from typing import ClassVar, Protocol
 
 import torch
 from scipy.special import ndtr, ndtri
-from scipy.stats import norm
 
 from qrobust.data import to_unit_interval
 from qrobust.errors import QRobustError
@@ -110,7 +109,7 @@ class FloatRS(_Additive):
 
     def radius(self, count: int, n: int, alpha: float) -> float | None:
         p_lower = clopper_pearson_lower(count, n, alpha)
-        return self.sigma * float(norm.ppf(p_lower)) if p_lower > 0.5 else None
+        return self.sigma * float(ndtri(p_lower)) if p_lower > 0.5 else None
 
     def check_image(self, x: torch.Tensor) -> None:
         """uint8 lattice images, or float images in [0, 1] of the noise's dtype (the default, float32)."""
