@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from qrobust.bounds import ReluNetwork, SingleLayerBound, certified_eps, linear
 from qrobust.bounds.interval import LayerBall, interval_margins
-from qrobust.bounds.linear import _following_linear_layers
+from qrobust.bounds.linear import following_linear_layers
 from qrobust.bounds.perturbation import dual_norm
 
 from .conftest import trained
@@ -25,7 +25,7 @@ def reference_margins(network, image, label, k, eps, norm, bias, zonotopes):
     the first, stopping once either is > 0; the margins go down to the perturbed layer's output z_0, where
     Hoelder's inequality bounds the weight ball. Every bound met is kept if better.
     """
-    first, after = network.layers[k], _following_linear_layers(network, k)
+    first, after = network.layers[k], following_linear_layers(network, k)
     padded = first.pad(network.layer_input(image.unsqueeze(0), k))
     center = first.core(padded).flatten()  # (n0,)
     patches = first.patches(padded)[0]  # (K, P)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qrobust.bounds.interval import LayerBall, interval_margins
-from qrobust.bounds.linear import SingleLayerBound, _following_linear_layers
+from qrobust.bounds.linear import SingleLayerBound, following_linear_layers
 from qrobust.bounds.network import ReluNetwork, as_unit_images
 from qrobust.bounds.perturbation import WeightPerturbation, check_norm
 
@@ -40,7 +40,7 @@ def resolve_method(network: ReluNetwork, layers: Sequence[int], method: str) -> 
             raise ValueError(f"linear bounds perturb a single layer, got layers {tuple(layers)}: use method='interval'")
         return "interval"
     try:
-        _following_linear_layers(network, layers[0])
+        following_linear_layers(network, layers[0])
     except ValueError:
         if method == "linear":
             raise

@@ -67,7 +67,7 @@ class SingleLayerBound:
     def __init__(self, network: ReluNetwork, images: torch.Tensor, layer: int, norm: float, bias: bool) -> None:
         network.check_layer(layer)
         self.network = network
-        self.after = _following_linear_layers(network, layer)
+        self.after = following_linear_layers(network, layer)
         first = network.layers[layer]
         with torch.no_grad():
             padded = first.pad(network.layer_input(images, layer))
@@ -575,7 +575,7 @@ def _interval_step(layer: Affine, lower: torch.Tensor, upper: torch.Tensor) -> B
     return center - radius, center + radius
 
 
-def _following_linear_layers(network: ReluNetwork, layer: int) -> list[Affine]:
+def following_linear_layers(network: ReluNetwork, layer: int) -> list[Affine]:
     """The Linear layers after ``layer`` (the last gives the logits), checking that only ReLU (one between layers) and Flatten follow it."""
     following: list[Affine] = []
     relu_seen = False

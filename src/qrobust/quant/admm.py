@@ -63,7 +63,7 @@ from qrobust.graph import check_supported, trace
 from qrobust.models.checkpoint import read_archive, write_archive
 from qrobust.models.layers import Normalize
 from qrobust.progress import progress_bar
-from qrobust.quant.lowbit import LowBitWeight, _alternate
+from qrobust.quant.lowbit import LowBitWeight, alternating_codes
 
 METHODS = ("admm", "lb")
 MAX_BITS = 8  # codes up to +-64 fit int8
@@ -432,7 +432,7 @@ def _lb_second_block(layers, config) -> None:
 
 def _project(weight: torch.Tensor, top: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (near-)closest scale * codes to ``weight`` with codes in -top..top (float codes, 0-dim scale)."""
-    codes, scale = _alternate(weight.detach().double().flatten(), top, iterations, weight.dtype)
+    codes, scale = alternating_codes(weight.detach().double().flatten(), top, iterations, weight.dtype)
     scale = scale.to(weight.dtype)
     if scale == 0:  # an all-zero weight: any positive scale will do
         scale = torch.ones((), dtype=weight.dtype)

@@ -24,6 +24,7 @@ plain AVX2 int8 kernels can saturate 16-bit intermediate sums instead, which is 
 
 from __future__ import annotations
 
+import abc
 import copy
 import functools
 import warnings
@@ -67,7 +68,7 @@ def _has_vnni() -> bool | None:
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-class _Prepacked(nn.Module):
+class _Prepacked(nn.Module, abc.ABC):
     """A module whose int8 ``weight`` buffer runs as ``packed``, oneDNN's prepacked copy of it.
 
     Prepacked tensors are opaque: they cannot be copied or pickled, so copies and pickles leave
@@ -76,8 +77,9 @@ class _Prepacked(nn.Module):
 
     weight: torch.Tensor
 
+    @abc.abstractmethod
     def _pack(self) -> torch.Tensor:
-        raise NotImplementedError
+        """oneDNN's prepacked copy of ``weight``."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if key != "packed"}

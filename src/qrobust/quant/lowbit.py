@@ -87,7 +87,7 @@ def lowbit_quantize(weight: torch.Tensor, bits: int, *, iterations: int = 10) ->
     elif bits == 2:
         codes, scale = _ternary(w)
     else:
-        codes, scale = _alternate(w, max_code(bits), iterations, weight.dtype)
+        codes, scale = alternating_codes(w, max_code(bits), iterations, weight.dtype)
     return LowBitWeight(codes.to(torch.int8).view_as(weight), scale.to(weight.dtype))
 
 
@@ -107,7 +107,9 @@ def _ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, sums[k - 1] / k
 
 
-def _alternate(w: torch.Tensor, top: int, iterations: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def alternating_codes(
+    w: torch.Tensor, top: int, iterations: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternating minimisation of ||w - scale * codes||^2 over codes in {-top..top}^n and scale > 0."""
     largest = w.abs().max()
     if largest == 0:
