@@ -25,22 +25,8 @@ def test_train_writes_metadata(checkpoint):
 
 def test_certify_predict_analyze(run, checkpoint, tmp_path):
     tsv = tmp_path / "certify.tsv"
-    code, out, _ = run(
-        "certify",
-        checkpoint,
-        "--sigma",
-        0.25,
-        "--n0",
-        20,
-        "--n",
-        200,
-        "--alpha",
-        0.01,
-        "--num-examples",
-        12,
-        "--output",
-        tsv,
-    )
+    settings = ("--sigma", 0.25, "--n0", 20, "--n", 200, "--alpha", 0.01, "--num-examples", 12)
+    code, out, _ = run("certify", checkpoint, *settings, "--output", tsv)
     assert code == 0, out
     lines = tsv.read_text().splitlines()
     assert lines[0] == CERTIFY_SAMPLES_HEADER and len(lines) == 13
@@ -52,22 +38,7 @@ def test_certify_predict_analyze(run, checkpoint, tmp_path):
     assert config["n"] == 200 and config["sigma"] == 0.25 and config["model"]["model"] == "mlp"
 
     again = tmp_path / "again.tsv"
-    run(
-        "certify",
-        checkpoint,
-        "--sigma",
-        0.25,
-        "--n0",
-        20,
-        "--n",
-        200,
-        "--alpha",
-        0.01,
-        "--num-examples",
-        12,
-        "--output",
-        again,
-    )
+    run("certify", checkpoint, *settings, "--output", again)
     assert [line.split("\t")[:4] for line in again.read_text().splitlines()] == [line.split("\t")[:4] for line in lines]
 
     predictions = tmp_path / "predict.tsv"
