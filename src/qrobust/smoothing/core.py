@@ -241,7 +241,6 @@ class SmoothedClassifier:
         anything but a (batch, num_classes) tensor.
         """
         x, generator = x.to(self.device), generator_on(self.device, generator)
-        noise = None if noise is None else noise.to(self.device)
         predictions = torch.empty(num, dtype=torch.int64, device=self.device)
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
@@ -249,7 +248,7 @@ class SmoothedClassifier:
             if noise is None:
                 inputs = self.method.perturb(batch, generator)
             else:
-                inputs = self.method.apply(batch, noise[start : start + size])
+                inputs = self.method.apply(batch, noise[start : start + size].to(self.device))  # a batch at a time
             logits = self.base(inputs)  # (size, num_classes)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (size, self.num_classes):
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
